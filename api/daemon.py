@@ -1,0 +1,168 @@
+"""hypervisord: the REST API, the Prefect runner serving the flows, and (when no
+PREFECT_API_URL is set) an embedded Prefect server, in one process.
+
+Prefect reads its settings when first imported, so everything Prefect must know is put
+in the environment before any module that imports Prefect is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from core.config import Config, load_config
+from core.errors import ConfigError, HypersdkError
+
+logger = logging.getLogger("hypervisord")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_host(settings: Config) -> str:
+    """daemon.address's host, or loopback when no API key protects the API."""
+    host = settings.daemon.host
+    if not settings.api_key and not _is_loopback(host):
+        logger.warning("no API key configured (daemon.api_key or HYPERSDK_API_KEY): "
+                       "listening on 127.0.0.1 only instead of %s", host)
+        return "127.0.0.1"
+    if not settings.api_key:
+        logger.warning("no API key configured: the API is open to local users")
+    return host
+
+
+def prepare_environment(settings: Config, config_path: str | None) -> Path:
+    """Directories and the environment the daemon and its flow runs share."""
+    data_dir = settings.database.path.parent
+    for folder in (data_dir, settings.export.base_path, settings.hyper2kvm.output_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    if settings.providers.local:
+        settings.providers.local.path.mkdir(parents=True, exist_ok=True)
+    if config_path:
+        os.environ["HYPERSDK_CONFIG"] = str(Path(config_path).resolve())
+    defaults = {
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(data_dir / "prefect"),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(data_dir / "prefect" / "results"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_LOGGING_LEVEL": settings.daemon.log_level.upper(),
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return data_dir
+
+
+@contextlib.contextmanager
+def prefect_server(settings: Config, data_dir: Path) -> Iterator[str | None]:
+    """Start the embedded Prefect server unless PREFECT_API_URL names one; yield the UI URL."""
+    if os.environ.get("PREFECT_API_URL"):
+        logger.info("using the Prefect server at %s", os.environ["PREFECT_API_URL"])
+        yield None
+        return
+    from api.prefect_server import EmbeddedPrefect
+
+    server = EmbeddedPrefect(data_dir=data_dir / "prefect", port=settings.daemon.prefect_ui_port,
+                             log_file=data_dir / "prefect-server.log")
+    logger.info("starting the embedded Prefect server (SQLite in %s)", server.data_dir)
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield server.url
+    finally:
+        logger.info("stopping the embedded Prefect server")
+        server.stop()
+
+
+async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
+    """Run the REST API and the flow runner until SIGTERM or SIGINT."""
+    import uvicorn
+    from prefect.runner import Runner
+    from prefect.types.entrypoint import EntrypointType
+
+    from api.main import MIGRATE_DEPLOYMENT, create_app
+    from flows.migrate_vm import migrate_vm
+    from tasks.export import ensure_export_limit
+
+    await asyncio.to_thread(ensure_export_limit, settings.export.concurrent_exports, update=True)
+    runner = Runner(name="hypervisord", limit=settings.daemon.workers, pause_on_shutdown=False,
+                    query_seconds=1)
+    if serve_flows:
+        await runner.add_flow(  # type: ignore[misc]
+            migrate_vm, name=MIGRATE_DEPLOYMENT.split("/")[1],
+            entrypoint_type=EntrypointType.MODULE_PATH)
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # we handle signals ourselves
+            yield
+
+    api = Server(uvicorn.Config(create_app(settings), host=host, port=settings.daemon.port,
+                                log_level=settings.daemon.log_level, lifespan="on"))
+    tasks = [asyncio.create_task(api.serve(), name="api")]
+    if serve_flows:
+        tasks.append(asyncio.create_task(runner.start(), name="runner"))
+    await asyncio.sleep(0.5)  # the runner installs its own SIGTERM handler; ours replaces it
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    logger.info("REST API on http://%s:%d (OpenAPI at /docs)", host, settings.daemon.port)
+    done_waiter = asyncio.create_task(stopping.wait())
+    finished, _ = await asyncio.wait([*tasks, done_waiter], return_when=asyncio.FIRST_COMPLETED)
+    logger.info("shutting down")
+    api.should_exit = True
+    if serve_flows and runner.started:
+        await runner.astop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in finished:
+        if task is not done_waiter and task.exception():
+            raise task.exception()  # type: ignore[misc]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hypervisord", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="config.yaml (default: built-in defaults)")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--no-serve", action="store_true",
+                        help="do not run flows here (workers on a work pool run them)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_config(args.config)
+    except ConfigError as exc:
+        print(f"hypervisord: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.daemon.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.check:
+        print("configuration is valid")
+        return 0
+    try:
+        data_dir = prepare_environment(settings, args.config)
+        host = bind_host(settings)
+        with prefect_server(settings, data_dir) as ui:
+            if ui:
+                logger.info("Prefect UI on %s", ui)
+            asyncio.run(serve(settings, host, serve_flows=not args.no_serve))
+    except HypersdkError as exc:
+        print(f"hypervisord: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

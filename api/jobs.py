@@ -1,0 +1,229 @@
+"""Jobs are Prefect flow runs: this module is the whole mapping between the two."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort, LogSort
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelled, Cancelling
+
+from api.schemas import JobEta, JobInfo, JobProgress, JobSubmitted, LogLine
+from core.errors import Conflict, JobNotFound
+from core.models import JobDefinition, JobStatus
+from tasks.progress import LABEL
+
+FLOW_NAME = "migrate-vm"
+STATUS_OF: dict[StateType, JobStatus] = {
+    StateType.SCHEDULED: JobStatus.PENDING,
+    StateType.PENDING: JobStatus.PENDING,
+    StateType.PAUSED: JobStatus.PENDING,
+    StateType.RUNNING: JobStatus.RUNNING,
+    StateType.COMPLETED: JobStatus.COMPLETED,
+    StateType.FAILED: JobStatus.FAILED,
+    StateType.CRASHED: JobStatus.FAILED,
+    StateType.CANCELLING: JobStatus.CANCELLED,
+    StateType.CANCELLED: JobStatus.CANCELLED,
+}
+STATE_TYPES_OF: dict[JobStatus, list[StateType]] = {}
+for _type, _status in STATUS_OF.items():
+    STATE_TYPES_OF.setdefault(_status, []).append(_type)
+
+
+def job_status(run: FlowRun) -> JobStatus:
+    return STATUS_OF[run.state.type] if run.state else JobStatus.PENDING
+
+
+def _parse_id(job_id: str) -> UUID:
+    try:
+        return UUID(job_id)
+    except ValueError:
+        raise JobNotFound(f"no job {job_id!r} (job ids are UUIDs)") from None
+
+
+class Jobs:
+    """Submit, read, follow and cancel jobs through one Prefect client."""
+
+    def __init__(self, client: PrefectClient, *, deployment: str) -> None:
+        self.client = client
+        self.deployment = deployment
+        self._deployment_id: UUID | None = None
+
+    async def _deployment(self) -> UUID:
+        if self._deployment_id is None:
+            deployment = await self.client.read_deployment_by_name(self.deployment)
+            self._deployment_id = deployment.id
+        return self._deployment_id
+
+    async def submit(self, job: JobDefinition) -> JobSubmitted:
+        run = await self.client.create_flow_run_from_deployment(
+            await self._deployment(),
+            parameters={"job": job.model_dump(mode="json")},
+            tags=["hypersdk", f"provider:{job.provider}"],
+        )
+        return JobSubmitted(job_id=str(run.id), status=job_status(run),
+                            created_at=run.created or datetime.now(UTC))
+
+    async def run(self, job_id: str) -> FlowRun:
+        try:
+            run = await self.client.read_flow_run(_parse_id(job_id))
+        except ObjectNotFound:
+            raise JobNotFound(f"no job {job_id!r}") from None
+        return run
+
+    def info(self, run: FlowRun) -> JobInfo:
+        job = run.parameters.get("job") or {}
+        status = job_status(run)
+        message = run.state.message if run.state else None
+        return JobInfo(
+            job_id=str(run.id),
+            name=run.name,
+            status=status,
+            state=(run.state.name if run.state else None) or "Unknown",
+            vm_identifier=job.get("vm_identifier"),
+            provider=job.get("provider"),
+            created_at=run.created,
+            started_at=run.start_time,
+            finished_at=run.end_time,
+            error=message if status in (JobStatus.FAILED, JobStatus.CANCELLED) else None,
+            definition=job or None,
+        )
+
+    async def query(self, job_id: str) -> JobInfo:
+        run = await self.run(job_id)
+        info = self.info(run)
+        if info.status == JobStatus.COMPLETED and run.state is not None:
+            info.result = await _result(run)
+        return info
+
+    async def page(self, status: JobStatus | None, *, limit: int, offset: int
+                   ) -> tuple[list[JobInfo], int]:
+        flows = FlowFilter(name=FlowFilterName(any_=[FLOW_NAME]))
+        runs_filter = FlowRunFilter(state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=STATE_TYPES_OF[status]))) if status else None
+        runs = await self.client.read_flow_runs(
+            flow_filter=flows, flow_run_filter=runs_filter,
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit, offset=offset)
+        total = await self.client.count_flow_runs(flow_filter=flows, flow_run_filter=runs_filter)
+        return [self.info(run) for run in runs], total
+
+    async def progress(self, job_id: str) -> JobProgress:
+        run = await self.run(job_id)
+        labels = run.labels or {}
+        status = job_status(run)
+
+        def label(name: str, default: Any = 0) -> Any:
+            return labels.get(f"{LABEL}{name}", default)
+
+        percentage = 100.0 if status == JobStatus.COMPLETED else float(label("percentage", 0.0))
+        updated = label("updated_at", None)
+        return JobProgress(
+            job_id=str(run.id), status=status,
+            phase=str(label("phase", "pending" if status == JobStatus.PENDING else "starting")),
+            percentage=percentage,
+            bytes_done=int(label("bytes_done")), bytes_total=int(label("bytes_total")),
+            rate_bps=float(label("rate_bps")),
+            eta_seconds=_eta(run, percentage, status),
+            updated_at=datetime.fromtimestamp(float(updated), UTC) if updated else None,
+        )
+
+    async def eta(self, job_id: str) -> JobEta:
+        run = await self.run(job_id)
+        progress = await self.progress(job_id)
+        eta = progress.eta_seconds
+        return JobEta(
+            job_id=progress.job_id, status=progress.status, percentage=progress.percentage,
+            elapsed_seconds=_elapsed(run), eta_seconds=eta,
+            estimated_completion=(datetime.now(UTC) + timedelta(seconds=eta)
+                                  if eta is not None else run.end_time),
+        )
+
+    async def logs(self, job_id: str, *, offset: int = 0) -> list[LogLine]:
+        run = await self.run(job_id)
+        records = await self.client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
+            sort=LogSort.TIMESTAMP_ASC, offset=offset, limit=200)
+        return [LogLine(timestamp=r.timestamp, level=_level(r.level), logger=r.name,
+                        message=r.message) for r in records]
+
+    async def follow_logs(self, job_id: str, *, poll: float = 1.0,
+                          settle: float = 3.0) -> AsyncIterator[LogLine]:
+        """Every log line of the job, as it arrives, until the job has ended (and the
+        logs Prefect sends in batches have had `settle` seconds to land)."""
+        seen = 0
+        ended_at: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self.logs(job_id, offset=seen)
+            seen += len(batch)
+            for line in batch:
+                yield line
+            if len(batch) == 200:
+                continue
+            if ended_at is None and job_status(await self.run(job_id)).finished:
+                ended_at = loop.time()
+            if ended_at is not None and loop.time() - ended_at >= settle:
+                return
+            await asyncio.sleep(poll)
+
+    async def cancel(self, job_id: str) -> tuple[str, str]:
+        run = await self.run(job_id)
+        if run.state is None or run.state.is_final():
+            status = job_status(run).value
+            raise Conflict(f"job {job_id} has already ended ({status}); nothing to cancel")
+        if run.state.type in (StateType.SCHEDULED, StateType.PENDING, StateType.PAUSED):
+            await self.client.set_flow_run_state(run.id, Cancelled(message="cancelled by request"),
+                                                 force=True)
+            return "cancelled", "the job had not started; it will not run"
+        if run.state.type == StateType.CANCELLING:
+            return "cancelling", "the job is already being cancelled"
+        await self.client.set_flow_run_state(run.id, Cancelling(message="cancelled by request"))
+        return "cancelling", "the job's processes are being stopped and partial files removed"
+
+
+def _level(number: int) -> str:
+    return {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}.get(
+        number, str(number))
+
+
+def _elapsed(run: FlowRun) -> float:
+    if not run.start_time:
+        return 0.0
+    end = run.end_time or datetime.now(UTC)
+    return max(0.0, (end - run.start_time).total_seconds())
+
+
+def _eta(run: FlowRun, percentage: float, status: JobStatus) -> float | None:
+    """Time left, extrapolated from the time spent so far and the share done."""
+    if status.finished:
+        return 0.0
+    if status != JobStatus.RUNNING or percentage <= 0:
+        return None
+    elapsed = _elapsed(run)
+    return round(elapsed * (100.0 - percentage) / percentage, 1)
+
+
+async def _result(run: FlowRun) -> dict[str, Any] | None:
+    """The flow's persisted result, when this process can read its storage."""
+    assert run.state is not None
+    try:
+        value = await run.state.aresult(raise_on_failure=False)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - results on storage we cannot reach are optional
+        return None
+    dump = getattr(value, "model_dump", None)
+    return dump(mode="json") if dump else None

@@ -1,0 +1,101 @@
+"""Jobs: submit, query, progress, ETA, logs, cancel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ApiKeyDep, JobsDep, SettingsDep
+from api.schemas import (
+    JobCancelled,
+    JobEta,
+    JobInfo,
+    JobList,
+    JobLogs,
+    JobProgress,
+    JobRef,
+    JobsSubmitted,
+    JobSubmitted,
+)
+from core.config import Config
+from core.models import JobDefinition, JobStatus
+from flows.migrate_vm import export_dir
+from providers import get_provider
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
+
+
+def validate_job(job: JobDefinition, settings: Config) -> None:
+    """Checks that can fail cheaply, before a run exists: the export path stays under
+    export.base_path, the provider is configured and the VM exists."""
+    export_dir(job, settings)
+    with get_provider(job.provider, settings) as provider:
+        provider.get_vm(job.vm_identifier)
+
+
+@router.post("/submit", response_model=JobSubmitted | JobsSubmitted)
+async def submit_jobs(
+    body: Annotated[JobDefinition | list[JobDefinition], Body()],
+    jobs: JobsDep,
+    settings: SettingsDep,
+) -> JobSubmitted | JobsSubmitted:
+    """Submit one job, or a list of jobs (all validated before any is created)."""
+    batch = body if isinstance(body, list) else [body]
+    for job in batch:
+        await run_in_threadpool(validate_job, job, settings)
+    submitted = [await jobs.submit(job) for job in batch]
+    return JobsSubmitted(jobs=submitted) if isinstance(body, list) else submitted[0]
+
+
+@router.get("/query", response_model=JobInfo | JobList)
+async def query_jobs(
+    jobs: JobsDep,
+    job_id: str | None = None,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobInfo | JobList:
+    """One job by `job_id`, or a page of jobs (newest first), optionally by status."""
+    if job_id is not None:
+        return await jobs.query(job_id)
+    found, total = await jobs.page(status, limit=limit, offset=offset)
+    return JobList(jobs=found, total=total, limit=limit, offset=offset)
+
+
+@router.get("/progress/{job_id}", response_model=JobProgress)
+async def read_progress(job_id: str, jobs: JobsDep) -> JobProgress:
+    """Percentage, phase, bytes done and total, rate and ETA, in one call."""
+    return await jobs.progress(job_id)
+
+
+@router.get("/eta/{job_id}", response_model=JobEta)
+async def read_eta(job_id: str, jobs: JobsDep) -> JobEta:
+    """Time left and the expected completion time."""
+    return await jobs.eta(job_id)
+
+
+@router.get("/logs/{job_id}", response_model=JobLogs)
+async def read_logs(job_id: str, jobs: JobsDep, follow: bool = False):  # type: ignore[no-untyped-def]
+    """The job's Prefect logs; with `follow=true`, streamed (NDJSON) until the job ends."""
+    run = await jobs.run(job_id)
+    if not follow:
+        info = jobs.info(run)
+        return JobLogs(job_id=info.job_id, status=info.status, logs=await jobs.logs(job_id))
+
+    async def lines() -> AsyncIterator[str]:
+        async for line in jobs.follow_logs(job_id):
+            yield line.model_dump_json() + "\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.post("/cancel", response_model=JobCancelled)
+async def cancel_job(body: JobRef, jobs: JobsDep) -> JobCancelled:
+    """Stop a job: a pending one never runs; a running one has its processes killed and
+    its partial files removed."""
+    status, message = await jobs.cancel(body.job_id)
+    return JobCancelled(job_id=body.job_id, status=status, message=message)

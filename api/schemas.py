@@ -1,0 +1,113 @@
+"""Request and response bodies of the REST API, with the seed's field names."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.models import JobStatus, VMFilter, VMSummary
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    detail: list[dict[str, Any]] | None = None
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    prefect: dict[str, Any]
+
+
+class VMListRequest(Body):
+    provider: str = "local"
+    filter: VMFilter = Field(default_factory=VMFilter)
+
+
+class VMList(BaseModel):
+    provider: str
+    count: int
+    vms: list[VMSummary]
+
+
+class JobSubmitted(BaseModel):
+    job_id: str
+    status: JobStatus
+    created_at: datetime
+
+
+class JobsSubmitted(BaseModel):
+    jobs: list[JobSubmitted]
+
+
+class JobInfo(BaseModel):
+    job_id: str
+    name: str
+    status: JobStatus
+    state: str
+    vm_identifier: str | None
+    provider: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    definition: dict[str, Any] | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobProgress(BaseModel):
+    job_id: str
+    status: JobStatus
+    phase: str
+    percentage: float
+    bytes_done: int
+    bytes_total: int
+    rate_bps: float
+    eta_seconds: float | None
+    updated_at: datetime | None
+
+
+class JobEta(BaseModel):
+    job_id: str
+    status: JobStatus
+    percentage: float
+    elapsed_seconds: float
+    eta_seconds: float | None
+    estimated_completion: datetime | None
+
+
+class LogLine(BaseModel):
+    timestamp: datetime
+    level: str
+    logger: str
+    message: str
+
+
+class JobLogs(BaseModel):
+    job_id: str
+    status: JobStatus
+    logs: list[LogLine]
+
+
+class JobRef(Body):
+    job_id: str
+
+
+class JobCancelled(BaseModel):
+    job_id: str
+    status: str
+    message: str

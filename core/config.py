@@ -1,0 +1,259 @@
+"""Configuration: the seed's config.yaml, `${VAR}` expanded from the environment,
+validated by pydantic with unknown keys refused."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from core.errors import ConfigError
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def _parse_duration(value: Any) -> float:
+    """'5s', '2h', '500ms' or a number of seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 5s, 10m, 2h)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def default_data_dir() -> Path:
+    """/var/lib/hypersdk for root, ~/.local/share/hypersdk otherwise."""
+    if os.environ.get("HYPERSDK_DATA_DIR"):
+        return Path(os.environ["HYPERSDK_DATA_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/hypersdk")
+    return Path.home() / ".local" / "share" / "hypersdk"
+
+
+class DaemonConfig(Section):
+    address: str = "127.0.0.1:8080"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int = Field(default=4, ge=1, le=256)
+    api_key: SecretStr | None = None
+    prefect_ui_port: int = Field(default=4200, ge=1, le=65535)
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+
+class ProviderConfig(Section):
+    enabled: bool = True
+
+
+class LocalProviderConfig(ProviderConfig):
+    path: Path = Field(default_factory=lambda: default_data_dir() / "inbox")
+
+
+class VSphereProviderConfig(ProviderConfig):
+    host: str
+    username: str
+    password: SecretStr
+    insecure: bool = False
+    ca_file: Path | None = None
+    thumbprint: str | None = None
+    connection_pool_size: int = Field(default=5, ge=1, le=64)
+
+
+class AWSProviderConfig(ProviderConfig):
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    endpoint_url: str | None = None
+    s3_bucket: str | None = None
+
+
+class AzureProviderConfig(ProviderConfig):
+    subscription_id: str
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    resource_group: str | None = None
+
+
+class GCPProviderConfig(ProviderConfig):
+    project: str
+    zone: str | None = None
+    credentials_file: Path | None = None
+
+
+class HyperVProviderConfig(ProviderConfig):
+    host: str
+    username: str
+    password: SecretStr
+
+
+class OCIProviderConfig(ProviderConfig):
+    config_file: Path | None = None
+    profile: str = "DEFAULT"
+    compartment_id: str | None = None
+    region: str | None = None
+
+
+class ProvidersConfig(Section):
+    local: LocalProviderConfig | None = Field(default_factory=LocalProviderConfig)
+    vsphere: VSphereProviderConfig | None = None
+    aws: AWSProviderConfig | None = None
+    azure: AzureProviderConfig | None = None
+    gcp: GCPProviderConfig | None = None
+    hyperv: HyperVProviderConfig | None = None
+    oci: OCIProviderConfig | None = None
+
+    def enabled(self) -> dict[str, ProviderConfig]:
+        """Providers configured and not disabled, by name."""
+        return {
+            name: section
+            for name in type(self).model_fields
+            if isinstance(section := getattr(self, name), ProviderConfig) and section.enabled
+        }
+
+
+class Hyper2kvmConfig(Section):
+    path: str = "hyper2kvm"
+    daemon_enabled: bool = False
+    watch_dir: Path = Field(default_factory=lambda: default_data_dir() / "watch")
+    output_dir: Path = Field(default_factory=lambda: default_data_dir() / "images")
+    default_format: Literal["qcow2", "raw"] = "qcow2"
+    compression: bool = False
+    poll_interval: Duration = 5.0
+    job_timeout: Duration = 7200.0
+    libvirt_uri: str = "qemu:///system"
+    network: str = "default"  # libvirt network for NICs; "user" for user-mode networking
+    network_map: dict[str, str] = Field(default_factory=dict)  # source network → libvirt
+    domain_type: Literal["auto", "kvm", "qemu"] = "auto"
+
+
+class ExportConfig(Section):
+    base_path: Path = Field(default_factory=lambda: default_data_dir() / "exports")
+    chunk_size: int = Field(default=10 * 1024 * 1024, ge=4096)
+    max_retries: int = Field(default=3, ge=0, le=20)
+    concurrent_exports: int = Field(default=2, ge=1, le=256)
+
+
+class DatabaseConfig(Section):
+    path: Path = Field(default_factory=lambda: default_data_dir() / "hypersdk.db")
+
+
+class WebhookConfig(Section):
+    url: str
+    events: list[str] = Field(default_factory=lambda: ["job.completed", "job.failed"])
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    secret: SecretStr | None = None
+
+
+class Config(Section):
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
+    hyper2kvm: Hyper2kvmConfig = Field(default_factory=Hyper2kvmConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+
+    @property
+    def api_key(self) -> str | None:
+        """The API key: HYPERSDK_API_KEY wins over daemon.api_key."""
+        env = os.environ.get("HYPERSDK_API_KEY")
+        if env:
+            return env
+        return self.daemon.api_key.get_secret_value() if self.daemon.api_key else None
+
+
+def _expand(value: Any, where: str) -> Any:
+    """Replace ${VAR} (or ${VAR:-default}) in every string, recursively."""
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set")
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, source: str = "config") -> Config:
+    """Validate an already-loaded mapping."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return Config.model_validate(_expand(data, ""))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read config.yaml (or the defaults when there is no file)."""
+    if path is None:
+        return parse_config({}, source="defaults")
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {file}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(file))
+
+
+def config_from_env() -> Config:
+    """The config a flow run uses: the file named by HYPERSDK_CONFIG, else defaults."""
+    return load_config(os.environ.get("HYPERSDK_CONFIG") or None)

@@ -1,0 +1,82 @@
+"""The errors hypersdk raises, one tree for every room.
+
+    HypersdkError
+    ├── ConfigError            config file missing, malformed or invalid
+    ├── InvalidRequest         a job or request that cannot be carried out as asked
+    │   └── PathNotAllowed     a path outside the roots it must stay under
+    ├── JobNotFound            no job with that id
+    ├── Conflict               not possible in the object's current state (cancel a finished job)
+    ├── ProviderError          anything a source platform says
+    │   ├── NotFound           the VM (or other object) does not exist
+    │   ├── AuthFailed         credentials refused
+    │   ├── Transient          worth retrying: timeouts, dropped connections, busy
+    │   └── Unsupported        the platform or this driver cannot do that verb
+    ├── VerificationError      a file's checksum or size is not what the manifest says
+    ├── ConversionError        qemu-img refused or failed
+    └── RegistrationError      libvirt refused the domain
+
+Tasks retry `Transient` only; the API maps the tree to status codes in one handler.
+"""
+
+from __future__ import annotations
+
+
+class HypersdkError(Exception):
+    """Base of every error hypersdk raises on purpose."""
+
+
+class ConfigError(HypersdkError):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+
+class InvalidRequest(HypersdkError):
+    """A request that cannot be carried out as asked."""
+
+
+class PathNotAllowed(InvalidRequest):
+    """A path that resolves outside the root it must stay under."""
+
+
+class JobNotFound(HypersdkError):
+    """No job with that id."""
+
+
+class Conflict(HypersdkError):
+    """The request does not fit the object's current state."""
+
+
+class ProviderError(HypersdkError):
+    """An error reported by a source platform."""
+
+
+class NotFound(ProviderError):
+    """The VM or object asked for does not exist."""
+
+
+class AuthFailed(ProviderError):
+    """The platform refused the credentials."""
+
+
+class Transient(ProviderError):
+    """A failure worth retrying."""
+
+
+class Unsupported(ProviderError):
+    """The platform or its driver cannot do this."""
+
+
+class VerificationError(HypersdkError):
+    """A file does not match its manifest."""
+
+
+class ConversionError(HypersdkError):
+    """Disk conversion failed."""
+
+
+class RegistrationError(HypersdkError):
+    """libvirt refused to define or start the domain."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed step is worth another try."""
+    return isinstance(exc, Transient | TimeoutError | ConnectionError)

@@ -1,0 +1,187 @@
+"""The shapes that cross rooms: VMs as providers describe them, jobs as users submit them."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PROVIDER_NAMES = ("local", "vsphere", "aws", "azure", "gcp", "hyperv", "oci")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PowerState(StrEnum):
+    POWERED_ON = "poweredOn"
+    POWERED_OFF = "poweredOff"
+    SUSPENDED = "suspended"
+
+
+class DiskInfo(Strict):
+    """One virtual disk of a VM."""
+
+    name: str
+    capacity_bytes: int = Field(ge=0)
+    format: str = "vmdk"
+    controller: str = "scsi"
+    file: str | None = None  # the disk's file in the export (OVF file reference)
+    datastore: str | None = None
+
+
+class NicInfo(Strict):
+    """One network adapter of a VM."""
+
+    mac: str | None = None
+    network: str | None = None
+    adapter: str = "virtio"
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        mac = value.strip().lower().replace("-", ":")
+        if not _MAC.match(mac):
+            raise ValueError(f"not a MAC address: {value!r}")
+        return mac
+
+
+class VMSummary(Strict):
+    """A VM as a listing shows it."""
+
+    identifier: str
+    name: str
+    provider: str
+    power_state: PowerState = PowerState.POWERED_OFF
+    datacenter: str | None = None
+    folder: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class VMInfo(VMSummary):
+    """A VM's hardware, enough to rebuild it on KVM."""
+
+    cpus: int = Field(default=1, ge=1)
+    memory_mb: int = Field(default=1024, ge=1)
+    firmware: Literal["bios", "efi"] = "bios"
+    secure_boot: bool = False
+    guest_os: str | None = None
+    disks: list[DiskInfo] = Field(default_factory=list)
+    nics: list[NicInfo] = Field(default_factory=list)
+    cdroms: int = 0
+
+
+class ExportedFile(Strict):
+    """A file an export wrote, with its checksum."""
+
+    path: Path
+    size: int
+    sha256: str | None = None
+    role: Literal["ova", "ovf", "manifest", "disk", "other"]
+
+
+class ExportResult(Strict):
+    """What a provider's export left under the export path."""
+
+    vm: VMInfo
+    directory: Path
+    files: list[ExportedFile]
+    method: Literal["ova", "ovf", "vmdk"]
+    linked: bool = False  # hard links, no bytes copied
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class ExportOptions(Strict):
+    shutdown_vm: bool = False
+    remove_cdrom: bool = True
+    compress: bool = False
+
+
+class Hyper2kvmIntegration(Strict):
+    enabled: bool = True
+    auto_convert: bool = True
+    daemon_mode: bool = False
+    instance: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    autostart: bool = False
+    replace_existing: bool = False
+
+
+class JobDefinition(Strict):
+    """One migration: the seed's job definition, the `migrate-vm` flow's parameters."""
+
+    vm_identifier: str = Field(min_length=1, max_length=255)
+    provider: str = "local"
+    export_method: Literal["ova", "ovf", "vmdk"] = "ova"
+    export_path: str | None = None
+    options: ExportOptions = Field(default_factory=ExportOptions)
+    hyper2kvm_integration: Hyper2kvmIntegration = Field(default_factory=Hyper2kvmIntegration)
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        if value not in PROVIDER_NAMES:
+            raise ValueError(f"unknown provider {value!r}; known: {', '.join(PROVIDER_NAMES)}")
+        return value
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class ConvertedDisk(Strict):
+    source: str
+    path: Path
+    format: Literal["qcow2", "raw"]
+    virtual_size: int
+    actual_size: int
+    seconds: float
+
+
+class MigrationResult(Strict):
+    """What a finished migration reports."""
+
+    vm: str
+    export: ExportResult
+    disks: list[ConvertedDisk] = Field(default_factory=list)
+    domain_name: str | None = None
+    domain_uuid: str | None = None
+    libvirt_uri: str | None = None
+    step_seconds: dict[str, float] = Field(default_factory=dict)
+
+
+class VMFilter(Strict):
+    """The seed's VM filters; every one given must match."""
+
+    datacenter: str | None = None
+    status: PowerState | None = None
+    tags: list[str] = Field(default_factory=list)
+    folder: str | None = None
+    name_pattern: str | None = Field(default=None, description="shell-style glob, e.g. web-*")
+
+    def matches(self, vm: VMSummary) -> bool:
+        from fnmatch import fnmatchcase
+
+        return (
+            (self.datacenter is None or vm.datacenter == self.datacenter)
+            and (self.status is None or vm.power_state == self.status)
+            and set(self.tags) <= set(vm.tags)
+            and (self.folder is None or vm.folder == self.folder)
+            and (self.name_pattern is None or fnmatchcase(vm.name, self.name_pattern))
+        )

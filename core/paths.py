@@ -1,0 +1,30 @@
+"""Keeping user-given paths inside the roots they belong to."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from core.errors import PathNotAllowed
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def confine(path: str | os.PathLike[str], root: Path, *, what: str = "path") -> Path:
+    """Resolve `path` (relative paths against `root`) and refuse it unless it stays under
+    `root` once `..` and symlinks are resolved."""
+    root_real = Path(os.path.realpath(root))
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        candidate = root_real / candidate
+    resolved = Path(os.path.realpath(candidate))
+    if resolved != root_real and root_real not in resolved.parents:
+        raise PathNotAllowed(f"{what} {str(path)!r} is outside {root}")
+    return resolved
+
+
+def safe_name(name: str) -> str:
+    """A file-system-safe form of a VM name."""
+    cleaned = _SAFE_NAME.sub("_", name).strip("._")
+    return cleaned or "vm"

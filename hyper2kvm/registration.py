@@ -1,0 +1,95 @@
+"""Defining converted VMs with libvirt."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+
+import libvirt
+
+from core.errors import RegistrationError
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    uuid: str
+    uri: str
+    autostart: bool
+
+
+def _quiet(_context: object, _error: object) -> None:
+    """libvirt prints every error to stderr by default; we raise them instead."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+
+@contextlib.contextmanager
+def connect(uri: str) -> Iterator[libvirt.virConnect]:
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise RegistrationError(f"cannot connect to libvirt at {uri}: {exc}") from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@cache
+def version(uri: str) -> str | None:
+    try:
+        with connect(uri) as conn:
+            number = conn.getLibVersion()
+    except RegistrationError:
+        return None
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def domain_exists(uri: str, name: str) -> bool:
+    with connect(uri) as conn:
+        try:
+            conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return False
+        return True
+
+
+def define_domain(uri: str, xml: str, *, name: str, autostart: bool, replace: bool) -> Registered:
+    """Define (persistently) the domain; refuse to overwrite one of the same name unless
+    `replace`."""
+    with connect(uri) as conn:
+        try:
+            existing = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            existing = None
+        if existing is not None:
+            if not replace:
+                raise RegistrationError(f"a libvirt domain named {name!r} already exists")
+            if existing.isActive():
+                raise RegistrationError(f"domain {name!r} is running; stop it before replacing")
+            existing.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        try:
+            domain = conn.defineXML(xml)
+            if autostart:
+                domain.setAutostart(1)
+        except libvirt.libvirtError as exc:
+            raise RegistrationError(f"libvirt refused domain {name!r}: {exc}") from None
+        return Registered(name=domain.name(), uuid=domain.UUIDString(), uri=uri,
+                          autostart=bool(domain.autostart()))
+
+
+def undefine_domain(uri: str, name: str) -> bool:
+    """Remove a defined (inactive) domain; False if there was none."""
+    with connect(uri) as conn:
+        try:
+            domain = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return False
+        if domain.isActive():
+            domain.destroy()
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        return True

@@ -1,0 +1,78 @@
+"""A small but real VM to migrate: an OVA whose VMDK has a GPT partition table and an
+ext4 filesystem with files in it. Used by the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from core.models import DiskInfo, NicInfo, VMInfo
+from hyper2kvm import ova
+from hyper2kvm.manifest import digest_file, render_manifest
+from hyper2kvm.ovf import render_ovf
+from hyper2kvm.qemu_img import QEMU_IMG
+
+MIB = 1024 * 1024
+
+
+def _run(*cmd: str, stdin: str | None = None) -> None:
+    subprocess.run(cmd, input=stdin, text=True, check=True, capture_output=True)
+
+
+def make_disk(raw: Path, *, size_mib: int, random_mib: int = 0, hostname: str = "sample") -> None:
+    """A raw disk: GPT, one Linux partition from 1 MiB, ext4 holding a few files (and
+    `random_mib` MiB of incompressible data)."""
+    with raw.open("wb") as stream:
+        stream.truncate(size_mib * MIB)
+    _run("sfdisk", "--quiet", str(raw), stdin="label: gpt\nstart=2048, type=L\n")
+    with tempfile.TemporaryDirectory() as content:
+        root = Path(content)
+        (root / "etc").mkdir()
+        (root / "etc" / "hostname").write_text(f"{hostname}\n")
+        (root / "README").write_text("Migrated by hypersdk.\n")
+        if random_mib:
+            with (root / "random.bin").open("wb") as data:
+                for _ in range(random_mib):
+                    data.write(os.urandom(MIB))
+        fs_kib = (size_mib - 2) * 1024  # 1 MiB before the partition, GPT backup after
+        _run("mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={MIB}", "-d", content,
+             str(raw), f"{fs_kib}k")
+
+
+def make_sample_ova(
+    directory: Path,
+    name: str = "sample-vm",
+    *,
+    size_mib: int = 64,
+    random_mib: int = 0,
+    cpus: int = 2,
+    memory_mb: int = 512,
+    firmware: str = "bios",
+    mac: str = "52:54:00:12:34:56",
+) -> Path:
+    """Write `directory/<name>.ova` and return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as work:
+        staging = Path(work)
+        raw = staging / "disk.raw"
+        make_disk(raw, size_mib=size_mib, random_mib=random_mib, hostname=name)
+        vmdk = staging / f"{name}-disk1.vmdk"
+        _run(QEMU_IMG, "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
+             str(raw), str(vmdk))
+        raw.unlink()
+        vm = VMInfo(
+            identifier=name, name=name, provider="local", cpus=cpus, memory_mb=memory_mb,
+            firmware=firmware,  # type: ignore[arg-type]
+            guest_os="debian12_64Guest",
+            disks=[DiskInfo(name="vmdisk1", capacity_bytes=size_mib * MIB, file=vmdk.name)],
+            nics=[NicInfo(mac=mac, network="VM Network", adapter="vmxnet3")],
+        )
+        ovf = staging / f"{name}.ovf"
+        ovf.write_text(render_ovf(vm, [(vmdk.name, vmdk.stat().st_size)]))
+        manifest = staging / f"{name}.mf"
+        manifest.write_text(render_manifest((f.name, digest_file(f)) for f in (ovf, vmdk)))
+        target = directory / f"{name}.ova"
+        ova.write_ova(target, [ovf, vmdk, manifest])
+    return target

@@ -1,0 +1,89 @@
+"""The provider interface and the registry that maps names to drivers."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar, Literal, Self
+
+from core.config import Config, ProviderConfig
+from core.errors import InvalidRequest, Unsupported
+from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
+
+BytesProgress = Callable[[int], None]  # called with bytes just moved
+ExportMethod = Literal["ova", "ovf", "vmdk"]
+
+# name → (driver class path, what to install when its SDK is missing)
+_DRIVERS: dict[str, tuple[str, str | None]] = {
+    "local": ("providers.local:LocalProvider", None),
+}
+
+
+class Provider(ABC):
+    """One source platform. Usable as a context manager; `close()` releases sessions."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: ProviderConfig, *, settings: Config) -> None:
+        self.config = config
+        self.settings = settings
+
+    @abstractmethod
+    def list_vms(self, vm_filter: VMFilter) -> list[VMSummary]:
+        """VMs matching the filter."""
+
+    @abstractmethod
+    def get_vm(self, identifier: str) -> VMInfo:
+        """One VM's hardware; raises NotFound."""
+
+    @abstractmethod
+    def export(
+        self,
+        identifier: str,
+        dest: Path,
+        *,
+        method: ExportMethod,
+        options: ExportOptions,
+        progress: BytesProgress | None = None,
+    ) -> ExportResult:
+        """Write the VM under `dest` packaged as `method`."""
+
+    def close(self) -> None:  # noqa: B027 - most drivers hold nothing to release
+        """Release connections."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def known_providers() -> list[str]:
+    """Provider names that have a driver."""
+    return list(_DRIVERS)
+
+
+def get_provider(name: str, settings: Config) -> Provider:
+    """The driver for `name`, configured from `settings.providers.<name>`."""
+    section = settings.providers.enabled().get(name)
+    if section is None:
+        raise InvalidRequest(f"provider {name!r} is not configured (or disabled) in providers:")
+    if name not in _DRIVERS:
+        raise Unsupported(f"provider {name!r} has no driver in this version of hypersdk")
+    target, install = _DRIVERS[name]
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = f"; {install}" if install else ""
+        raise Unsupported(f"provider {name!r} needs a missing package ({exc.name}){hint}") from None
+    driver: type[Provider] = getattr(module, class_name)
+    return driver(section, settings=settings)

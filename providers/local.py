@@ -1,0 +1,199 @@
+"""The local provider: VMs are OVAs, OVF folders and disk images in one directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from core.config import LocalProviderConfig
+from core.errors import NotFound
+from core.files import link_or_copy
+from core.models import (
+    DiskInfo,
+    ExportedFile,
+    ExportOptions,
+    ExportResult,
+    VMFilter,
+    VMInfo,
+    VMSummary,
+)
+from hyper2kvm import ova, qemu_img
+from hyper2kvm.manifest import digest_file, render_manifest
+from hyper2kvm.ovf import parse_ovf, render_ovf
+from providers.base import BytesProgress, ExportMethod, Provider
+
+DISK_SUFFIXES = {".vmdk": "vmdk", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw",
+                 ".vhd": "vpc", ".vhdx": "vhdx"}
+# extents and deltas of a VMDK are parts of another disk, not VMs of their own
+_VMDK_PART = re.compile(r"-(flat|delta|s\d{3}|f\d{3})\.vmdk$")
+
+
+def _role(path: Path) -> str:
+    return {".ovf": "ovf", ".mf": "manifest", ".ova": "ova"}.get(
+        path.suffix, "disk" if path.suffix in DISK_SUFFIXES else "other"
+    )
+
+
+class LocalProvider(Provider):
+    name = "local"
+    config: LocalProviderConfig
+
+    @property
+    def root(self) -> Path:
+        return self.config.path
+
+    def _sources(self) -> dict[str, Path]:
+        """identifier → the OVA, OVF folder or disk it names."""
+        found: dict[str, Path] = {}
+        if not self.root.is_dir():
+            return found
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir() and any(entry.glob("*.ovf")):
+                found[entry.name] = entry
+            elif (entry.is_file() and (entry.suffix == ".ova" or entry.suffix in DISK_SUFFIXES)
+                  and not _VMDK_PART.search(entry.name)):
+                found.setdefault(entry.stem, entry)
+        return found
+
+    def _source(self, identifier: str) -> Path:
+        source = self._sources().get(identifier)
+        if source is None:
+            raise NotFound(f"no VM {identifier!r} in {self.root}")
+        return source
+
+    def list_vms(self, vm_filter: VMFilter) -> list[VMSummary]:
+        summaries = [
+            VMSummary(identifier=identifier, name=identifier, provider=self.name)
+            for identifier in self._sources()
+        ]
+        return [vm for vm in summaries if vm_filter.matches(vm)]
+
+    def get_vm(self, identifier: str) -> VMInfo:
+        source = self._source(identifier)
+        if source.suffix == ".ova":
+            members = ova.read_members(source)
+            descriptor = next(m for name, m in members.items() if name.endswith(".ovf"))
+            vm = parse_ovf(ova.read_member(source, descriptor)).vm
+        elif source.is_dir():
+            vm = parse_ovf(next(source.glob("*.ovf")).read_bytes()).vm
+        else:
+            facts = qemu_img.info(source)
+            vm = VMInfo(
+                identifier=identifier, name=identifier, provider=self.name,
+                disks=[DiskInfo(name="disk1", capacity_bytes=facts["virtual-size"],
+                                format=facts["format"], file=source.name)],
+            )
+        return vm.model_copy(update={"identifier": identifier, "provider": self.name})
+
+    def export(
+        self,
+        identifier: str,
+        dest: Path,
+        *,
+        method: ExportMethod,
+        options: ExportOptions,
+        progress: BytesProgress | None = None,
+    ) -> ExportResult:
+        source = self._source(identifier)
+        vm = self.get_vm(identifier)
+        dest.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        try:
+            linked = self._export_into(source, vm, dest, method, options, progress, written)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        files = [
+            ExportedFile(path=path, size=path.stat().st_size, role=_role(path))  # type: ignore[arg-type]
+            for path in written
+        ]
+        return ExportResult(vm=vm, directory=dest, files=files, method=method, linked=linked)
+
+    def _export_into(
+        self,
+        source: Path,
+        vm: VMInfo,
+        dest: Path,
+        method: ExportMethod,
+        options: ExportOptions,
+        progress: BytesProgress | None,
+        written: list[Path],
+    ) -> bool:
+        """Fill `dest`, appending each finished file to `written`; True if all linked."""
+        if source.suffix == ".ova":
+            if method == "ova":
+                target = dest / source.name
+                written.append(target)
+                return link_or_copy(source, target, progress=progress)
+            members = ova.read_members(source)
+            for name, member in members.items():
+                if method == "vmdk" and _role(Path(name)) != "disk":
+                    continue
+                target = dest / name
+                written.append(target)
+                ova.extract_member(source, member, target, progress)
+            return False
+        if source.is_dir():
+            files = sorted(p for p in source.iterdir() if p.is_file())
+            if method == "ova":
+                target = dest / f"{source.name}.ova"
+                written.append(target)
+                ova.write_ova(target, files, progress)
+                return False
+            linked = True
+            for file in files:
+                if method == "vmdk" and _role(file) != "disk":
+                    continue
+                written.append(dest / file.name)
+                linked &= link_or_copy(file, dest / file.name, progress=progress)
+            return linked
+        if method == "vmdk":
+            written.append(dest / source.name)
+            return link_or_copy(source, dest / source.name, progress=progress)
+        self._package_disk(source, vm, dest, method, options, progress, written)
+        return False
+
+    def _package_disk(
+        self,
+        source: Path,
+        vm: VMInfo,
+        dest: Path,
+        method: ExportMethod,
+        options: ExportOptions,
+        progress: BytesProgress | None,
+        written: list[Path],
+    ) -> None:
+        """A bare disk exported as OVF/OVA: a streamOptimized VMDK, a descriptor, a manifest."""
+        with tempfile.TemporaryDirectory(dir=dest, prefix=".export-") as work:
+            staging = Path(work)
+            vmdk = staging / f"{vm.name}-disk1.vmdk"
+            capacity = vm.disks[0].capacity_bytes
+
+            qemu_img.convert(
+                qemu_img.DiskSource(source, vm.disks[0].format), vmdk,
+                output_format="vmdk", subformat="streamOptimized",
+                progress=qemu_img.bytes_progress(capacity, progress) if progress else None,
+            )
+            ovf = staging / f"{vm.name}.ovf"
+            disk = vm.disks[0].model_copy(update={"file": vmdk.name})
+            ovf.write_text(
+                render_ovf(vm.model_copy(update={"disks": [disk]}),
+                           [(vmdk.name, vmdk.stat().st_size)],
+                           include_cdrom=not options.remove_cdrom)
+            )
+            manifest = staging / f"{vm.name}.mf"
+            manifest.write_text(render_manifest((f.name, digest_file(f)) for f in (ovf, vmdk)))
+            parts = [ovf, vmdk, manifest]
+            if method == "ova":
+                target = dest / f"{vm.name}.ova"
+                written.append(target)
+                ova.write_ova(target, parts)
+            else:
+                for part in parts:
+                    written.append(dest / part.name)
+                    os.replace(part, dest / part.name)

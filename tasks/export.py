@@ -1,0 +1,71 @@
+"""The export step: the provider writes the VM under the job's export path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+
+from core.config import config_from_env
+from core.errors import is_transient
+from core.models import ExportResult, JobDefinition
+from providers import get_provider
+from tasks.progress import JobProgress
+
+EXPORT_LIMIT = "hypersdk-exports"
+
+
+def ensure_export_limit(limit: int, *, update: bool = False) -> None:
+    """Make sure the global concurrency limit exports take a slot of exists; with
+    `update`, set its size to `limit` (the daemon does, from its config)."""
+    with get_client(sync_client=True) as client:
+        if update:
+            client.upsert_global_concurrency_limit_by_name(EXPORT_LIMIT, limit)
+            return
+        try:
+            client.read_global_concurrency_limit_by_name(EXPORT_LIMIT)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=EXPORT_LIMIT, limit=limit)
+            )
+
+
+def only_transient(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Retry a failed export only when the provider said the failure was transient."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    if error is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as exc:  # noqa: BLE001 - we only classify it
+            error = exc
+    return error is not None and is_transient(error)
+
+
+@task(name="export", persist_result=True, retry_condition_fn=only_transient,
+      retry_delay_seconds=[2, 10, 30])
+def export_vm(job: JobDefinition, export_path: Path) -> ExportResult:
+    """Export the VM from its provider into `export_path`."""
+    settings = config_from_env()
+    logger = get_run_logger()
+    progress = JobProgress.for_current_run(job.vm_identifier)
+    with (
+        concurrency(EXPORT_LIMIT, occupy=1, strict=True),
+        get_provider(job.provider, settings) as provider,
+    ):
+        vm = provider.get_vm(job.vm_identifier)
+        progress.start("export", sum(d.capacity_bytes for d in vm.disks))
+        logger.info("exporting %s from %s as %s into %s", vm.name, job.provider,
+                    job.export_method, export_path)
+        result = provider.export(
+            job.vm_identifier, export_path, method=job.export_method, options=job.options,
+            progress=progress.advance,
+        )
+    progress.finish()
+    logger.info("exported %d file(s), %d bytes%s", len(result.files), result.total_bytes,
+                " (hard-linked, no copy)" if result.linked else "")
+    return result

@@ -1,0 +1,40 @@
+"""The register step: a libvirt domain from the source's hardware and the converted disks."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from core.config import Hyper2kvmConfig
+from core.models import ConvertedDisk, VMInfo
+from core.paths import safe_name
+from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml, pick_domain_type
+from hyper2kvm.registration import Registered, define_domain
+from tasks.progress import JobProgress
+
+
+@task(name="register", persist_result=True)
+def register_domain(
+    vm: VMInfo,
+    disks: list[ConvertedDisk],
+    settings: Hyper2kvmConfig,
+    *,
+    autostart: bool,
+    replace: bool,
+) -> Registered:
+    """Define the domain on `settings.libvirt_uri`, named after the VM."""
+    progress = JobProgress.for_current_run(vm.name)
+    progress.start("register", 0)
+    name = safe_name(vm.name)
+    xml = domain_xml(
+        vm,
+        [DomainDisk(d.path, d.format) for d in disks],
+        name=name,
+        domain_type=pick_domain_type(settings.domain_type),
+        networks=NetworkMap(default=settings.network, by_source=settings.network_map),
+    )
+    registered = define_domain(settings.libvirt_uri, xml, name=name, autostart=autostart,
+                               replace=replace)
+    progress.finish()
+    get_run_logger().info("defined libvirt domain %s (%s) on %s", registered.name,
+                          registered.uuid, registered.uri)
+    return registered
