@@ -21,7 +21,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort, LogSort
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelled, Cancelling
+from prefect.states import Cancelled, Cancelling, Scheduled
 
 from api.schemas import JobEta, JobInfo, JobProgress, JobSubmitted, LogLine
 from core.errors import Conflict, JobNotFound
@@ -180,6 +180,19 @@ class Jobs:
             if ended_at is not None and loop.time() - ended_at >= settle:
                 return
             await asyncio.sleep(poll)
+
+    async def retry(self, job_id: str) -> str:
+        """Run a failed or cancelled job again: steps that finished are not redone (their
+        results are persisted and cached per job)."""
+        run = await self.run(job_id)
+        status = job_status(run)
+        if status not in (JobStatus.FAILED, JobStatus.CANCELLED) or not (
+                run.state and run.state.is_final()):
+            raise Conflict(f"job {job_id} is {status.value}; only failed or cancelled jobs "
+                           "can be retried")
+        await self.client.set_flow_run_state(run.id, Scheduled(message="retried by request"),
+                                             force=True)
+        return "pending"
 
     async def cancel(self, job_id: str) -> tuple[str, str]:
         run = await self.run(job_id)

@@ -107,7 +107,7 @@ class JobRef(Body):
     job_id: str
 
 
-class JobCancelled(BaseModel):
+class JobAction(BaseModel):
     job_id: str
     status: str
     message: str

@@ -11,16 +11,15 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.runtime import flow_run as current_run
 
 from core.config import Config, config_from_env
-from core.errors import InvalidRequest
 from core.models import JobDefinition, MigrationResult
 from core.paths import confine, safe_name
-from hyper2kvm.registration import domain_exists
 from tasks.convert import convert_disks
 from tasks.export import ensure_export_limit, export_vm
 from tasks.handoff import write_watch_manifest
-from tasks.progress import JobProgress
+from tasks.progress import LABEL, JobProgress
 from tasks.register import register_domain
 from tasks.transfer import transfer_files
+from tasks.validate import validate_job
 
 T = TypeVar("T")
 
@@ -36,24 +35,15 @@ def converts_in_flow(job: JobDefinition) -> bool:
     return integration.enabled and integration.auto_convert and not integration.daemon_mode
 
 
-def check_target(job: JobDefinition, settings: Config) -> None:
-    """Refuse, before any byte moves, a migration whose domain already exists."""
-    if not converts_in_flow(job) or job.hyper2kvm_integration.replace_existing:
-        return
-    name = safe_name(job.vm_identifier)
-    if domain_exists(settings.hyper2kvm.libvirt_uri, name):
-        raise InvalidRequest(
-            f"a libvirt domain named {name!r} already exists on {settings.hyper2kvm.libvirt_uri};"
-            " set hyper2kvm_integration.replace_existing to replace it")
-
-
 def remove_partials(flow: Any, flow_run: FlowRun, state: State) -> None:
     """On cancel or crash: no half-written file stays where a finished one would be."""
     try:
         job = JobDefinition.model_validate(flow_run.parameters["job"])
         settings = config_from_env()
-        folders = [export_dir(job, settings),
-                   settings.hyper2kvm.output_dir / safe_name(job.vm_identifier)]
+        folders = [export_dir(job, settings)]
+        vm_name = (flow_run.labels or {}).get(f"{LABEL}vm")
+        if vm_name:
+            folders.append(settings.hyper2kvm.output_dir / safe_name(str(vm_name)))
     except Exception:  # noqa: BLE001 - a hook must never fail the state change
         return
     for folder in folders:
@@ -112,7 +102,8 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
             steps[step] = round(time.monotonic() - started, 3)
 
     destination = export_dir(job, settings)
-    check_target(job, settings)
+    timed("validate", lambda: validate_job(job, settings.hyper2kvm.output_dir,
+                                           converts=converts_in_flow(job)))
     ensure_export_limit(settings.export.concurrent_exports)
     export = timed("export", lambda: export_vm.with_options(
         retries=settings.export.max_retries)(job, destination))

@@ -98,6 +98,7 @@ class JobProgress:
         self.total = 0
         self._started = time.monotonic()
         self._last_write = 0.0
+        self._notes: dict[str, str] = {}
 
     @classmethod
     def for_current_run(cls, vm_name: str | None = None) -> JobProgress:
@@ -112,6 +113,12 @@ class JobProgress:
         with self._lock:
             self.phase, self.done, self.total = phase, 0, max(0, total_bytes)
             self._started = time.monotonic()
+            self._write(force=True)
+
+    def note(self, **facts: str) -> None:
+        """Facts about the job kept with its progress (e.g. the VM's name)."""
+        with self._lock:
+            self._notes.update({f"{LABEL}{key}": value for key, value in facts.items()})
             self._write(force=True)
 
     def advance(self, nbytes: int) -> None:
@@ -146,6 +153,7 @@ class JobProgress:
         elapsed = max(now - self._started, 1e-6)
         rate = self.done / elapsed
         self._writer.submit({
+            **self._notes,
             f"{LABEL}phase": self.phase,
             f"{LABEL}percentage": self.percentage(phase_done=phase_done),
             f"{LABEL}bytes_done": self.done,

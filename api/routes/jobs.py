@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import ApiKeyDep, JobsDep, SettingsDep
 from api.schemas import (
-    JobCancelled,
+    JobAction,
     JobEta,
     JobInfo,
     JobList,
@@ -93,9 +93,17 @@ async def read_logs(job_id: str, jobs: JobsDep, follow: bool = False):  # type: 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-@router.post("/cancel", response_model=JobCancelled)
-async def cancel_job(body: JobRef, jobs: JobsDep) -> JobCancelled:
+@router.post("/retry", response_model=JobAction)
+async def retry_job(body: JobRef, jobs: JobsDep) -> JobAction:
+    """Run a failed or cancelled job again, skipping the steps that had finished."""
+    status = await jobs.retry(body.job_id)
+    return JobAction(job_id=body.job_id, status=status,
+                        message="scheduled again; finished steps will be skipped")
+
+
+@router.post("/cancel", response_model=JobAction)
+async def cancel_job(body: JobRef, jobs: JobsDep) -> JobAction:
     """Stop a job: a pending one never runs; a running one has its processes killed and
     its partial files removed."""
     status, message = await jobs.cancel(body.job_id)
-    return JobCancelled(job_id=body.job_id, status=status, message=message)
+    return JobAction(job_id=body.job_id, status=status, message=message)

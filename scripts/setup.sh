@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine for hypersdk: system packages (qemu-img, libvirt,
+# OVMF, partitioning and ext4 tools), the virtualenv at .venv, and a running libvirtd.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(qemu-utils qemu-system-x86 libvirt-daemon libvirt-daemon-system libvirt-clients
+          libvirt-daemon-driver-qemu libvirt-dev pkg-config ovmf e2fsprogs fdisk jq curl gcc
+          python3-venv python3-dev)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
+.venv/bin/python -m pip install -q --config-settings editable_mode=compat -e '.[dev]' \
+    2>&1 | grep -v -i "warning" || true
+.venv/bin/python -c "import prefect, libvirt, fastapi" \
+    || { echo "setup: the virtualenv is incomplete" >&2; exit 1; }
+
+scripts/start-libvirt.sh
+echo "setup: ready (.venv, qemu-img $(qemu-img --version | head -1 | awk '{print $3}'), libvirt)"

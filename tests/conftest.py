@@ -1,0 +1,11 @@
+"""Fixtures live in tests/peers.py (one module, imported once, so the session's ports and
+directories are chosen once); pytest finds them through this import."""
+
+from tests.peers import (  # noqa: F401 - fixtures
+    api,
+    daemon,
+    libvirt_uri,
+    prefect_server,
+    sample_cache,
+    sample_vm,
+)

@@ -1,0 +1,85 @@
+"""VMs for tests, built with real tools at test time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+
+from hyper2kvm import ova, qemu_img
+from hyper2kvm.manifest import digest_file, render_manifest
+from hyper2kvm.ovf import parse_ovf, render_ovf
+from hyper2kvm.sample import make_sample_ova
+from tests.peers import LIBVIRT_URI
+
+MIB = 2**20
+
+
+def source_disk_as_raw(ova_path: Path, target: Path) -> Path:
+    """The guest-visible content of the OVA's first disk, as a raw file."""
+    members = ova.read_members(ova_path)
+    vmdk = next(m for name, m in members.items() if name.endswith(".vmdk"))
+    qemu_img.convert(qemu_img.DiskSource(ova_path, "vmdk", vmdk.offset, vmdk.size), target,
+                     output_format="raw")
+    return target
+
+
+def make_truncated_ova(folder: Path, name: str) -> Path:
+    """An OVA whose VMDK is cut in half, with a manifest that agrees: it passes every
+    checksum and fails in qemu-img."""
+    with tempfile.TemporaryDirectory() as work:
+        scratch = Path(work)
+        good = make_sample_ova(scratch, name, size_mib=32, random_mib=8)
+        members = ova.read_members(good)
+        vm = parse_ovf(ova.read_member(good, members[f"{name}.ovf"])).vm
+        vmdk = scratch / f"{name}-disk1.vmdk"
+        data = ova.read_member(good, members[vmdk.name])
+        vmdk.write_bytes(data[: len(data) // 2])
+        ovf = scratch / f"{name}.ovf"
+        ovf.write_text(render_ovf(vm, [(vmdk.name, vmdk.stat().st_size)]))
+        manifest = scratch / f"{name}.mf"
+        manifest.write_text(render_manifest((f.name, digest_file(f)) for f in (ovf, vmdk)))
+        target = folder / f"{name}.ova"
+        ova.write_ova(target, [ovf, vmdk, manifest])
+    return target
+
+
+def make_random_raw(folder: Path, name: str, size_mib: int) -> Path:
+    """A bare raw disk of incompressible data (slow to turn into a streamOptimized VMDK)."""
+    path = folder / f"{name}.raw"
+    with path.open("wb") as stream:
+        for _ in range(size_mib):
+            stream.write(os.urandom(MIB))
+    return path
+
+
+def domain_facts(name: str) -> dict:
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        xml = ET.fromstring(conn.lookupByName(name).XMLDesc(0))
+    finally:
+        conn.close()
+    return {
+        "vcpus": int(xml.findtext("vcpu") or 0),
+        "memory_kib": int(xml.findtext("memory") or 0),
+        "disks": [d.find("source").get("file") for d in xml.findall("devices/disk")],
+        "macs": [m.get("address") for m in xml.findall("devices/interface/mac")],
+        "machine": xml.find("os/type").get("machine"),
+    }
+
+
+def domain_defined(name: str) -> bool:
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        return name in [d.name() for d in conn.listAllDomains()]
+    finally:
+        conn.close()
+
+
+def qemu_img_running_on(path: Path) -> bool:
+    done = subprocess.run(["pgrep", "-af", "qemu-img"], capture_output=True, text=True)
+    return any(str(path) in line for line in done.stdout.splitlines())

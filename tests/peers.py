@@ -1,0 +1,237 @@
+"""Test peers, started once per session: a real Prefect server (SQLite), libvirtd on
+qemu:///system, and hypervisord itself as a real process serving HTTP.
+
+Prefect reads its settings at import, so the environment is set here, before any test
+module imports it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="hypersdk-tests-"))
+LIBVIRT_URI = "qemu:///system"
+# The seed's integration script exports to /tmp/exports/<vm>: the test daemon's
+# export.base_path is that folder, so the script runs unchanged.
+EXPORTS = Path("/tmp/exports")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+PREFECT_PORT = free_port()
+os.environ.update({
+    "PREFECT_API_URL": f"http://127.0.0.1:{PREFECT_PORT}/api",
+    "PREFECT_HOME": str(SESSION_DIR / "prefect-home"),
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(SESSION_DIR / "prefect-results"),
+    "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+})
+os.environ.pop("HYPERSDK_API_KEY", None)
+
+
+def wait_until(check, *, timeout: float, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """`prefect server start` on a free port, SQLite in the session's temp dir."""
+    log = (SESSION_DIR / "prefect-server.log").open("wb")
+    env = dict(os.environ, PREFECT_API_DATABASE_CONNECTION_URL=(
+        f"sqlite+aiosqlite:///{SESSION_DIR / 'prefect.db'}"))
+    process = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+         str(PREFECT_PORT)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = os.environ["PREFECT_API_URL"]
+
+    def healthy() -> bool:
+        assert process.poll() is None, "prefect server exited; see prefect-server.log"
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout=120, what="the Prefect server")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def libvirt_uri() -> Iterator[str]:
+    """qemu:///system, started if needed. Domains tests define start with 't-'."""
+    subprocess.run([str(ROOT / "scripts" / "start-libvirt.sh")], check=True)
+    yield LIBVIRT_URI
+    import libvirt
+
+    conn = libvirt.open(LIBVIRT_URI)
+    for domain in conn.listAllDomains():
+        if domain.name().startswith("t-"):
+            if domain.isActive():
+                domain.destroy()
+            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    conn.close()
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Daemon:
+    """A running hypervisord and the directories its config names."""
+
+    url: str
+    api_key: str | None
+    root: Path
+    config: Path
+    process: subprocess.Popen
+    log: Path
+    exit_codes: list[int] = field(default_factory=list)
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def exports(self) -> Path:
+        return EXPORTS
+
+    @property
+    def watch(self) -> Path:
+        return self.root / "watch"
+
+    def client(self, *, key: str | None = "default") -> httpx.Client:
+        headers = {}
+        key = self.api_key if key == "default" else key
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+def write_config(root: Path, *, port: int, api_key: str | None, name: str = "config.yaml",
+                 host: str = "127.0.0.1", extra: str = "") -> Path:
+    key_line = f'  api_key: "{api_key}"\n' if api_key else ""
+    config = root / name
+    config.write_text(f"""\
+daemon:
+  address: "{host}:{port}"
+  log_level: "info"
+  workers: 4
+{key_line}providers:
+  local:
+    path: "{root / 'inbox'}"
+hyper2kvm:
+  output_dir: "{root / 'images'}"
+  watch_dir: "{root / 'watch'}"
+  default_format: qcow2
+  libvirt_uri: "{LIBVIRT_URI}"
+  network: user
+export:
+  base_path: "{EXPORTS}"
+  concurrent_exports: 2
+  max_retries: 1
+database:
+  path: "{root / 'db' / 'hypersdk.db'}"
+{extra}""")
+    return config
+
+
+def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
+                 config_name: str = "config.yaml", host: str = "127.0.0.1") -> Daemon:
+    """Start hypervisord on a free port with a config over the directories under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = write_config(root, port=port, api_key=api_key, name=config_name, host=host)
+    log = root / f"hypervisord-{port}.log"
+    process = subprocess.Popen([str(BIN / "hypervisord"), "--config", str(config), *args],
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                               env=dict(os.environ))
+    daemon = Daemon(url=f"http://127.0.0.1:{port}", api_key=api_key, root=root, config=config,
+                    process=process, log=log)
+
+    def healthy() -> bool:
+        assert process.poll() is None, f"hypervisord exited:\n{log.read_text()[-3000:]}"
+        try:
+            return httpx.get(f"{daemon.url}/health", timeout=2).json()["status"] == "healthy"
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+
+    wait_until(healthy, timeout=90, what="hypervisord")
+    return daemon
+
+
+def stop_daemon(daemon: Daemon) -> int:
+    daemon.process.send_signal(signal.SIGTERM)
+    return daemon.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def daemon(prefect_server: str, libvirt_uri: str) -> Iterator[Daemon]:
+    """hypervisord with an API key, serving the flows, against the session's Prefect."""
+    running = start_daemon(SESSION_DIR / "daemon", api_key="test-key-" + uuid.uuid4().hex)
+    yield running
+    code = stop_daemon(running)
+    assert code == 0, f"hypervisord did not stop cleanly on SIGTERM ({code})"
+
+
+@pytest.fixture(scope="session")
+def api(daemon: Daemon) -> Iterator[httpx.Client]:
+    with daemon.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def sample_cache() -> Path:
+    folder = SESSION_DIR / "samples"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def sample_vm(daemon: Daemon) -> str:
+    """A fresh sample OVA in the daemon's inbox; returns its identifier."""
+    from hyper2kvm.sample import make_sample_ova
+
+    name = unique()
+    make_sample_ova(daemon.inbox, name, size_mib=32, cpus=2, memory_mb=256,
+                    mac="52:54:00:ab:cd:ef")
+    return name
+
+
+def wait_for_job(client: httpx.Client, job_id: str, *, timeout: float = 120,
+                 statuses: tuple[str, ...] = ("completed", "failed", "cancelled")) -> dict:
+    def finished() -> dict | None:
+        info = client.get("/jobs/query", params={"job_id": job_id}).json()
+        return info if info["status"] in statuses else None
+
+    return wait_until(finished, timeout=timeout, interval=0.5, what=f"job {job_id}")

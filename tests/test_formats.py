@@ -1,0 +1,146 @@
+"""OVF, OVA, manifests and path confinement, on files made by our code and by qemu-img."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from core.errors import InvalidRequest, PathNotAllowed, VerificationError
+from core.models import DiskInfo, NicInfo, VMInfo
+from core.paths import confine
+from hyper2kvm import ova
+from hyper2kvm.detect import detect_format
+from hyper2kvm.manifest import parse_manifest
+from hyper2kvm.ovf import parse_ovf, render_ovf
+from hyper2kvm.sample import make_sample_ova
+
+VIRTUALBOX_OVF = """<?xml version="1.0"?>
+<Envelope ovf:version="1.0" xml:lang="en-US" xmlns="http://schemas.dmtf.org/ovf/envelope/1"
+ xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+ xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+ xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData"
+ xmlns:vbox="http://www.virtualbox.org/ovf/machine">
+  <References><File ovf:id="file1" ovf:href="web-disk001.vmdk"/></References>
+  <DiskSection><Info>List of the virtual disks used in the package</Info>
+    <Disk ovf:capacity="10" ovf:capacityAllocationUnits="byte * 2^30" ovf:diskId="vmdisk1"
+     ovf:fileRef="file1" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <NetworkSection><Info>Logical networks</Info><Network ovf:name="NAT"/></NetworkSection>
+  <VirtualSystem ovf:id="web">
+    <Info>A virtual machine</Info>
+    <OperatingSystemSection ovf:id="96"><Info>OS</Info><Description>Debian_64</Description>
+    </OperatingSystemSection>
+    <VirtualHardwareSection><Info>Virtual hardware requirements</Info>
+      <Item><rasd:Caption>4 virtual CPU</rasd:Caption><rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>4</rasd:VirtualQuantity></Item>
+      <Item><rasd:AllocationUnits>MegaBytes</rasd:AllocationUnits><rasd:InstanceID>2</rasd:InstanceID>
+        <rasd:ResourceType>4</rasd:ResourceType><rasd:VirtualQuantity>2048</rasd:VirtualQuantity></Item>
+      <Item><rasd:InstanceID>5</rasd:InstanceID><rasd:ResourceSubType>AHCI</rasd:ResourceSubType>
+        <rasd:ResourceType>20</rasd:ResourceType></Item>
+      <Item><rasd:AutomaticAllocation>true</rasd:AutomaticAllocation><rasd:Connection>NAT</rasd:Connection>
+        <rasd:InstanceID>6</rasd:InstanceID><rasd:ResourceSubType>E1000</rasd:ResourceSubType>
+        <rasd:ResourceType>10</rasd:ResourceType></Item>
+      <Item><rasd:AddressOnParent>0</rasd:AddressOnParent><rasd:HostResource>/disk/vmdisk1</rasd:HostResource>
+        <rasd:InstanceID>7</rasd:InstanceID><rasd:Parent>5</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>
+      <Item><rasd:AddressOnParent>1</rasd:AddressOnParent><rasd:InstanceID>8</rasd:InstanceID>
+        <rasd:Parent>5</rasd:Parent><rasd:ResourceType>15</rasd:ResourceType></Item>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"""
+
+
+def test_virtualbox_ovf_parses() -> None:
+    vm = parse_ovf(VIRTUALBOX_OVF).vm
+    assert (vm.name, vm.cpus, vm.memory_mb, vm.firmware) == ("web", 4, 2048, "bios")
+    assert vm.guest_os == "Debian_64"
+    assert len(vm.disks) == 1
+    assert vm.disks[0].capacity_bytes == 10 * 2**30
+    assert vm.disks[0].controller == "sata"
+    assert vm.disks[0].file == "web-disk001.vmdk"
+    assert vm.nics[0].network == "NAT" and vm.nics[0].adapter == "e1000"
+    assert vm.cdroms == 1
+
+
+def test_rendered_ovf_round_trips_every_field() -> None:
+    vm = VMInfo(identifier="db", name="db", provider="local", cpus=8, memory_mb=16384,
+                firmware="efi", secure_boot=True, guest_os="rhel9_64Guest",
+                disks=[DiskInfo(name="a", capacity_bytes=5 * 2**30, file="db-1.vmdk"),
+                       DiskInfo(name="b", capacity_bytes=2**30, file="db-2.vmdk",
+                                controller="ide")],
+                nics=[NicInfo(mac="00:50:56:01:02:03", network="Prod", adapter="vmxnet3"),
+                      NicInfo(mac="00:50:56:01:02:04", network="Backup", adapter="e1000")],
+                cdroms=1)
+    text = render_ovf(vm, [("db-1.vmdk", 100), ("db-2.vmdk", 200)], include_cdrom=True)
+    back = parse_ovf(text)
+    assert back.vm.cpus == 8 and back.vm.memory_mb == 16384
+    assert back.vm.firmware == "efi" and back.vm.secure_boot
+    assert back.vm.guest_os == "rhel9_64Guest"
+    assert [d.capacity_bytes for d in back.vm.disks] == [5 * 2**30, 2**30]
+    assert [d.controller for d in back.vm.disks] == ["scsi", "ide"]
+    assert [d.file for d in back.vm.disks] == ["db-1.vmdk", "db-2.vmdk"]
+    assert [(n.mac, n.network) for n in back.vm.nics] == [
+        ("00:50:56:01:02:03", "Prod"), ("00:50:56:01:02:04", "Backup")]
+    assert back.vm.cdroms == 1
+    assert {f.href: f.size for f in back.files.values()} == {"db-1.vmdk": 100, "db-2.vmdk": 200}
+
+
+def test_sample_ova_is_a_real_ova(tmp_path: Path) -> None:
+    path = make_sample_ova(tmp_path, "s1", size_mib=16)
+    members = ova.read_members(path)
+    assert list(members)[0] == "s1.ovf"  # the descriptor first, as OVF requires
+    disk = members["s1-disk1.vmdk"]
+    assert detect_format(path, offset=disk.offset) == "vmdk"
+    manifest = parse_manifest(ova.read_member(path, members["s1.mf"]).decode())
+    assert set(manifest) == {"s1.ovf", "s1-disk1.vmdk"}
+
+
+@pytest.mark.parametrize("member", ["../evil.vmdk", "/etc/evil.vmdk"])
+def test_ova_with_escaping_member_is_refused(tmp_path: Path, member: str) -> None:
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"x" * 10)
+    bad = tmp_path / "bad.ova"
+    with tarfile.open(bad, "w", format=tarfile.USTAR_FORMAT) as archive:
+        archive.add(payload, arcname="vm.ovf")
+        info = tarfile.TarInfo(member)  # set directly: add() would strip a leading '/'
+        info.size = 10
+        with payload.open("rb") as data:
+            archive.addfile(info, data)
+    with pytest.raises(InvalidRequest, match="escapes the archive"):
+        ova.read_members(bad)
+
+
+def test_ova_with_a_link_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "link.ova"
+    with tarfile.open(bad, "w", format=tarfile.USTAR_FORMAT) as archive:
+        info = tarfile.TarInfo("vm.ovf")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        archive.addfile(info)
+    with pytest.raises(InvalidRequest, match="not a regular file"):
+        ova.read_members(bad)
+
+
+def test_manifest_lines_are_checked() -> None:
+    entries = parse_manifest("SHA256(a.ovf)= ABCD\nSHA1(b.vmdk)=ef01\n")
+    assert entries == {"a.ovf": ("sha256", "abcd"), "b.vmdk": ("sha1", "ef01")}
+    with pytest.raises(VerificationError, match="line 1"):
+        parse_manifest("MD5(a.ovf)= 00\n")
+
+
+def test_confine_refuses_escapes(tmp_path: Path) -> None:
+    root = tmp_path / "exports"
+    root.mkdir()
+    assert confine("vm1", root) == root.resolve() / "vm1"
+    assert confine(root / "a" / "b", root) == root.resolve() / "a" / "b"
+    for escape in ("../elsewhere", "/etc", "a/../../x"):
+        with pytest.raises(PathNotAllowed):
+            confine(escape, root)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, root / "sneaky")
+    with pytest.raises(PathNotAllowed):
+        confine("sneaky/vm", root)
