@@ -1,20 +1,101 @@
-"""The embedded Prefect server hypervisord starts when no PREFECT_API_URL is given:
-`prefect server start` on SQLite, its database beside hypervisord's, UI included."""
+"""The Prefect server hypervisord starts when no PREFECT_API_URL is given: Prefect's own
+server app (API, UI, services) on SQLite, its database beside hypervisord's.
+
+It is served behind one small ASGI middleware, `RetryWhileLocked`. SQLite allows one
+writer; when two requests race, Prefect answers 503 ("database is locked") and its
+client waits 2 s, then 4 s, before trying again, which a single migration can hit
+several times. The middleware replays such a request in the server after a few
+milliseconds instead (the failed transaction was rolled back), and hands the 503 on only
+if the database stays locked. Run as `python -m api.prefect_server --port N`."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from core.errors import ConfigError
 
+Message = dict[str, Any]
+
+
+class RetryWhileLocked:
+    """Replays an HTTP request whose answer is 503, up to `attempts` times."""
+
+    def __init__(self, app: Any, *, attempts: int = 40, delay: float = 0.02,
+                 max_delay: float = 0.25) -> None:
+        self.app = app
+        self.attempts = attempts
+        self.delay = delay
+        self.max_delay = max_delay
+
+    async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        delay = self.delay
+        for attempt in range(self.attempts):
+            if await self._attempt(scope, body, receive, send,
+                                   last=attempt == self.attempts - 1):
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, self.max_delay)
+
+    async def _attempt(self, scope: Message, body: bytes, receive: Any, send: Any, *,
+                       last: bool) -> bool:
+        """One run of the app; False when it answered 503 and should be replayed."""
+        delivered = False
+        state = {"replay": False, "passing": False}
+
+        async def replayed_receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for the client to disconnect
+
+        async def filtered_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["replay"] = message["status"] == 503 and not last
+                state["passing"] = not state["replay"]
+            if state["passing"]:
+                await send(message)
+
+        try:
+            # routing writes into the scope it is given: every attempt gets a fresh copy
+            await self.app(dict(scope), replayed_receive, filtered_send)
+        except Exception:
+            # Starlette re-raises after its handler has sent the 503; a replay absorbs it
+            if not state["replay"]:
+                raise
+        return not state["replay"]
+
+
+def serve(host: str, port: int, log_level: str) -> None:
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    app = create_app(final=True, webserver_only=False)
+    uvicorn.run(RetryWhileLocked(app), host=host, port=port, log_level=log_level,
+                timeout_keep_alive=5)
+
 
 class EmbeddedPrefect:
+    """The server as a child process of hypervisord."""
+
     def __init__(self, *, data_dir: Path, port: int, log_file: Path) -> None:
         self.data_dir = data_dir
         self.port = port
@@ -46,10 +127,11 @@ class EmbeddedPrefect:
             "PREFECT_API_DATABASE_CONNECTION_URL":
                 f"sqlite+aiosqlite:///{self.data_dir / 'prefect.db'}",
             "PREFECT_UI_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         })
         log = self.log_file.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+            [sys.executable, "-m", "api.prefect_server", "--host", "127.0.0.1",
              "--port", str(self.port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
@@ -73,3 +155,16 @@ class EmbeddedPrefect:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m api.prefect_server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4200)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args()
+    serve(args.host, args.port, args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -60,12 +60,13 @@ def wait_until(check, *, timeout: float, interval: float = 0.25, what: str = "co
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[str]:
-    """`prefect server start` on a free port, SQLite in the session's temp dir."""
+    """Prefect's server on a free port, SQLite in the session's temp dir, launched the way
+    hypervisord launches its embedded one (api/prefect_server.py)."""
     log = (SESSION_DIR / "prefect-server.log").open("wb")
     env = dict(os.environ, PREFECT_API_DATABASE_CONNECTION_URL=(
         f"sqlite+aiosqlite:///{SESSION_DIR / 'prefect.db'}"))
     process = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+        [sys.executable, "-m", "api.prefect_server", "--host", "127.0.0.1", "--port",
          str(PREFECT_PORT)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = os.environ["PREFECT_API_URL"]
 
