@@ -1,5 +1,6 @@
 """migrate-vm: validate → export → transfer → convert → register → report."""
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +49,10 @@ def remove_partials(flow: Any, flow_run: FlowRun, state: State) -> None:
         return
     for folder in folders:
         for leftover in folder.glob(".*.partial") if folder.is_dir() else []:
-            leftover.unlink(missing_ok=True)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 

@@ -169,7 +169,8 @@ class LocalProvider(Provider):
         written: list[Path],
     ) -> None:
         """A bare disk exported as OVF/OVA: a streamOptimized VMDK, a descriptor, a manifest."""
-        with tempfile.TemporaryDirectory(dir=dest, prefix=".export-") as work:
+        # named like a partial file, so a cancelled job's cleanup finds it
+        with tempfile.TemporaryDirectory(dir=dest, prefix=".export-", suffix=".partial") as work:
             staging = Path(work)
             vmdk = staging / f"{vm.name}-disk1.vmdk"
             capacity = vm.disks[0].capacity_bytes
