@@ -36,6 +36,19 @@ def _role(path: Path) -> str:
     )
 
 
+def _described(source: Path) -> VMInfo | None:
+    """The VM an OVA, an OVF file or an OVF folder describes; None for a bare disk."""
+    if source.suffix == ".ova":
+        members = ova.read_members(source)
+        descriptor = next(m for name, m in members.items() if name.endswith(".ovf"))
+        return parse_ovf(ova.read_member(source, descriptor)).vm
+    if source.suffix == ".ovf":
+        return parse_ovf(source.read_bytes()).vm
+    if source.is_dir():
+        return parse_ovf(next(source.glob("*.ovf")).read_bytes()).vm
+    return None
+
+
 class LocalProvider(Provider):
     name = "local"
     config: LocalProviderConfig
@@ -74,12 +87,9 @@ class LocalProvider(Provider):
 
     def get_vm(self, identifier: str) -> VMInfo:
         source = self._source(identifier)
-        if source.suffix == ".ova":
-            members = ova.read_members(source)
-            descriptor = next(m for name, m in members.items() if name.endswith(".ovf"))
-            vm = parse_ovf(ova.read_member(source, descriptor)).vm
-        elif source.is_dir():
-            vm = parse_ovf(next(source.glob("*.ovf")).read_bytes()).vm
+        described = _described(source)
+        if described:
+            vm = described
         else:
             facts = qemu_img.info(source)
             vm = VMInfo(
@@ -108,6 +118,11 @@ class LocalProvider(Provider):
             for path in written:
                 path.unlink(missing_ok=True)
             raise
+        # what was written, as its own descriptor tells (a packaged disk is a VMDK now)
+        container = next((p for p in written if p.suffix in (".ova", ".ovf")), None)
+        exported = _described(container) if container else None
+        if exported:
+            vm = exported.model_copy(update={"identifier": identifier, "provider": self.name})
         files = [
             ExportedFile(path=path, size=path.stat().st_size, role=_role(path))  # type: ignore[arg-type]
             for path in written

@@ -72,6 +72,19 @@ def domain_facts(name: str) -> dict:
     }
 
 
+def start_and_stop(name: str) -> bool:
+    """Start the domain under QEMU for real (TCG here), then stop it: was it running?"""
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        domain = conn.lookupByName(name)
+        domain.create()
+        running = bool(domain.isActive())
+        domain.destroy()
+        return running
+    finally:
+        conn.close()
+
+
 def domain_defined(name: str) -> bool:
     conn = libvirt.open(LIBVIRT_URI)
     try:

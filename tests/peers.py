@@ -24,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="hypersdk-tests-"))
+SESSION_DIR.chmod(0o755)  # qemu, started by libvirt as its own user, must reach the disks
 LIBVIRT_URI = "qemu:///system"
 # The seed's integration script exports to /tmp/exports/<vm>: the test daemon's
 # export.base_path is that folder, so the script runs unchanged.

@@ -82,3 +82,15 @@ def test_hypervisord_refuses_a_bad_file_with_exit_2(tmp_path: Path) -> None:
     done = subprocess.run([str(BIN / "hypervisord"), "--config", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "cannot read config" in done.stderr
+
+
+def test_only_transient_export_failures_are_retried() -> None:
+    from prefect.states import Failed
+
+    from core.errors import AuthFailed, NotFound, Transient
+    from tasks.export import only_transient
+
+    assert only_transient(None, None, Failed(data=Transient("connection reset")))
+    assert only_transient(None, None, Failed(data=TimeoutError("slow")))
+    assert not only_transient(None, None, Failed(data=NotFound("gone")))
+    assert not only_transient(None, None, Failed(data=AuthFailed("bad password")))

@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hyper2kvm import qemu_img
+from hyper2kvm import ova, qemu_img
+from hyper2kvm.detect import detect_format
+from hyper2kvm.sample import make_disk
 from tests.helpers import (
     domain_defined,
     domain_facts,
@@ -20,6 +22,7 @@ from tests.helpers import (
     make_truncated_ova,
     qemu_img_running_on,
     source_disk_as_raw,
+    start_and_stop,
 )
 from tests.peers import Daemon, unique, wait_for_job, wait_until
 
@@ -58,6 +61,7 @@ def test_migration_through_the_api_defines_a_matching_domain(
     assert facts["vcpus"] == 2 and facts["memory_kib"] == 256 * 1024
     assert facts["disks"] == [str(disk)] and facts["macs"] == ["52:54:00:ab:cd:ef"]
     assert facts["machine"].startswith("pc-q35") or facts["machine"] == "q35"
+    assert start_and_stop(sample_vm), "the migrated domain does not start"
     # progress moved through the phases and ended at 100 %
     phases = [p["phase"] for p in seen]
     assert seen[-1]["percentage"] == 100.0
@@ -114,6 +118,27 @@ def test_list_filters_and_info(api: httpx.Client, sample_vm: str) -> None:
     assert info["nics"][0]["mac"] == "52:54:00:ab:cd:ef"
     missing = api.get("/vms/info", params={"identifier": "no-such-vm", "provider": "local"})
     assert missing.status_code == 404 and "no-such-vm" in missing.json()["message"]
+
+
+def test_bare_disk_is_packaged_as_an_ova_and_migrated(
+    api: httpx.Client, daemon: Daemon, tmp_path: Path
+) -> None:
+    name = unique()
+    raw = tmp_path / "disk.raw"
+    make_disk(raw, size_mib=24, hostname=name)
+    qemu_img.convert(qemu_img.DiskSource(raw, "raw"), daemon.inbox / f"{name}.qcow2",
+                     output_format="qcow2")
+    info = api.get("/vms/info", params={"identifier": name}).json()
+    assert info["disks"][0]["format"] == "qcow2"
+    assert info["disks"][0]["capacity_bytes"] == 24 * 2**20
+    job_id = submit(api, vm_identifier=name, export_method="ova")
+    info = wait_for_job(api, job_id)
+    assert info["status"] == "completed", info["error"]
+    packaged = daemon.exports / name / f"{name}.ova"
+    members = ova.read_members(packaged)
+    assert list(members) == [f"{name}.ovf", f"{name}-disk1.vmdk", f"{name}.mf"]
+    assert detect_format(packaged, offset=members[f"{name}-disk1.vmdk"].offset) == "vmdk"
+    assert qemu_img.compare(raw, Path(info["result"]["disks"][0]["path"]))
 
 
 def test_export_only_and_ovf_method(api: httpx.Client, daemon: Daemon, sample_vm: str) -> None:

@@ -1,0 +1,66 @@
+"""Domain XML defined for real in libvirt (qemu:///system), BIOS and UEFI."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from core.errors import RegistrationError
+from core.models import DiskInfo, NicInfo, VMInfo
+from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml
+from hyper2kvm.registration import define_domain, undefine_domain
+from tests.peers import unique
+
+
+def _vm(name: str, firmware: str, secure_boot: bool = False) -> VMInfo:
+    return VMInfo(identifier=name, name=name, provider="local", cpus=3, memory_mb=768,
+                  firmware=firmware, secure_boot=secure_boot,  # type: ignore[arg-type]
+                  disks=[DiskInfo(name="a", capacity_bytes=2**20),
+                         DiskInfo(name="b", capacity_bytes=2**20)],
+                  nics=[NicInfo(mac="52:54:00:00:00:01", network="Prod"),
+                        NicInfo(mac="52:54:00:00:00:02", network="Lab")])
+
+
+@pytest.mark.parametrize(("firmware", "secure_boot"), [("bios", False), ("efi", False),
+                                                       ("efi", True)])
+def test_domain_defines_in_libvirt(libvirt_uri: str, tmp_path: Path, firmware: str,
+                                   secure_boot: bool) -> None:
+    name = unique()
+    disks = [DomainDisk(tmp_path / "a.qcow2", "qcow2"), DomainDisk(tmp_path / "b.raw", "raw")]
+    xml = domain_xml(_vm(name, firmware, secure_boot), disks, domain_type="qemu",
+                     networks=NetworkMap(default="user", by_source={}))
+    registered = define_domain(libvirt_uri, xml, name=name, autostart=True, replace=False)
+    try:
+        conn = libvirt.open(libvirt_uri)
+        domain = conn.lookupByName(name)
+        defined = ET.fromstring(domain.XMLDesc(0))
+        assert domain.UUIDString() == registered.uuid and registered.autostart
+        assert domain.autostart() == 1
+        assert defined.findtext("vcpu") == "3"
+        assert int(defined.findtext("memory") or 0) == 768 * 1024
+        assert [d.find("target").get("dev") for d in defined.findall("devices/disk")] == [
+            "vda", "vdb"]
+        assert [d.find("driver").get("type") for d in defined.findall("devices/disk")] == [
+            "qcow2", "raw"]
+        assert [m.get("address") for m in defined.findall("devices/interface/mac")] == [
+            "52:54:00:00:00:01", "52:54:00:00:00:02"]
+        assert defined.find("os/type").get("machine").startswith("pc-q35")
+        if firmware == "efi":  # libvirt picks the OVMF build when the domain starts
+            assert defined.find("os").get("firmware") == "efi"
+            feature = defined.find("os/firmware/feature[@name='secure-boot']")
+            assert feature.get("enabled") == ("yes" if secure_boot else "no")
+            assert (defined.find("features/smm") is not None) is secure_boot
+        else:
+            assert defined.find("os").get("firmware") is None
+        assert defined.find("devices/channel/target").get("name") == "org.qemu.guest_agent.0"
+        assert defined.find("devices/rng") is not None
+        with pytest.raises(RegistrationError, match="already exists"):
+            define_domain(libvirt_uri, xml, name=name, autostart=False, replace=False)
+        again = define_domain(libvirt_uri, xml, name=name, autostart=False, replace=True)
+        assert again.name == name and not again.autostart
+        conn.close()
+    finally:
+        assert undefine_domain(libvirt_uri, name)
