@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 CHUNK = 4 * 1024 * 1024
 
@@ -15,12 +16,35 @@ def partial_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.partial")
 
 
-def copy_file(src: Path, dst: Path, *, progress: Callable[[int], None] | None = None) -> None:
-    """Copy through a partial file renamed at the end."""
+def iter_chunks(reader: BinaryIO, length: int | None = None) -> Iterator[bytes]:
+    """The stream's bytes in chunks: all of them, or exactly `length` (EOFError if fewer)."""
+    remaining = length
+    while remaining is None or remaining > 0:
+        chunk = reader.read(CHUNK if remaining is None else min(CHUNK, remaining))
+        if not chunk:
+            if remaining:
+                raise EOFError(f"{remaining} bytes missing at the end")
+            return
+        if remaining is not None:
+            remaining -= len(chunk)
+        yield chunk
+
+
+def copy_file(
+    src: Path,
+    dst: Path,
+    *,
+    offset: int = 0,
+    length: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Copy `src` (or `length` bytes of it from `offset`) through a partial file renamed
+    at the end."""
     partial = partial_path(dst)
     try:
         with src.open("rb") as reader, partial.open("wb") as writer:
-            while chunk := reader.read(CHUNK):
+            reader.seek(offset)
+            for chunk in iter_chunks(reader, length):
                 writer.write(chunk)
                 if progress:
                     progress(len(chunk))

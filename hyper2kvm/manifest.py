@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from core.errors import VerificationError
+from core.files import iter_chunks
 
 _LINE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-fA-F]+)\s*$")
-CHUNK = 4 * 1024 * 1024
 
 
 def parse_manifest(text: str) -> dict[str, tuple[str, str]]:
@@ -42,18 +42,13 @@ def digest_stream(
 ) -> str:
     """Hash a stream (up to `length` bytes), reporting bytes as it goes."""
     hasher = hashlib.new(algorithm)
-    remaining = length
-    while remaining is None or remaining > 0:
-        chunk = stream.read(CHUNK if remaining is None else min(CHUNK, remaining))
-        if not chunk:
-            break
-        hasher.update(chunk)
-        if remaining is not None:
-            remaining -= len(chunk)
-        if progress:
-            progress(len(chunk))
-    if remaining:
-        raise VerificationError(f"stream ended {remaining} bytes early")
+    try:
+        for chunk in iter_chunks(stream, length):
+            hasher.update(chunk)
+            if progress:
+                progress(len(chunk))
+    except EOFError as exc:
+        raise VerificationError(f"file too short: {exc}") from None
     return hasher.hexdigest()
 
 

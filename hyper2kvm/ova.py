@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from core.errors import InvalidRequest
-from core.files import partial_path
+from core.files import copy_file, partial_path
 
 CHUNK = 4 * 1024 * 1024
 
@@ -54,23 +54,10 @@ def extract_member(
     ova: Path, member: Member, target: Path, progress: Callable[[int], None] | None = None
 ) -> None:
     """Copy one member out to `target` (written as a partial file, renamed when done)."""
-    partial = partial_path(target)
     try:
-        with ova.open("rb") as src, partial.open("wb") as dst:
-            src.seek(member.offset)
-            remaining = member.size
-            while remaining:
-                chunk = src.read(min(CHUNK, remaining))
-                if not chunk:
-                    raise InvalidRequest(f"{ova.name}: member {member.name} is truncated")
-                dst.write(chunk)
-                remaining -= len(chunk)
-                if progress:
-                    progress(len(chunk))
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        copy_file(ova, target, offset=member.offset, length=member.size, progress=progress)
+    except (OSError, EOFError) as exc:
+        raise InvalidRequest(f"{ova.name}: member {member.name} cannot be read: {exc}") from None
 
 
 class _Counting:

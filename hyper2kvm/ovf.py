@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from pathlib import Path
 
 from core.errors import InvalidRequest
 from core.models import DiskInfo, NicInfo, VMInfo
@@ -292,3 +293,19 @@ def render_ovf(
         boot.set(f"{{{VMW_NS}}}value", "true")
     ET.indent(envelope)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(envelope, encoding="unicode")
+
+
+def write_descriptor(folder: Path, vm: VMInfo, vmdks: list[Path], *,
+                     include_cdrom: bool = False) -> list[Path]:
+    """Write `<vm>.ovf` and `<vm>.mf` beside `vmdks` (one per disk of `vm`, in order);
+    returns the package's files, descriptor first, ready for an OVA."""
+    from hyper2kvm.manifest import digest_file, render_manifest
+
+    disks = [d.model_copy(update={"file": f.name}) for d, f in zip(vm.disks, vmdks, strict=True)]
+    ovf = folder / f"{vm.name}.ovf"
+    ovf.write_text(render_ovf(vm.model_copy(update={"disks": disks}),
+                              [(f.name, f.stat().st_size) for f in vmdks],
+                              include_cdrom=include_cdrom))
+    manifest = folder / f"{vm.name}.mf"
+    manifest.write_text(render_manifest((f.name, digest_file(f)) for f in (ovf, *vmdks)))
+    return [ovf, *vmdks, manifest]

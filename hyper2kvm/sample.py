@@ -9,10 +9,8 @@ import tempfile
 from pathlib import Path
 
 from core.models import DiskInfo, NicInfo, VMInfo
-from hyper2kvm import ova
-from hyper2kvm.manifest import digest_file, render_manifest
-from hyper2kvm.ovf import render_ovf
-from hyper2kvm.qemu_img import QEMU_IMG
+from hyper2kvm import ova, qemu_img
+from hyper2kvm.ovf import write_descriptor
 
 MIB = 1024 * 1024
 
@@ -59,8 +57,8 @@ def make_sample_ova(
         raw = staging / "disk.raw"
         make_disk(raw, size_mib=size_mib, random_mib=random_mib, hostname=name)
         vmdk = staging / f"{name}-disk1.vmdk"
-        _run(QEMU_IMG, "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
-             str(raw), str(vmdk))
+        qemu_img.convert(qemu_img.DiskSource(raw, "raw"), vmdk, output_format="vmdk",
+                         subformat="streamOptimized")
         raw.unlink()
         vm = VMInfo(
             identifier=name, name=name, provider="local", cpus=cpus, memory_mb=memory_mb,
@@ -69,10 +67,6 @@ def make_sample_ova(
             disks=[DiskInfo(name="vmdisk1", capacity_bytes=size_mib * MIB, file=vmdk.name)],
             nics=[NicInfo(mac=mac, network="VM Network", adapter="vmxnet3")],
         )
-        ovf = staging / f"{name}.ovf"
-        ovf.write_text(render_ovf(vm, [(vmdk.name, vmdk.stat().st_size)]))
-        manifest = staging / f"{name}.mf"
-        manifest.write_text(render_manifest((f.name, digest_file(f)) for f in (ovf, vmdk)))
         target = directory / f"{name}.ova"
-        ova.write_ova(target, [ovf, vmdk, manifest])
+        ova.write_ova(target, write_descriptor(staging, vm, [vmdk]))
     return target

@@ -20,8 +20,7 @@ from core.models import (
     VMSummary,
 )
 from hyper2kvm import ova, qemu_img
-from hyper2kvm.manifest import digest_file, render_manifest
-from hyper2kvm.ovf import parse_ovf, render_ovf
+from hyper2kvm.ovf import parse_ovf, write_descriptor
 from providers.base import BytesProgress, ExportMethod, Provider
 
 DISK_SUFFIXES = {".vmdk": "vmdk", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw",
@@ -195,16 +194,8 @@ class LocalProvider(Provider):
                 output_format="vmdk", subformat="streamOptimized",
                 progress=qemu_img.bytes_progress(capacity, progress) if progress else None,
             )
-            ovf = staging / f"{vm.name}.ovf"
-            disk = vm.disks[0].model_copy(update={"file": vmdk.name})
-            ovf.write_text(
-                render_ovf(vm.model_copy(update={"disks": [disk]}),
-                           [(vmdk.name, vmdk.stat().st_size)],
-                           include_cdrom=not options.remove_cdrom)
-            )
-            manifest = staging / f"{vm.name}.mf"
-            manifest.write_text(render_manifest((f.name, digest_file(f)) for f in (ovf, vmdk)))
-            parts = [ovf, vmdk, manifest]
+            parts = write_descriptor(staging, vm, [vmdk],
+                                     include_cdrom=not options.remove_cdrom)
             if method == "ova":
                 target = dest / f"{vm.name}.ova"
                 written.append(target)

@@ -11,8 +11,7 @@ from pathlib import Path
 import libvirt
 
 from hyper2kvm import ova, qemu_img
-from hyper2kvm.manifest import digest_file, render_manifest
-from hyper2kvm.ovf import parse_ovf, render_ovf
+from hyper2kvm.ovf import parse_ovf, write_descriptor
 from hyper2kvm.sample import make_sample_ova
 from tests.peers import LIBVIRT_URI
 
@@ -39,12 +38,8 @@ def make_truncated_ova(folder: Path, name: str) -> Path:
         vmdk = scratch / f"{name}-disk1.vmdk"
         data = ova.read_member(good, members[vmdk.name])
         vmdk.write_bytes(data[: len(data) // 2])
-        ovf = scratch / f"{name}.ovf"
-        ovf.write_text(render_ovf(vm, [(vmdk.name, vmdk.stat().st_size)]))
-        manifest = scratch / f"{name}.mf"
-        manifest.write_text(render_manifest((f.name, digest_file(f)) for f in (ovf, vmdk)))
         target = folder / f"{name}.ova"
-        ova.write_ova(target, [ovf, vmdk, manifest])
+        ova.write_ova(target, write_descriptor(scratch, vm, [vmdk]))
     return target
 
 
