@@ -13,7 +13,6 @@ from typing import BinaryIO
 from core.errors import InvalidRequest
 from core.files import copy_file, partial_path
 
-CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
