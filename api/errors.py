@@ -12,10 +12,12 @@ from starlette.exceptions import HTTPException
 from core.errors import (
     AuthFailed,
     Conflict,
+    DomainExists,
     HypersdkError,
     InvalidRequest,
     JobNotFound,
     NotFound,
+    RegistrationError,
     Transient,
     Unsupported,
 )
@@ -24,6 +26,8 @@ logger = logging.getLogger("hypervisord.api")
 
 _STATUS: list[tuple[type[HypersdkError], int]] = [
     (Conflict, 409),
+    (DomainExists, 409),
+    (RegistrationError, 502),
     (JobNotFound, 404),
     (NotFound, 404),
     (InvalidRequest, 422),

@@ -10,7 +10,7 @@ from prefect.client.orchestration import get_client
 
 from api.errors import install_error_handlers
 from api.jobs import Jobs
-from api.routes import health, jobs, vms
+from api.routes import convert, health, jobs, vms
 from core.config import Config
 from hyper2kvm import __version__
 
@@ -32,6 +32,6 @@ def create_app(settings: Config, *, deployment: str = MIGRATE_DEPLOYMENT) -> Fas
     )
     app.state.settings = settings
     install_error_handlers(app)
-    for module in (health, vms, jobs):
+    for module in (health, vms, jobs, convert):
         app.include_router(module.router)
     return app

@@ -14,6 +14,7 @@
     ├── VerificationError      a file's checksum or size is not what the manifest says
     ├── ConversionError        qemu-img refused or failed
     └── RegistrationError      libvirt refused the domain
+        └── DomainExists       a domain of that name is already defined
 
 Tasks retry `Transient` only; the API maps the tree to status codes in one handler.
 """
@@ -75,6 +76,10 @@ class ConversionError(HypersdkError):
 
 class RegistrationError(HypersdkError):
     """libvirt refused to define or start the domain."""
+
+
+class DomainExists(RegistrationError):
+    """A libvirt domain of that name is already defined."""
 
 
 def is_transient(exc: BaseException) -> bool:

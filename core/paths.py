@@ -24,6 +24,19 @@ def confine(path: str | os.PathLike[str], root: Path, *, what: str = "path") -> 
     return resolved
 
 
+def confine_any(path: str | os.PathLike[str], roots: list[Path], *, what: str = "path") -> Path:
+    """`path` resolved and inside one of `roots` (an absolute path is required)."""
+    if not Path(path).is_absolute():
+        raise PathNotAllowed(f"{what} {str(path)!r} must be absolute")
+    for root in roots:
+        try:
+            return confine(path, root, what=what)
+        except PathNotAllowed:
+            continue
+    allowed = ", ".join(str(r) for r in roots)
+    raise PathNotAllowed(f"{what} {str(path)!r} is outside the configured roots ({allowed})")
+
+
 def safe_name(name: str) -> str:
     """A file-system-safe form of a VM name."""
     cleaned = _SAFE_NAME.sub("_", name).strip("._")

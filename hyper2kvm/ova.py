@@ -14,7 +14,6 @@ from core.errors import InvalidRequest
 from core.files import copy_file, partial_path
 
 
-
 @dataclass(frozen=True)
 class Member:
     """A file inside an OVA: where its bytes are, without extracting it."""

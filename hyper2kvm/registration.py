@@ -9,7 +9,7 @@ from functools import cache
 
 import libvirt
 
-from core.errors import RegistrationError
+from core.errors import DomainExists, RegistrationError
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def define_domain(uri: str, xml: str, *, name: str, autostart: bool, replace: bo
             existing = None
         if existing is not None:
             if not replace:
-                raise RegistrationError(f"a libvirt domain named {name!r} already exists")
+                raise DomainExists(f"a libvirt domain named {name!r} already exists")
             if existing.isActive():
                 raise RegistrationError(f"domain {name!r} is running; stop it before replacing")
             existing.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)

@@ -322,3 +322,45 @@ def test_malformed_json_and_unknown_jobs(api: httpx.Client) -> None:
         answer = api.get("/jobs/query", params={"job_id": job_id})
         assert answer.status_code == 404
         assert api.post("/jobs/cancel", json={"job_id": job_id}).status_code == 404
+
+
+def test_parse_vmdk_endpoint_reads_in_place_and_stays_in_its_roots(
+    api: httpx.Client, daemon: Daemon, sample_vm: str
+) -> None:
+    ova_path = daemon.inbox / f"{sample_vm}.ova"
+    parsed = api.get("/parse-vmdk", params={"path": str(ova_path)}).json()
+    disk = parsed["disks"][f"{sample_vm}-disk1.vmdk"]
+    assert disk["create_type"] == "streamOptimized" and disk["capacity_bytes"] == 32 * 2**20
+    assert disk["header"]["compression"] == "deflate"
+    for bad in ("/etc/passwd", str(daemon.inbox / ".." / ".." / "x.vmdk"), "relative.vmdk"):
+        answer = api.get("/parse-vmdk", params={"path": bad})
+        assert answer.status_code == 422, answer.text
+    missing = api.get("/parse-vmdk", params={"path": str(daemon.inbox / "nope.vmdk")})
+    assert missing.status_code == 422 and "not a file" in missing.json()["message"]
+
+
+def test_import_to_kvm_defines_a_domain_around_a_disk(
+    api: httpx.Client, daemon: Daemon, tmp_path: Path
+) -> None:
+    name = unique()
+    folder = daemon.images / name
+    folder.mkdir(parents=True)
+    disk = folder / "disk.qcow2"
+    raw = tmp_path / "d.raw"
+    make_disk(raw, size_mib=16)
+    qemu_img.convert(qemu_img.DiskSource(raw, "raw"), disk, output_format="qcow2")
+    body = {"vm_name": name, "disk_path": str(disk), "memory_mb": 512, "vcpus": 2,
+            "network": "user", "autostart": True}
+    answer = api.post("/import-to-kvm", json=body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["vm_name"] == name and result["autostart"] and result["format"] == "qcow2"
+    facts = domain_facts(name)
+    assert facts["vcpus"] == 2 and facts["memory_kib"] == 512 * 1024
+    assert facts["disks"] == [str(disk)]
+    again = api.post("/import-to-kvm", json=body)
+    assert again.status_code == 409 and "already exists" in again.json()["message"]
+    outside = api.post("/import-to-kvm", json={**body, "disk_path": "/etc/hostname"})
+    assert outside.status_code == 422
+    bad_name = api.post("/import-to-kvm", json={**body, "vm_name": "a b/c"})
+    assert bad_name.status_code == 422

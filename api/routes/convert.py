@@ -1,0 +1,89 @@
+"""The converter's own endpoints: parse a VMDK, import a disk into libvirt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import Field
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ApiKeyDep, SettingsDep
+from api.schemas import Body
+from core.config import Config
+from core.errors import InvalidRequest
+from core.models import NicInfo, VMInfo
+from core.paths import confine_any, safe_name
+from hyper2kvm import ova
+from hyper2kvm.detect import detect_format
+from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml, pick_domain_type
+from hyper2kvm.registration import define_domain
+from hyper2kvm.vmdk import parse_vmdk
+
+router = APIRouter(tags=["convert"], dependencies=[ApiKeyDep])
+
+
+def allowed_roots(settings: Config) -> list[Path]:
+    """Where the converter endpoints may read: exports, converted images, the local inbox."""
+    roots = [settings.export.base_path, settings.hyper2kvm.output_dir]
+    if settings.providers.local:
+        roots.append(settings.providers.local.path)
+    return roots
+
+
+class ImportRequest(Body):
+    vm_name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    disk_path: str
+    memory_mb: int = Field(default=2048, ge=64, le=4 * 1024 * 1024)
+    vcpus: int = Field(default=2, ge=1, le=512)
+    network: str = "default"
+    autostart: bool = False
+    firmware: str = Field(default="bios", pattern="^(bios|efi)$")
+    replace: bool = False
+
+
+def _parse(settings: Config, path: str) -> dict[str, Any]:
+    file = confine_any(path, allowed_roots(settings), what="path")
+    if not file.is_file():
+        raise InvalidRequest(f"{path} is not a file")
+    if file.suffix == ".ova":
+        members = ova.read_members(file)
+        disks = {name: parse_vmdk(file, offset=m.offset, size=m.size).as_dict()
+                 for name, m in members.items() if name.endswith(".vmdk")}
+        return {"path": str(file), "ova": True, "disks": disks}
+    return {"path": str(file), **parse_vmdk(file).as_dict()}
+
+
+def _import(settings: Config, body: ImportRequest) -> dict[str, Any]:
+    disk = confine_any(body.disk_path, allowed_roots(settings), what="disk_path")
+    if not disk.is_file():
+        raise InvalidRequest(f"disk_path {body.disk_path} is not a file")
+    fmt = detect_format(disk)
+    if fmt not in ("qcow2", "raw"):
+        raise InvalidRequest(f"{disk.name} is {fmt}; convert it to qcow2 or raw first")
+    vm = VMInfo(identifier=body.vm_name, name=body.vm_name, provider="local",
+                cpus=body.vcpus, memory_mb=body.memory_mb,
+                firmware=body.firmware,  # type: ignore[arg-type]
+                nics=[NicInfo(network=body.network)])
+    h2k = settings.hyper2kvm
+    xml = domain_xml(vm, [DomainDisk(disk, fmt)], name=safe_name(body.vm_name),  # type: ignore[arg-type]
+                     domain_type=pick_domain_type(h2k.domain_type),
+                     networks=NetworkMap(default=body.network))
+    registered = define_domain(h2k.libvirt_uri, xml, name=safe_name(body.vm_name),
+                               autostart=body.autostart, replace=body.replace)
+    return {"vm_name": registered.name, "uuid": registered.uuid, "uri": registered.uri,
+            "autostart": registered.autostart, "disk_path": str(disk), "format": fmt}
+
+
+@router.get("/parse-vmdk")
+async def parse_vmdk_metadata(settings: SettingsDep,
+                              path: Annotated[str, Query(min_length=1)]) -> dict[str, Any]:
+    """The VMDK's descriptor, sparse header and extents (every VMDK of an OVA)."""
+    return await run_in_threadpool(_parse, settings, path)
+
+
+@router.post("/import-to-kvm")
+async def import_to_kvm(body: ImportRequest, settings: SettingsDep) -> dict[str, Any]:
+    """Define a libvirt domain around an existing qcow2 or raw disk."""
+    return await run_in_threadpool(_import, settings, body)
