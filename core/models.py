@@ -152,6 +152,7 @@ class ConvertedDisk(Strict):
     virtual_size: int
     actual_size: int
     seconds: float
+    verified: str | None = None  # the source checksum algorithm checked during conversion
 
 
 class MigrationResult(Strict):

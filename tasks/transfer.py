@@ -1,125 +1,13 @@
-"""The transfer step: check what the export wrote against its descriptor and manifest,
-and stage each disk for conversion where it lies (OVA members are read in place).
-
-Small files (the descriptor) are hashed here. A disk's SHA-256 is checked by the
-convert step while qemu-img reads the same bytes, so the data is read from disk once."""
+"""The transfer step: verify what the export wrote and stage its disks for conversion
+(hyper2kvm.staging does the work)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger, task
-from pydantic import BaseModel, ConfigDict
 
-from core.errors import VerificationError
-from core.models import DiskInfo, ExportResult, VMInfo
-from hyper2kvm import ova
-from hyper2kvm.detect import detect_format
-from hyper2kvm.manifest import digest_file, parse_manifest
-from hyper2kvm.ovf import parse_ovf
-from hyper2kvm.qemu_img import DiskSource
+from core.models import ExportResult
+from hyper2kvm.staging import StagedVM, stage_export
 from tasks.progress import JobProgress
-
-
-class StagedDisk(BaseModel):
-    """One disk ready to convert: where its bytes are and what they must hash to."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    disk: DiskInfo
-    path: Path
-    format: str
-    offset: int = 0
-    size: int
-    algorithm: str | None = None
-    digest: str | None = None
-
-    def source(self) -> DiskSource:
-        in_container = self.offset > 0
-        return DiskSource(self.path, self.format, self.offset,
-                          self.size if in_container else None)
-
-
-class StagedVM(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    vm: VMInfo
-    disks: list[StagedDisk]
-    verified: dict[str, str]  # file name → digest checked here
-
-
-def _check(name: str, actual: str, expected: tuple[str, str]) -> None:
-    if actual != expected[1]:
-        raise VerificationError(
-            f"{name}: {expected[0].upper()} {actual} does not match the manifest's {expected[1]}"
-        )
-
-
-def _stage_ova(path: Path, vm: VMInfo) -> StagedVM:
-    members = ova.read_members(path)
-    descriptor_name = next(name for name in members if name.endswith(".ovf"))
-    descriptor = parse_ovf(ova.read_member(path, members[descriptor_name]))
-    manifest_name = next((name for name in members if name.endswith(".mf")), None)
-    manifest = (parse_manifest(ova.read_member(path, members[manifest_name]).decode())
-                if manifest_name else {})
-    verified: dict[str, str] = {}
-    if descriptor_name in manifest:
-        member = members[descriptor_name]
-        algorithm = manifest[descriptor_name][0]
-        actual = digest_file(path, algorithm=algorithm, offset=member.offset, length=member.size)
-        _check(descriptor_name, actual, manifest[descriptor_name])
-        verified[descriptor_name] = actual
-    sizes = {f.href: f.size for f in descriptor.files.values()}
-    disks = []
-    for disk in vm.disks:
-        if not disk.file or disk.file not in members:
-            raise VerificationError(f"{path.name}: disk file {disk.file!r} is not in the archive")
-        member = members[disk.file]
-        if sizes.get(disk.file) not in (None, member.size):
-            raise VerificationError(f"{disk.file}: {member.size} bytes, the OVF says "
-                                    f"{sizes[disk.file]}")
-        expected = manifest.get(disk.file)
-        disks.append(StagedDisk(
-            disk=disk, path=path, format=detect_format(path, offset=member.offset),
-            offset=member.offset, size=member.size,
-            algorithm=expected[0] if expected else None, digest=expected[1] if expected else None,
-        ))
-    return StagedVM(vm=vm, disks=disks, verified=verified)
-
-
-def _stage_files(export: ExportResult) -> StagedVM:
-    vm = export.vm
-    by_name = {f.path.name: f for f in export.files}
-    manifest_file = next((f for f in export.files if f.role == "manifest"), None)
-    manifest = parse_manifest(manifest_file.path.read_text()) if manifest_file else {}
-    verified: dict[str, str] = {}
-    descriptor = next((f for f in export.files if f.role == "ovf"), None)
-    sizes: dict[str, int | None] = {}
-    if descriptor:
-        sizes = {f.href: f.size for f in parse_ovf(descriptor.path.read_bytes()).files.values()}
-        if descriptor.path.name in manifest:
-            expected = manifest[descriptor.path.name]
-            actual = digest_file(descriptor.path, algorithm=expected[0])
-            _check(descriptor.path.name, actual, expected)
-            verified[descriptor.path.name] = actual
-    disk_files = [f for f in export.files if f.role == "disk"]
-    disks = []
-    for index, disk in enumerate(vm.disks):
-        exported = by_name.get(disk.file or "") or (
-            disk_files[index] if index < len(disk_files) else None)
-        if exported is None or not exported.path.is_file():
-            raise VerificationError(f"disk file {disk.file!r} was not exported")
-        size = exported.path.stat().st_size
-        if size != exported.size or sizes.get(exported.path.name) not in (None, size):
-            raise VerificationError(f"{exported.path.name}: {size} bytes, expected "
-                                    f"{sizes.get(exported.path.name) or exported.size}")
-        checksum = manifest.get(exported.path.name) or (
-            ("sha256", exported.sha256) if exported.sha256 else None)
-        disks.append(StagedDisk(
-            disk=disk, path=exported.path, format=detect_format(exported.path), size=size,
-            algorithm=checksum[0] if checksum else None, digest=checksum[1] if checksum else None,
-        ))
-    return StagedVM(vm=vm, disks=disks, verified=verified)
 
 
 @task(name="transfer", persist_result=True)
@@ -127,10 +15,7 @@ def transfer_files(export: ExportResult) -> StagedVM:
     """Verify the exported files' structure, sizes and descriptor checksum; stage the disks."""
     progress = JobProgress.for_current_run(export.vm.name)
     progress.start("transfer", export.total_bytes)
-    container = next((f for f in export.files if f.role == "ova"), None)
-    staged = _stage_ova(container.path, export.vm) if container else _stage_files(export)
-    if not staged.disks:
-        raise VerificationError(f"{export.vm.name}: the export holds no disk to convert")
+    staged = stage_export(export)
     progress.finish()
     get_run_logger().info(
         "staged %d disk(s): %s", len(staged.disks),

@@ -1,0 +1,103 @@
+"""Converting staged disks with qemu-img: each disk's checksum verified while qemu-img
+reads it, outputs under their final names only once every disk is done, nothing left
+behind on failure."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from core.errors import VerificationError
+from core.files import partial_path
+from core.models import ConvertedDisk
+from core.paths import safe_name
+from hyper2kvm import qemu_img
+from hyper2kvm.manifest import digest_file
+from hyper2kvm.staging import StagedDisk, StagedVM
+
+
+class _Digest(threading.Thread):
+    """Hashes a staged disk alongside the conversion."""
+
+    def __init__(self, disk: StagedDisk) -> None:
+        super().__init__(name=f"digest-{disk.path.name}", daemon=True)
+        self.disk = disk
+        self.actual: str | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            assert self.disk.algorithm
+            self.actual = digest_file(self.disk.path, algorithm=self.disk.algorithm,
+                                      offset=self.disk.offset, length=self.disk.size)
+        except BaseException as exc:  # noqa: BLE001 - handed to the converting thread
+            self.error = exc
+
+    def check(self) -> None:
+        self.join()
+        if self.error:
+            raise self.error
+        if self.actual != self.disk.digest:
+            raise VerificationError(
+                f"{self.disk.disk.file or self.disk.path.name}: {self.disk.algorithm} "
+                f"{self.actual} does not match the manifest's {self.disk.digest}")
+
+
+def output_paths(staged: StagedVM, output_dir: Path, fmt: str) -> list[Path]:
+    """Where each disk of the VM lands: <output_dir>/<vm>/<vm>-disk<N>.<fmt>."""
+    name = safe_name(staged.vm.name)
+    return [output_dir / name / f"{name}-disk{i}.{fmt}" for i in range(1, len(staged.disks) + 1)]
+
+
+def convert_staged(
+    staged: StagedVM,
+    output_dir: Path,
+    *,
+    output_format: Literal["qcow2", "raw"],
+    compress: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[ConvertedDisk]:
+    """Convert every disk of `staged` into `<output_dir>/<vm>/`. `on_start` is told the
+    total virtual bytes, `progress` the bytes converted as they go."""
+    targets = output_paths(staged, output_dir, output_format)
+    sizes = [qemu_img.info(d.source())["virtual-size"] for d in staged.disks]
+    if on_start:
+        on_start(sum(sizes))
+    folder = targets[0].parent
+    created_folder = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    partials = [partial_path(t) for t in targets]
+    converted: list[ConvertedDisk] = []
+    try:
+        for disk, size, target, partial in zip(staged.disks, sizes, targets, partials,
+                                               strict=True):
+            started = time.monotonic()
+            digest = _Digest(disk) if disk.digest else None
+            if digest:
+                digest.start()
+            qemu_img.convert(disk.source(), partial, output_format=output_format,
+                             compress=compress,
+                             progress=qemu_img.bytes_progress(size, progress) if progress
+                             else None)
+            if digest:
+                digest.check()
+            facts = qemu_img.info(qemu_img.DiskSource(partial, output_format))
+            converted.append(ConvertedDisk(
+                source=disk.disk.file or disk.path.name, path=target, format=output_format,
+                virtual_size=facts["virtual-size"], actual_size=facts.get("actual-size", 0),
+                seconds=round(time.monotonic() - started, 3),
+                verified=disk.algorithm if digest else None))
+        for partial, target in zip(partials, targets, strict=True):
+            os.replace(partial, target)
+    except BaseException:
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        if created_folder and folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    return converted
