@@ -93,7 +93,8 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     from prefect.runner import Runner
     from prefect.types.entrypoint import EntrypointType
 
-    from api.main import MIGRATE_DEPLOYMENT, create_app
+    from api.main import DEPLOYMENT, create_app
+    from flows.convert_vm import convert_vm
     from flows.migrate_vm import migrate_vm
     from tasks.export import ensure_export_limit
 
@@ -101,9 +102,9 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     runner = Runner(name="hypervisord", limit=settings.daemon.workers, pause_on_shutdown=False,
                     query_seconds=1)
     if serve_flows:
-        await runner.add_flow(  # type: ignore[misc]
-            migrate_vm, name=MIGRATE_DEPLOYMENT.split("/")[1],
-            entrypoint_type=EntrypointType.MODULE_PATH)
+        for served in (migrate_vm, convert_vm):
+            await runner.add_flow(  # type: ignore[misc]
+                served, name=DEPLOYMENT, entrypoint_type=EntrypointType.MODULE_PATH)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

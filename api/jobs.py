@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import PurePath
 from typing import Any
 from uuid import UUID
 
@@ -25,10 +26,10 @@ from prefect.states import Cancelled, Cancelling, Scheduled
 
 from api.schemas import JobEta, JobInfo, JobProgress, JobSubmitted, LogLine
 from core.errors import Conflict, JobNotFound
-from core.models import JobDefinition, JobStatus
+from core.models import ConvertRequest, JobDefinition, JobStatus
 from tasks.progress import LABEL
 
-FLOW_NAME = "migrate-vm"
+FLOWS = ("migrate-vm", "convert-vm")
 STATUS_OF: dict[StateType, JobStatus] = {
     StateType.SCHEDULED: JobStatus.PENDING,
     StateType.PENDING: JobStatus.PENDING,
@@ -61,23 +62,30 @@ class Jobs:
 
     def __init__(self, client: PrefectClient, *, deployment: str) -> None:
         self.client = client
-        self.deployment = deployment
-        self._deployment_id: UUID | None = None
+        self.deployment = deployment  # the deployments' name, e.g. "hypervisord"
+        self._deployment_ids: dict[str, UUID] = {}
 
-    async def _deployment(self) -> UUID:
-        if self._deployment_id is None:
-            deployment = await self.client.read_deployment_by_name(self.deployment)
-            self._deployment_id = deployment.id
-        return self._deployment_id
+    async def _deployment(self, flow_name: str) -> UUID:
+        if flow_name not in self._deployment_ids:
+            deployment = await self.client.read_deployment_by_name(
+                f"{flow_name}/{self.deployment}")
+            self._deployment_ids[flow_name] = deployment.id
+        return self._deployment_ids[flow_name]
 
-    async def submit(self, job: JobDefinition) -> JobSubmitted:
+    async def _create(self, flow_name: str, parameters: dict[str, Any],
+                      tags: list[str]) -> JobSubmitted:
         run = await self.client.create_flow_run_from_deployment(
-            await self._deployment(),
-            parameters={"job": job.model_dump(mode="json")},
-            tags=["hypersdk", f"provider:{job.provider}"],
-        )
+            await self._deployment(flow_name), parameters=parameters, tags=["hypersdk", *tags])
         return JobSubmitted(job_id=str(run.id), status=job_status(run),
                             created_at=run.created or datetime.now(UTC))
+
+    async def submit(self, job: JobDefinition) -> JobSubmitted:
+        return await self._create("migrate-vm", {"job": job.model_dump(mode="json")},
+                                  [f"provider:{job.provider}"])
+
+    async def submit_conversion(self, request: ConvertRequest) -> JobSubmitted:
+        return await self._create("convert-vm", {"request": request.model_dump(mode="json")},
+                                  ["convert"])
 
     async def run(self, job_id: str) -> FlowRun:
         try:
@@ -87,7 +95,7 @@ class Jobs:
         return run
 
     def info(self, run: FlowRun) -> JobInfo:
-        job = run.parameters.get("job") or {}
+        job = run.parameters.get("job") or run.parameters.get("request") or {}
         status = job_status(run)
         message = run.state.message if run.state else None
         return JobInfo(
@@ -95,7 +103,8 @@ class Jobs:
             name=run.name,
             status=status,
             state=(run.state.name if run.state else None) or "Unknown",
-            vm_identifier=job.get("vm_identifier"),
+            vm_identifier=job.get("vm_identifier") or (
+                PurePath(job["source_path"]).stem if "source_path" in job else None),
             provider=job.get("provider"),
             created_at=run.created,
             started_at=run.start_time,
@@ -113,7 +122,7 @@ class Jobs:
 
     async def page(self, status: JobStatus | None, *, limit: int, offset: int
                    ) -> tuple[list[JobInfo], int]:
-        flows = FlowFilter(name=FlowFilterName(any_=[FLOW_NAME]))
+        flows = FlowFilter(name=FlowFilterName(any_=list(FLOWS)))
         runs_filter = FlowRunFilter(state=FlowRunFilterState(
             type=FlowRunFilterStateType(any_=STATE_TYPES_OF[status]))) if status else None
         runs = await self.client.read_flow_runs(

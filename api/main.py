@@ -14,10 +14,10 @@ from api.routes import convert, health, jobs, vms
 from core.config import Config
 from hyper2kvm import __version__
 
-MIGRATE_DEPLOYMENT = "migrate-vm/hypervisord"
+DEPLOYMENT = "hypervisord"  # every flow's deployment has this name
 
 
-def create_app(settings: Config, *, deployment: str = MIGRATE_DEPLOYMENT) -> FastAPI:
+def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with get_client() as client:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -52,6 +53,20 @@ def copy_file(
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def remove_partials(folder: Path) -> None:
+    """Delete what an interrupted writer left in `folder` (`.*.partial` files and staging
+    folders), and the folder itself if that leaves it empty."""
+    if not folder.is_dir():
+        return
+    for leftover in folder.glob(".*.partial"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def link_or_copy(

@@ -186,3 +186,19 @@ class VMFilter(Strict):
             and (self.folder is None or vm.folder == self.folder)
             and (self.name_pattern is None or fnmatchcase(vm.name, self.name_pattern))
         )
+
+
+class ConversionOptions(Strict):
+    format: Literal["qcow2", "raw"] | None = None  # None: hyper2kvm.default_format
+    compression: bool | None = None  # None: hyper2kvm.compression
+
+
+class ConvertRequest(Strict):
+    """One conversion: the seed's POST /convert body, the `convert-vm` flow's parameters."""
+
+    source_path: str = Field(min_length=1)
+    output_path: str | None = None  # the VM's output folder; default <output_dir>/<vm>
+    conversion_options: ConversionOptions = Field(default_factory=ConversionOptions)
+    import_to_kvm: bool = False  # also define the libvirt domain
+    autostart: bool = False
+    replace: bool = False

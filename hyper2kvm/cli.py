@@ -87,11 +87,12 @@ def _convert(args: argparse.Namespace) -> dict[str, Any]:
     staged = stage_export(export)
     started = time.monotonic()
     with _progress(f"convert {export.vm.name}", quiet=args.json) as (on_start, advance):
-        disks = convert_staged(staged, Path(args.output_dir), output_format=args.format,
+        folder = Path(args.output_dir) / safe_name(export.vm.name)
+        disks = convert_staged(staged, folder, output_format=args.format,
                                compress=args.compress, on_start=on_start, progress=advance)
     result: dict[str, Any] = {
         "vm": export.vm.model_dump(mode="json"),
-        "output_dir": str(Path(args.output_dir) / safe_name(export.vm.name)),
+        "output_dir": str(folder),
         "seconds": round(time.monotonic() - started, 3),
         "disks": [d.model_dump(mode="json") for d in disks],
     }

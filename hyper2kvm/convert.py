@@ -47,28 +47,27 @@ class _Digest(threading.Thread):
                 f"{self.actual} does not match the manifest's {self.disk.digest}")
 
 
-def output_paths(staged: StagedVM, output_dir: Path, fmt: str) -> list[Path]:
-    """Where each disk of the VM lands: <output_dir>/<vm>/<vm>-disk<N>.<fmt>."""
+def output_paths(staged: StagedVM, folder: Path, fmt: str) -> list[Path]:
+    """Where each disk of the VM lands: <folder>/<vm>-disk<N>.<fmt>."""
     name = safe_name(staged.vm.name)
-    return [output_dir / name / f"{name}-disk{i}.{fmt}" for i in range(1, len(staged.disks) + 1)]
+    return [folder / f"{name}-disk{i}.{fmt}" for i in range(1, len(staged.disks) + 1)]
 
 
 def convert_staged(
     staged: StagedVM,
-    output_dir: Path,
+    folder: Path,
     *,
     output_format: Literal["qcow2", "raw"],
     compress: bool = False,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[ConvertedDisk]:
-    """Convert every disk of `staged` into `<output_dir>/<vm>/`. `on_start` is told the
-    total virtual bytes, `progress` the bytes converted as they go."""
-    targets = output_paths(staged, output_dir, output_format)
+    """Convert every disk of `staged` into `folder`. `on_start` is told the total virtual
+    bytes, `progress` the bytes converted as they go."""
+    targets = output_paths(staged, folder, output_format)
     sizes = [qemu_img.info(d.source())["virtual-size"] for d in staged.disks]
     if on_start:
         on_start(sum(sizes))
-    folder = targets[0].parent
     created_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     partials = [partial_path(t) for t in targets]

@@ -16,13 +16,13 @@ from tasks.progress import JobProgress
 @task(name="convert", persist_result=True)
 def convert_disks(
     staged: StagedVM,
-    output_dir: Path,
+    folder: Path,
     output_format: Literal["qcow2", "raw"],
     compress: bool,
 ) -> list[ConvertedDisk]:
-    """Convert every disk; on failure nothing is left in the output directory."""
+    """Convert every disk into `folder`; on failure nothing is left there."""
     progress = JobProgress.for_current_run(staged.vm.name)
-    converted = convert_staged(staged, output_dir, output_format=output_format,
+    converted = convert_staged(staged, folder, output_format=output_format,
                                compress=compress,
                                on_start=lambda total: progress.start("convert", total),
                                progress=progress.advance)

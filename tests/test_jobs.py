@@ -364,3 +364,29 @@ def test_import_to_kvm_defines_a_domain_around_a_disk(
     assert outside.status_code == 422
     bad_name = api.post("/import-to-kvm", json={**body, "vm_name": "a b/c"})
     assert bad_name.status_code == 422
+
+
+def test_convert_endpoint_runs_a_convert_vm_flow(api: httpx.Client, daemon: Daemon,
+                                                 sample_vm: str, tmp_path: Path) -> None:
+    source = daemon.inbox / f"{sample_vm}.ova"
+    body = {"source_path": str(source), "output_path": f"{sample_vm}-converted",
+            "conversion_options": {"format": "raw", "compression": False},
+            "import_to_kvm": True}
+    answer = api.post("/convert", json=body)
+    assert answer.status_code == 200, answer.text
+    job_id = answer.json()["job_id"]
+    info = wait_for_job(api, job_id)
+    assert info["status"] == "completed", info["error"]
+    assert info["vm_identifier"] == sample_vm
+    disk = Path(info["result"]["disks"][0]["path"])
+    assert disk == daemon.images / f"{sample_vm}-converted" / f"{sample_vm}-disk1.raw"
+    assert qemu_img.compare(source_disk_as_raw(source, tmp_path / "s.raw"), disk)
+    assert domain_facts(sample_vm)["disks"] == [str(disk)]
+    assert api.get(f"/jobs/progress/{job_id}").json()["percentage"] == 100.0
+    listed = api.get("/jobs/query", params={"limit": 50}).json()["jobs"]
+    assert job_id in [job["job_id"] for job in listed]
+    for bad in ({**body, "source_path": "/etc/passwd"},
+                {**body, "output_path": "../../elsewhere"},
+                {**body, "conversion_options": {"format": "vdi"}}):
+        refused = api.post("/convert", json=bad)
+        assert refused.status_code == 422, refused.text

@@ -1,20 +1,20 @@
-"""The converter's own endpoints: parse a VMDK, import a disk into libvirt."""
+"""The converter's own endpoints: convert, parse a VMDK, import a disk into libvirt."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ApiKeyDep, SettingsDep
-from api.schemas import Body
+from api.deps import ApiKeyDep, JobsDep, SettingsDep
+from api.schemas import Body, JobSubmitted
 from core.config import Config
 from core.errors import InvalidRequest
-from core.models import NicInfo, VMInfo
+from core.models import ConvertRequest, NicInfo, VMInfo
 from core.paths import confine_any, safe_name
+from flows.convert_vm import output_folder, source_file, source_roots
 from hyper2kvm import ova
 from hyper2kvm.detect import detect_format
 from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml, pick_domain_type
@@ -22,14 +22,6 @@ from hyper2kvm.registration import define_domain
 from hyper2kvm.vmdk import parse_vmdk
 
 router = APIRouter(tags=["convert"], dependencies=[ApiKeyDep])
-
-
-def allowed_roots(settings: Config) -> list[Path]:
-    """Where the converter endpoints may read: exports, converted images, the local inbox."""
-    roots = [settings.export.base_path, settings.hyper2kvm.output_dir]
-    if settings.providers.local:
-        roots.append(settings.providers.local.path)
-    return roots
 
 
 class ImportRequest(Body):
@@ -44,7 +36,7 @@ class ImportRequest(Body):
 
 
 def _parse(settings: Config, path: str) -> dict[str, Any]:
-    file = confine_any(path, allowed_roots(settings), what="path")
+    file = confine_any(path, source_roots(settings), what="path")
     if not file.is_file():
         raise InvalidRequest(f"{path} is not a file")
     if file.suffix == ".ova":
@@ -56,7 +48,7 @@ def _parse(settings: Config, path: str) -> dict[str, Any]:
 
 
 def _import(settings: Config, body: ImportRequest) -> dict[str, Any]:
-    disk = confine_any(body.disk_path, allowed_roots(settings), what="disk_path")
+    disk = confine_any(body.disk_path, source_roots(settings), what="disk_path")
     if not disk.is_file():
         raise InvalidRequest(f"disk_path {body.disk_path} is not a file")
     fmt = detect_format(disk)
@@ -74,6 +66,20 @@ def _import(settings: Config, body: ImportRequest) -> dict[str, Any]:
                                autostart=body.autostart, replace=body.replace)
     return {"vm_name": registered.name, "uuid": registered.uuid, "uri": registered.uri,
             "autostart": registered.autostart, "disk_path": str(disk), "format": fmt}
+
+
+def _validate_conversion(settings: Config, body: ConvertRequest) -> None:
+    source = source_file(body, settings)
+    if not source.is_file():
+        raise InvalidRequest(f"source_path {body.source_path} is not a file")
+    output_folder(body, settings, source.stem)
+
+
+@router.post("/convert", response_model=JobSubmitted)
+async def convert_vm(body: ConvertRequest, settings: SettingsDep, jobs: JobsDep) -> JobSubmitted:
+    """Start a `convert-vm` flow run; follow it with the /jobs endpoints."""
+    await run_in_threadpool(_validate_conversion, settings, body)
+    return await jobs.submit_conversion(body)
 
 
 @router.get("/parse-vmdk")
