@@ -202,3 +202,9 @@ class ConvertRequest(Strict):
     import_to_kvm: bool = False  # also define the libvirt domain
     autostart: bool = False
     replace: bool = False
+
+
+class WatchJob(ConvertRequest):
+    """A job for a hyper2kvm watch-directory daemon: `<watch_dir>/<job_id>.json`."""
+
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")

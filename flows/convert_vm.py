@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun, State
 
 from core.config import Config, config_from_env
+from core.errors import InvalidRequest
 from core.files import remove_partials
 from core.models import ConvertRequest, MigrationResult
 from core.paths import confine, confine_any, safe_name
@@ -30,9 +31,10 @@ def source_file(request: ConvertRequest, settings: Config) -> Path:
     return confine_any(request.source_path, source_roots(settings), what="source_path")
 
 
-def output_folder(request: ConvertRequest, settings: Config, vm_name: str) -> Path:
-    """The output folder, confined to hyper2kvm.output_dir."""
-    root = settings.hyper2kvm.output_dir
+def output_folder(request: ConvertRequest, settings: Config, vm_name: str,
+                  output_root: str | None = None) -> Path:
+    """The output folder, confined to `output_root` (default hyper2kvm.output_dir)."""
+    root = Path(output_root) if output_root else settings.hyper2kvm.output_dir
     return confine(request.output_path or safe_name(vm_name), root, what="output_path")
 
 
@@ -41,7 +43,8 @@ def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
     try:
         request = ConvertRequest.model_validate(flow_run.parameters["request"])
         settings = config_from_env()
-        folder = output_folder(request, settings, Path(request.source_path).stem)
+        folder = output_folder(request, settings, Path(request.source_path).stem,
+                               flow_run.parameters.get("output_root"))
     except Exception:  # noqa: BLE001 - a hook must never fail the state change
         return
     remove_partials(folder)
@@ -54,15 +57,21 @@ def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
     on_cancellation=[clean_up_after],
     on_crashed=[clean_up_after],
 )
-def convert_vm(request: ConvertRequest) -> MigrationResult:
-    """Convert the VM at `request.source_path` (and register it when asked)."""
+def convert_vm(request: ConvertRequest, output_root: str | None = None) -> MigrationResult:
+    """Convert the VM at `request.source_path` (and register it when asked).
+
+    A watch-directory daemon passes its own `output_root`; its manifests come from a
+    directory only root can write, so their sources are not confined to this host's
+    configured roots as API requests are."""
     settings = config_from_env()
     h2k = settings.hyper2kvm
-    source = source_file(request, settings)
+    source = Path(request.source_path) if output_root else source_file(request, settings)
+    if not source.is_file():
+        raise InvalidRequest(f"source_path {request.source_path} is not a file")
     progress = JobProgress.for_current_run(source.stem)
     timed = StepTimer()
     export = describe_source(source)
-    folder = output_folder(request, settings, export.vm.name)
+    folder = output_folder(request, settings, export.vm.name, output_root)
     staged = timed("transfer", lambda: transfer_files(export))
     disks = timed("convert", lambda: convert_disks(
         staged, folder, request.conversion_options.format or h2k.default_format,

@@ -14,7 +14,7 @@ from core.paths import confine, safe_name
 from flows.report import StepTimer, publish_report
 from tasks.convert import convert_disks
 from tasks.export import ensure_export_limit, export_vm
-from tasks.handoff import write_watch_manifest
+from tasks.handoff import await_daemon, write_watch_manifest
 from tasks.progress import LABEL, JobProgress
 from tasks.register import register_domain
 from tasks.transfer import transfer_files
@@ -70,8 +70,13 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
     handoff: Path | None = None
     integration = job.hyper2kvm_integration
     if integration.enabled and integration.daemon_mode:
+        job_id = str(current_run.id)
         handoff = timed("handoff", lambda: write_watch_manifest(
-            job, export, settings.hyper2kvm, str(current_run.id)))
+            job, export, settings.hyper2kvm, job_id))
+        converted = timed("convert", lambda: await_daemon(handoff, job_id, settings.hyper2kvm))
+        result = result.model_copy(update={
+            "disks": converted.disks, "domain_name": converted.domain_name,
+            "domain_uuid": converted.domain_uuid, "libvirt_uri": converted.libvirt_uri})
     elif converts_in_flow(job):
         h2k = settings.hyper2kvm
         staged = timed("transfer", lambda: transfer_files(export))

@@ -166,6 +166,16 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--size-mib", type=int, default=64)
     sample.add_argument("--random-mib", type=int, default=0)
     sample.add_argument("--json", action="store_true")
+    daemon = commands.add_parser("daemon", help="convert jobs dropped into a watch directory")
+    daemon.add_argument("--watch-dir", required=True)
+    daemon.add_argument("--output-dir", required=True)
+    daemon.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    daemon.add_argument("--compress", action="store_true")
+    daemon.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    daemon.add_argument("--instance", default=None, help="a name for logs (hyper2kvm@NAME)")
+    daemon.add_argument("--workers", type=int, default=2, help="jobs at once")
+    daemon.add_argument("--poll", type=float, default=1.0, help="seconds between scans")
     return root
 
 
@@ -179,6 +189,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "daemon":
+        # the daemon runs each job as a Prefect flow run: the flows room provides it
+        import importlib
+
+        return int(importlib.import_module("flows.watch_daemon").run(args))
     try:
         result = COMMANDS[args.command](args)
     except HypersdkError as exc:

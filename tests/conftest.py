@@ -8,4 +8,5 @@ from tests.peers import (  # noqa: F401 - fixtures
     prefect_server,
     sample_cache,
     sample_vm,
+    watch_daemon,
 )

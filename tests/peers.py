@@ -158,6 +158,8 @@ hyper2kvm:
   default_format: qcow2
   libvirt_uri: "{LIBVIRT_URI}"
   network: user
+  poll_interval: "0.5s"
+  job_timeout: "5m"
 export:
   base_path: "{EXPORTS}"
   concurrent_exports: 2
@@ -204,6 +206,25 @@ def daemon(prefect_server: str, libvirt_uri: str) -> Iterator[Daemon]:
     yield running
     code = stop_daemon(running)
     assert code == 0, f"hypervisord did not stop cleanly on SIGTERM ({code})"
+
+
+def start_watch_daemon(watch_dir: Path, output_dir: Path, log: Path,
+                       *extra: str) -> subprocess.Popen:
+    """`hyper2kvm daemon` as the seed's systemd unit starts it."""
+    return subprocess.Popen(
+        [str(BIN / "hyper2kvm"), "daemon", "--watch-dir", str(watch_dir), "--output-dir",
+         str(output_dir), "--format", "qcow2", "--log-level", "info", "--poll", "0.2", *extra],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env=dict(os.environ))
+
+
+@pytest.fixture(scope="session")
+def watch_daemon(daemon: Daemon) -> Iterator[subprocess.Popen]:
+    """hyper2kvm@vsphere for the test daemon: watches <watch_dir>/vsphere."""
+    process = start_watch_daemon(daemon.watch / "vsphere", daemon.images,
+                                 daemon.root / "hyper2kvm-vsphere.log", "--instance", "vsphere")
+    yield process
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
 
 
 @pytest.fixture(scope="session")

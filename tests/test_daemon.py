@@ -74,6 +74,7 @@ def test_without_a_key_it_listens_on_loopback_only(open_daemon: Daemon) -> None:
 
 @pytest.mark.skipif(not SEED.exists(), reason="the seed document is not beside the repo")
 def test_the_seeds_integration_script_runs_unchanged(open_daemon: Daemon, sample_vm: str,
+                                                     watch_daemon: object,
                                                      tmp_path: Path) -> None:
     """Steps 1-4 of the seed's test-integration.sh, verbatim but for the daemon URL, the VM
     and the provider (vSphere comes with its own issue). Step 5 needs systemd."""
@@ -94,6 +95,6 @@ def test_the_seeds_integration_script_runs_unchanged(open_daemon: Daemon, sample
     job_id = re.search(r"Job submitted: (\S+)", done.stdout).group(1)
     with open_daemon.client() as client:
         assert wait_for_job(client, job_id)["status"] == "completed"
-    # daemon_mode: true in the script: the job ends with a manifest for hyper2kvm's daemon
-    assert (open_daemon.watch / "vsphere" / f"{job_id}.json").exists()
-    assert not domain_defined(sample_vm)
+    # daemon_mode: true in the script: hyper2kvm@vsphere converted and registered it
+    assert (open_daemon.watch / "vsphere" / "done" / f"{job_id}.result.json").exists()
+    assert domain_defined(sample_vm)

@@ -158,16 +158,21 @@ def test_export_only_and_ovf_method(api: httpx.Client, daemon: Daemon, sample_vm
     assert domain_defined(sample_vm)
 
 
-def test_daemon_mode_hands_a_manifest_to_the_watch_dir(
-    api: httpx.Client, daemon: Daemon, sample_vm: str
+def test_daemon_mode_hands_the_export_to_the_watch_daemon_and_waits(
+    api: httpx.Client, daemon: Daemon, watch_daemon: object, sample_vm: str
 ) -> None:
     job_id = submit(api, vm_identifier=sample_vm, hyper2kvm_integration={
         "enabled": True, "daemon_mode": True, "instance": "vsphere"})
-    assert wait_for_job(api, job_id)["status"] == "completed"
-    manifest = json.loads((daemon.watch / "vsphere" / f"{job_id}.json").read_text())
-    assert manifest["vm"]["name"] == sample_vm
-    assert Path(manifest["files"][0]["path"]).exists()
-    assert not list((daemon.watch / "vsphere").glob(".*"))
+    info = wait_for_job(api, job_id)
+    assert info["status"] == "completed", info["error"]
+    done = daemon.watch / "vsphere" / "done"
+    manifest = json.loads((done / f"{job_id}.json").read_text())
+    assert manifest["source_path"].endswith(f"{sample_vm}.ova") and manifest["import_to_kvm"]
+    outcome = json.loads((done / f"{job_id}.result.json").read_text())
+    assert outcome["status"] == "completed"
+    assert info["result"]["domain_name"] == sample_vm and domain_defined(sample_vm)
+    assert info["result"]["disks"][0]["path"] == outcome["result"]["disks"][0]["path"]
+    assert not list((daemon.watch / "vsphere").glob("*.json"))
 
 
 def test_failed_conversion_reports_the_reason_and_leaves_nothing(
