@@ -113,6 +113,7 @@ class Hyper2kvmIntegration(Strict):
     instance: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     autostart: bool = False
     replace_existing: bool = False
+    compat_mode: bool | None = None  # SATA + e1000; None: on for Windows guests
 
 
 class JobDefinition(Strict):
@@ -191,6 +192,7 @@ class VMFilter(Strict):
 class ConversionOptions(Strict):
     format: Literal["qcow2", "raw"] | None = None  # None: hyper2kvm.default_format
     compression: bool | None = None  # None: hyper2kvm.compression
+    preallocation: Literal["off", "metadata", "falloc", "full"] | None = None
 
 
 class ConvertRequest(Strict):

@@ -76,7 +76,8 @@ def convert_vm(request: ConvertRequest, output_root: str | None = None) -> Migra
     disks = timed("convert", lambda: convert_disks(
         staged, folder, request.conversion_options.format or h2k.default_format,
         h2k.compression if request.conversion_options.compression is None
-        else request.conversion_options.compression))
+        else request.conversion_options.compression,
+        request.conversion_options.preallocation))
     result = MigrationResult(vm=export.vm.name, export=export, disks=disks)
     if request.import_to_kvm:
         registered = timed("register", lambda: register_domain(

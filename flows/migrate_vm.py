@@ -85,7 +85,7 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
             h2k.compression))
         registered = timed("register", lambda: register_domain(
             staged.vm, disks, h2k, autostart=integration.autostart,
-            replace=integration.replace_existing))
+            replace=integration.replace_existing, compat=integration.compat_mode))
         result = result.model_copy(update={
             "disks": disks, "domain_name": registered.name, "domain_uuid": registered.uuid,
             "libvirt_uri": registered.uri})

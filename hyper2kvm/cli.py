@@ -89,7 +89,8 @@ def _convert(args: argparse.Namespace) -> dict[str, Any]:
     with _progress(f"convert {export.vm.name}", quiet=args.json) as (on_start, advance):
         folder = Path(args.output_dir) / safe_name(export.vm.name)
         disks = convert_staged(staged, folder, output_format=args.format,
-                               compress=args.compress, on_start=on_start, progress=advance)
+                               compress=args.compress, preallocation=args.preallocation,
+                               on_start=on_start, progress=advance)
     result: dict[str, Any] = {
         "vm": export.vm.model_dump(mode="json"),
         "output_dir": str(folder),
@@ -116,7 +117,8 @@ def _import(args: argparse.Namespace) -> dict[str, Any]:
                 memory_mb=args.memory_mb, firmware=args.firmware,
                 nics=[NicInfo(network=args.network)])
     xml = domain_xml(vm, [DomainDisk(disk, fmt)], name=name,  # type: ignore[arg-type]
-                     domain_type=pick_domain_type("auto"), networks=NetworkMap(args.network))
+                     domain_type=pick_domain_type("auto"), networks=NetworkMap(args.network),
+                     compat=args.compat)
     registered = define_domain(args.uri, xml, name=name, autostart=args.autostart,
                                replace=args.replace)
     return {"name": registered.name, "uuid": registered.uuid, "uri": registered.uri,
@@ -145,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     convert.add_argument("--output-dir", required=True)
     convert.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
     convert.add_argument("--compress", action="store_true", help="compressed qcow2 (zstd)")
+    convert.add_argument("--preallocation", choices=["off", "metadata", "falloc", "full"])
     convert.add_argument("--checksum", action="store_true", help="SHA-256 of each output")
     convert.add_argument("--json", action="store_true", help="no progress; JSON result only")
 
@@ -157,6 +160,8 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--firmware", choices=["bios", "efi"], default="bios")
     imp.add_argument("--autostart", action="store_true")
     imp.add_argument("--replace", action="store_true")
+    imp.add_argument("--compat", action="store_true",
+                     help="SATA disk and e1000 NIC, for guests without virtio drivers")
     imp.add_argument("--uri", default="qemu:///system")
     imp.add_argument("--json", action="store_true")
 

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -53,17 +54,45 @@ def output_paths(staged: StagedVM, folder: Path, fmt: str) -> list[Path]:
     return [folder / f"{name}-disk{i}.{fmt}" for i in range(1, len(staged.disks) + 1)]
 
 
+PARALLEL_DISKS = 2  # disks of one VM converted at once
+
+
+def _convert_one(disk: StagedDisk, size: int, target: Path, partial: Path, *,
+                 output_format: Literal["qcow2", "raw"], compress: bool,
+                 preallocation: str | None,
+                 progress: Callable[[int], None] | None) -> ConvertedDisk:
+    started = time.monotonic()
+    digest = _Digest(disk) if disk.digest else None
+    if digest:
+        digest.start()
+    qemu_img.convert(disk.source(), partial, output_format=output_format, compress=compress,
+                     preallocation=preallocation,
+                     progress=qemu_img.bytes_progress(size, progress) if progress else None)
+    if digest:
+        digest.check()
+    if output_format == "qcow2":
+        qemu_img.check(partial)
+    facts = qemu_img.info(qemu_img.DiskSource(partial, output_format))
+    return ConvertedDisk(
+        source=disk.disk.file or disk.path.name, path=target, format=output_format,
+        virtual_size=facts["virtual-size"], actual_size=facts.get("actual-size", 0),
+        seconds=round(time.monotonic() - started, 3),
+        verified=disk.algorithm if digest else None)
+
+
 def convert_staged(
     staged: StagedVM,
     folder: Path,
     *,
     output_format: Literal["qcow2", "raw"],
     compress: bool = False,
+    preallocation: str | None = None,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[ConvertedDisk]:
-    """Convert every disk of `staged` into `folder`. `on_start` is told the total virtual
-    bytes, `progress` the bytes converted as they go."""
+    """Convert every disk of `staged` into `folder`, up to PARALLEL_DISKS at once; qcow2
+    outputs pass `qemu-img check`. `on_start` is told the total virtual bytes, `progress`
+    the bytes converted as they go. Outputs get their final names only when all are done."""
     targets = output_paths(staged, folder, output_format)
     sizes = [qemu_img.info(d.source())["virtual-size"] for d in staged.disks]
     if on_start:
@@ -71,26 +100,15 @@ def convert_staged(
     created_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     partials = [partial_path(t) for t in targets]
-    converted: list[ConvertedDisk] = []
     try:
-        for disk, size, target, partial in zip(staged.disks, sizes, targets, partials,
-                                               strict=True):
-            started = time.monotonic()
-            digest = _Digest(disk) if disk.digest else None
-            if digest:
-                digest.start()
-            qemu_img.convert(disk.source(), partial, output_format=output_format,
-                             compress=compress,
-                             progress=qemu_img.bytes_progress(size, progress) if progress
-                             else None)
-            if digest:
-                digest.check()
-            facts = qemu_img.info(qemu_img.DiskSource(partial, output_format))
-            converted.append(ConvertedDisk(
-                source=disk.disk.file or disk.path.name, path=target, format=output_format,
-                virtual_size=facts["virtual-size"], actual_size=facts.get("actual-size", 0),
-                seconds=round(time.monotonic() - started, 3),
-                verified=disk.algorithm if digest else None))
+        with ThreadPoolExecutor(max_workers=min(PARALLEL_DISKS, len(targets)),
+                                thread_name_prefix="convert") as pool:
+            futures = [pool.submit(_convert_one, disk, size, target, partial,
+                                   output_format=output_format, compress=compress,
+                                   preallocation=preallocation, progress=progress)
+                       for disk, size, target, partial
+                       in zip(staged.disks, sizes, targets, partials, strict=True)]
+            converted = [future.result() for future in futures]
         for partial, target in zip(partials, targets, strict=True):
             os.replace(partial, target)
     except BaseException:

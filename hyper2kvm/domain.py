@@ -35,13 +35,18 @@ def pick_domain_type(requested: str) -> Literal["kvm", "qemu"]:
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
 
 
-def _disk_target(index: int) -> str:
+def needs_compat(vm: VMInfo) -> bool:
+    """Windows has no virtio drivers of its own: without them it cannot boot from virtio."""
+    return (vm.guest_os or "").lower().startswith("win")
+
+
+def _disk_target(index: int, prefix: str) -> str:
     letters = ""
     index += 1
     while index:
         index, rest = divmod(index - 1, 26)
         letters = chr(ord("a") + rest) + letters
-    return "vd" + letters
+    return prefix + letters
 
 
 def domain_xml(
@@ -51,9 +56,14 @@ def domain_xml(
     name: str | None = None,
     domain_type: Literal["kvm", "qemu"] = "qemu",
     networks: NetworkMap | None = None,
+    compat: bool | None = None,
 ) -> str:
-    """The domain definition for `vm` with its converted `disks`, in boot order."""
+    """The domain definition for `vm` with its converted `disks`, in boot order. In
+    compatibility mode (default: for Windows guests) disks are SATA and NICs e1000, which
+    guests without virtio drivers can use."""
     networks = networks or NetworkMap()
+    compat = needs_compat(vm) if compat is None else compat
+    bus, prefix, nic_model = ("sata", "sd", "e1000") if compat else ("virtio", "vd", "virtio")
     domain = ET.Element("domain", type=domain_type)
     ET.SubElement(domain, "name").text = name or vm.name
     ET.SubElement(domain, "memory", unit="MiB").text = str(vm.memory_mb)
@@ -93,7 +103,7 @@ def domain_xml(
         element = ET.SubElement(devices, "disk", type="file", device="disk")
         ET.SubElement(element, "driver", name="qemu", type=disk.format, discard="unmap")
         ET.SubElement(element, "source", file=str(disk.path))
-        ET.SubElement(element, "target", dev=_disk_target(index), bus="virtio")
+        ET.SubElement(element, "target", dev=_disk_target(index, prefix), bus=bus)
     for nic in vm.nics:
         target = networks.target(nic.network)
         if target == "user":
@@ -103,7 +113,7 @@ def domain_xml(
             ET.SubElement(interface, "source", network=target)
         if nic.mac:
             ET.SubElement(interface, "mac", address=nic.mac)
-        ET.SubElement(interface, "model", type="virtio")
+        ET.SubElement(interface, "model", type=nic_model)
     serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "target", port="0")
     console = ET.SubElement(devices, "console", type="pty")

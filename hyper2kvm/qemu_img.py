@@ -19,6 +19,7 @@ from core.errors import ConversionError
 QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 _PR_SET_PDEATHSIG = 1
+COROUTINES = 16
 
 ProgressCallback = Callable[[float], None]  # percent done, 0..100
 
@@ -111,17 +112,23 @@ def convert(
     output_format: Literal["qcow2", "raw", "vmdk"],
     compress: bool = False,
     subformat: str | None = None,
+    preallocation: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> None:
     """Convert `source` into `target`. On any failure or interruption qemu-img is killed
     and `target` removed: callers pass a partial name and rename it once all is done."""
-    cmd = [QEMU_IMG, "convert", "-p", "-O", output_format, *source.format_args()]
+    # 16 parallel coroutines instead of 8: measurably faster here on streamOptimized
+    # sources (bench/convert.py); -W (out-of-order writes) was not.
+    cmd = [QEMU_IMG, "convert", "-p", "-m", str(COROUTINES), "-O", output_format,
+           *source.format_args()]
     if output_format == "qcow2" and compress:
         cmd.append("-c")
         if supports_zstd():
             cmd += ["-o", "compression_type=zstd"]
     if subformat:
         cmd += ["-o", f"subformat={subformat}"]
+    if preallocation:
+        cmd += ["-o", f"preallocation={preallocation}"]
     cmd += [source.spec(), str(target)]
     proc = subprocess.Popen(
         cmd,
@@ -147,6 +154,20 @@ def convert(
             proc.wait()
         target.unlink(missing_ok=True)
         raise
+
+
+def check(image: Path, fmt: str = "qcow2") -> None:
+    """`qemu-img check`: refuse an image with corruptions (leaked clusters are harmless)."""
+    done = subprocess.run([QEMU_IMG, "check", "-f", fmt, "--output=json", str(image)],
+                          capture_output=True, text=True)
+    try:
+        report = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise ConversionError(f"qemu-img check of {image.name} failed: "
+                              f"{done.stderr.strip()}") from None
+    if report.get("corruptions", 0) or report.get("check-errors", 0):
+        raise ConversionError(f"{image.name}: qemu-img check found "
+                              f"{report.get('corruptions', 0)} corruption(s)")
 
 
 def compare(first: Path, second: Path) -> bool:

@@ -19,11 +19,12 @@ def convert_disks(
     folder: Path,
     output_format: Literal["qcow2", "raw"],
     compress: bool,
+    preallocation: str | None = None,
 ) -> list[ConvertedDisk]:
     """Convert every disk into `folder`; on failure nothing is left there."""
     progress = JobProgress.for_current_run(staged.vm.name)
     converted = convert_staged(staged, folder, output_format=output_format,
-                               compress=compress,
+                               compress=compress, preallocation=preallocation,
                                on_start=lambda total: progress.start("convert", total),
                                progress=progress.advance)
     for disk in converted:

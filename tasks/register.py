@@ -20,6 +20,7 @@ def register_domain(
     *,
     autostart: bool,
     replace: bool,
+    compat: bool | None = None,
 ) -> Registered:
     """Define the domain on `settings.libvirt_uri`, named after the VM."""
     progress = JobProgress.for_current_run(vm.name)
@@ -31,6 +32,7 @@ def register_domain(
         name=name,
         domain_type=pick_domain_type(settings.domain_type),
         networks=NetworkMap(default=settings.network, by_source=settings.network_map),
+        compat=compat,
     )
     registered = define_domain(settings.libvirt_uri, xml, name=name, autostart=autostart,
                                replace=replace)

@@ -57,3 +57,34 @@ def test_corrupt_input_fails_clearly_and_leaves_nothing(tmp_path: Path) -> None:
     assert not (out / name).exists()
     missing = hyper2kvm("inspect", str(tmp_path / "nope.ova"))
     assert missing.returncode == 1 and "not a file" in missing.stderr
+
+
+def test_a_two_disk_vm_converts_both_disks(tmp_path: Path) -> None:
+    from core.models import DiskInfo, VMInfo
+    from hyper2kvm import ova
+    from hyper2kvm.ovf import write_descriptor
+    from hyper2kvm.sample import make_disk
+
+    name = unique()
+    raws, vmdks = [], []
+    for index, size in enumerate((16, 24), 1):
+        raw = tmp_path / f"d{index}.raw"
+        make_disk(raw, size_mib=size, random_mib=2, hostname=f"disk{index}")
+        vmdk = tmp_path / f"{name}-disk{index}.vmdk"
+        qemu_img.convert(qemu_img.DiskSource(raw, "raw"), vmdk, output_format="vmdk",
+                         subformat="streamOptimized")
+        raws.append(raw)
+        vmdks.append(vmdk)
+    vm = VMInfo(identifier=name, name=name, provider="local",
+                disks=[DiskInfo(name=f"d{i}", capacity_bytes=s * 2**20)
+                       for i, s in enumerate((16, 24), 1)])
+    package = tmp_path / f"{name}.ova"
+    ova.write_ova(package, write_descriptor(tmp_path, vm, vmdks))
+    done = hyper2kvm("convert", str(package), "--output-dir", str(tmp_path / "out"),
+                     "--preallocation", "metadata", "--json")
+    assert done.returncode == 0, done.stderr
+    disks = json.loads(done.stdout)["disks"]
+    assert [d["verified"] for d in disks] == ["sha256", "sha256"]
+    for raw, disk in zip(raws, disks, strict=True):
+        assert qemu_img.compare(raw, Path(disk["path"]))
+        assert qemu_img.info(Path(disk["path"]))["format"] == "qcow2"

@@ -24,6 +24,25 @@ def _vm(name: str, firmware: str, secure_boot: bool = False) -> VMInfo:
                         NicInfo(mac="52:54:00:00:00:02", network="Lab")])
 
 
+def test_windows_guests_get_sata_and_e1000(libvirt_uri: str, tmp_path: Path) -> None:
+    name = unique()
+    vm = _vm(name, "efi").model_copy(update={"guest_os": "windows9_64Guest"})
+    xml = domain_xml(vm, [DomainDisk(tmp_path / "a.qcow2", "qcow2")], domain_type="qemu",
+                     networks=NetworkMap(default="user"))
+    define_domain(libvirt_uri, xml, name=name, autostart=False, replace=False)
+    try:
+        conn = libvirt.open(libvirt_uri)
+        defined = ET.fromstring(conn.lookupByName(name).XMLDesc(0))
+        conn.close()
+        target = defined.find("devices/disk/target")
+        assert (target.get("bus"), target.get("dev")) == ("sata", "sda")
+        assert {m.get("type") for m in defined.findall("devices/interface/model")} == {"e1000"}
+    finally:
+        undefine_domain(libvirt_uri, name)
+    linux = domain_xml(_vm(name, "bios"), [DomainDisk(tmp_path / "a.qcow2", "qcow2")])
+    assert "bus=\"virtio\"" in linux and "e1000" not in linux
+
+
 @pytest.mark.parametrize(("firmware", "secure_boot"), [("bios", False), ("efi", False),
                                                        ("efi", True)])
 def test_domain_defines_in_libvirt(libvirt_uri: str, tmp_path: Path, firmware: str,

@@ -144,3 +144,35 @@ def test_confine_refuses_escapes(tmp_path: Path) -> None:
     os.symlink(outside, root / "sneaky")
     with pytest.raises(PathNotAllowed):
         confine("sneaky/vm", root)
+
+
+@pytest.mark.parametrize(("fmt", "options", "expected"), [
+    ("vpc", "subformat=dynamic", "vpc"),
+    ("vhdx", "", "vhdx"),
+    ("qcow2", "", "qcow2"),
+    ("raw", "", "raw"),
+    ("vmdk", "subformat=monolithicSparse", "vmdk"),
+    ("vmdk", "subformat=monolithicFlat", "vmdk"),
+])
+def test_formats_are_detected_by_header(tmp_path: Path, fmt: str, options: str,
+                                        expected: str) -> None:
+    import subprocess
+
+    path = tmp_path / f"disk.{fmt}"
+    command = ["qemu-img", "create", "-q", "-f", fmt, *(["-o", options] if options else []),
+               str(path), "8M"]
+    subprocess.run(command, check=True)
+    assert detect_format(path) == expected
+
+
+def test_vhdx_converts_to_qcow2_with_its_content(tmp_path: Path) -> None:
+    from hyper2kvm import qemu_img
+    from hyper2kvm.sample import make_disk
+
+    raw = tmp_path / "d.raw"
+    make_disk(raw, size_mib=16)
+    vhdx = tmp_path / "d.vhdx"
+    qemu_img.convert(qemu_img.DiskSource(raw, "raw"), vhdx, output_format="vhdx")  # type: ignore[arg-type]
+    out = tmp_path / "d.qcow2"
+    qemu_img.convert(qemu_img.DiskSource(vhdx, detect_format(vhdx)), out, output_format="qcow2")
+    assert qemu_img.compare(raw, out)

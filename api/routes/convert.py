@@ -33,6 +33,7 @@ class ImportRequest(Body):
     autostart: bool = False
     firmware: str = Field(default="bios", pattern="^(bios|efi)$")
     replace: bool = False
+    compat_mode: bool = False  # SATA disk and e1000 NIC, for guests without virtio drivers
 
 
 def _parse(settings: Config, path: str) -> dict[str, Any]:
@@ -61,7 +62,7 @@ def _import(settings: Config, body: ImportRequest) -> dict[str, Any]:
     h2k = settings.hyper2kvm
     xml = domain_xml(vm, [DomainDisk(disk, fmt)], name=safe_name(body.vm_name),  # type: ignore[arg-type]
                      domain_type=pick_domain_type(h2k.domain_type),
-                     networks=NetworkMap(default=body.network))
+                     networks=NetworkMap(default=body.network), compat=body.compat_mode)
     registered = define_domain(h2k.libvirt_uri, xml, name=safe_name(body.vm_name),
                                autostart=body.autostart, replace=body.replace)
     return {"vm_name": registered.name, "uuid": registered.uuid, "uri": registered.uri,
