@@ -159,6 +159,7 @@ class Hyper2kvmConfig(Section):
     libvirt_uri: str = "qemu:///system"
     network: str = "default"  # libvirt network for NICs; "user" for user-mode networking
     network_map: dict[str, str] = Field(default_factory=dict)  # source network → libvirt
+    storage_pools: bool = True  # each VM's output folder becomes pool hypersdk-<vm>
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
 
 

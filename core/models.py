@@ -30,6 +30,7 @@ class DiskInfo(Strict):
     capacity_bytes: int = Field(ge=0)
     format: str = "vmdk"
     controller: str = "scsi"
+    unit: int | None = None  # position on its controller (OVF AddressOnParent)
     file: str | None = None  # the disk's file in the export (OVF file reference)
     datastore: str | None = None
 
@@ -165,6 +166,7 @@ class MigrationResult(Strict):
     domain_name: str | None = None
     domain_uuid: str | None = None
     libvirt_uri: str | None = None
+    storage_pool: str | None = None
     step_seconds: dict[str, float] = Field(default_factory=dict)
 
 

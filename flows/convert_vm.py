@@ -84,6 +84,7 @@ def convert_vm(request: ConvertRequest, output_root: str | None = None) -> Migra
             staged.vm, disks, h2k, autostart=request.autostart, replace=request.replace))
         result = result.model_copy(update={
             "domain_name": registered.name, "domain_uuid": registered.uuid,
+            "storage_pool": registered.pool,
             "libvirt_uri": registered.uri})
     result = result.model_copy(update={"step_seconds": timed.seconds})
     progress.complete()

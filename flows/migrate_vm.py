@@ -88,6 +88,7 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
             replace=integration.replace_existing, compat=integration.compat_mode))
         result = result.model_copy(update={
             "disks": disks, "domain_name": registered.name, "domain_uuid": registered.uuid,
+            "storage_pool": registered.pool,
             "libvirt_uri": registered.uri})
     result = result.model_copy(update={"step_seconds": timed.seconds})
     progress.complete()

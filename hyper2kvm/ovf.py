@@ -167,7 +167,9 @@ def parse_ovf(text: str | bytes) -> OvfDescriptor:
         if found is None:
             raise InvalidRequest(f"OVF: disk item refers to unknown disk {host!r}")
         controller = controllers.get(parent or "", found.controller)
-        disks.append(found.model_copy(update={"controller": controller}))
+        unit = _text(item, "AddressOnParent")
+        disks.append(found.model_copy(update={"controller": controller,
+                                              "unit": int(unit) if unit else None}))
     disks.extend(disks_by_id.values())  # disks no hardware item mentions, in file order
 
     vm = VMInfo(

@@ -6,6 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
+from xml.sax.saxutils import escape
 
 import libvirt
 
@@ -18,6 +20,8 @@ class Registered:
     uuid: str
     uri: str
     autostart: bool
+    pool: str | None = None
+    volumes: tuple[str, ...] = ()
 
 
 def _quiet(_context: object, _error: object) -> None:
@@ -80,6 +84,27 @@ def define_domain(uri: str, xml: str, *, name: str, autostart: bool, replace: bo
             raise RegistrationError(f"libvirt refused domain {name!r}: {exc}") from None
         return Registered(name=domain.name(), uuid=domain.UUIDString(), uri=uri,
                           autostart=bool(domain.autostart()))
+
+
+def place_in_pool(uri: str, folder: Path, name: str) -> tuple[str, list[str]]:
+    """Make `folder` a libvirt directory pool named `name` (defined, started, autostarted,
+    refreshed), so its disks are volumes libvirt tools see; returns the pool's name and
+    its volumes."""
+    xml = (f"<pool type='dir'><name>{escape(name)}</name>"
+           f"<target><path>{escape(str(folder))}</path></target></pool>")
+    with connect(uri) as conn:
+        try:
+            try:
+                pool = conn.storagePoolLookupByName(name)
+            except libvirt.libvirtError:
+                pool = conn.storagePoolDefineXML(xml, 0)
+            if not pool.isActive():
+                pool.create(0)
+            pool.setAutostart(1)
+            pool.refresh(0)
+            return pool.name(), sorted(pool.listVolumes())
+        except libvirt.libvirtError as exc:
+            raise RegistrationError(f"storage pool {name!r} for {folder}: {exc}") from None
 
 
 def undefine_domain(uri: str, name: str) -> bool:

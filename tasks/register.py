@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace as replace_fields
+
 from prefect import get_run_logger, task
 
 from core.config import Hyper2kvmConfig
 from core.models import ConvertedDisk, VMInfo
 from core.paths import safe_name
 from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml, pick_domain_type
-from hyper2kvm.registration import Registered, define_domain
+from hyper2kvm.registration import Registered, define_domain, place_in_pool
 from tasks.progress import JobProgress
 
 
@@ -36,7 +38,12 @@ def register_domain(
     )
     registered = define_domain(settings.libvirt_uri, xml, name=name, autostart=autostart,
                                replace=replace)
+    if settings.storage_pools and disks:
+        pool, volumes = place_in_pool(settings.libvirt_uri, disks[0].path.parent,
+                                      f"hypersdk-{name}")
+        registered = replace_fields(registered, pool=pool, volumes=tuple(volumes))
     progress.finish()
-    get_run_logger().info("defined libvirt domain %s (%s) on %s", registered.name,
-                          registered.uuid, registered.uri)
+    get_run_logger().info("defined libvirt domain %s (%s) on %s%s", registered.name,
+                          registered.uuid, registered.uri,
+                          f"; disks in pool {registered.pool}" if registered.pool else "")
     return registered

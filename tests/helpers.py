@@ -80,6 +80,17 @@ def start_and_stop(name: str) -> bool:
         conn.close()
 
 
+def pool_volumes(name: str) -> list[str]:
+    """The volumes of an active, autostarted storage pool."""
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        pool = conn.storagePoolLookupByName(name)
+        assert pool.isActive() and pool.autostart()
+        return sorted(pool.listVolumes())
+    finally:
+        conn.close()
+
+
 def domain_defined(name: str) -> bool:
     conn = libvirt.open(LIBVIRT_URI)
     try:

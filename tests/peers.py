@@ -97,6 +97,11 @@ def libvirt_uri() -> Iterator[str]:
             if domain.isActive():
                 domain.destroy()
             domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    for pool in conn.listAllStoragePools():
+        if pool.name().startswith("hypersdk-t-"):
+            if pool.isActive():
+                pool.destroy()
+            pool.undefine()
     conn.close()
 
 

@@ -176,3 +176,16 @@ def test_vhdx_converts_to_qcow2_with_its_content(tmp_path: Path) -> None:
     out = tmp_path / "d.qcow2"
     qemu_img.convert(qemu_img.DiskSource(vhdx, detect_format(vhdx)), out, output_format="qcow2")
     assert qemu_img.compare(raw, out)
+
+
+def test_ovf_2_envelope_parses_like_ovf_1() -> None:
+    vm = VMInfo(identifier="v2", name="v2", provider="local", cpus=2, memory_mb=1024,
+                disks=[DiskInfo(name="a", capacity_bytes=2**30, file="v2-1.vmdk"),
+                       DiskInfo(name="b", capacity_bytes=2**30, file="v2-2.vmdk")],
+                nics=[NicInfo(mac="00:50:56:aa:bb:cc", network="Prod")])
+    text = render_ovf(vm, [("v2-1.vmdk", 10), ("v2-2.vmdk", 20)])
+    ovf2 = text.replace("http://schemas.dmtf.org/ovf/envelope/1",
+                        "http://schemas.dmtf.org/ovf/envelope/2")
+    back = parse_ovf(ovf2).vm
+    assert (back.cpus, back.memory_mb, [d.unit for d in back.disks]) == (2, 1024, [0, 1])
+    assert back.nics[0].mac == "00:50:56:aa:bb:cc"

@@ -20,6 +20,7 @@ from tests.helpers import (
     domain_facts,
     make_random_raw,
     make_truncated_ova,
+    pool_volumes,
     qemu_img_running_on,
     source_disk_as_raw,
     start_and_stop,
@@ -62,6 +63,8 @@ def test_migration_through_the_api_defines_a_matching_domain(
     assert facts["disks"] == [str(disk)] and facts["macs"] == ["52:54:00:ab:cd:ef"]
     assert facts["machine"].startswith("pc-q35") or facts["machine"] == "q35"
     assert start_and_stop(sample_vm), "the migrated domain does not start"
+    assert result["storage_pool"] == f"hypersdk-{sample_vm}"
+    assert pool_volumes(result["storage_pool"]) == [disk.name]
     # progress moved through the phases and ended at 100 %
     phases = [p["phase"] for p in seen]
     assert seen[-1]["percentage"] == 100.0
