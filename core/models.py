@@ -155,6 +155,7 @@ class ConvertedDisk(Strict):
     actual_size: int
     seconds: float
     verified: str | None = None  # the source checksum algorithm checked during conversion
+    sha256: str | None = None  # of the output, when asked for
 
 
 class MigrationResult(Strict):
@@ -195,6 +196,7 @@ class ConversionOptions(Strict):
     format: Literal["qcow2", "raw"] | None = None  # None: hyper2kvm.default_format
     compression: bool | None = None  # None: hyper2kvm.compression
     preallocation: Literal["off", "metadata", "falloc", "full"] | None = None
+    checksum: bool = False  # SHA-256 of each output (one more read of it)
 
 
 class ConvertRequest(Strict):

@@ -77,7 +77,7 @@ def convert_vm(request: ConvertRequest, output_root: str | None = None) -> Migra
         staged, folder, request.conversion_options.format or h2k.default_format,
         h2k.compression if request.conversion_options.compression is None
         else request.conversion_options.compression,
-        request.conversion_options.preallocation))
+        request.conversion_options.preallocation, request.conversion_options.checksum))
     result = MigrationResult(vm=export.vm.name, export=export, disks=disks)
     if request.import_to_kvm:
         registered = timed("register", lambda: register_domain(

@@ -48,10 +48,11 @@ def report_markdown(result: MigrationResult, *, title: str, source: str,
     lines += ["", "| exported file | bytes | SHA-256 |", "|---|---:|---|"]
     lines += [f"| {f.path.name} | {f.size:,} | {f.sha256 or '-'} |" for f in result.export.files]
     if result.disks:
-        lines += ["", "| disk | output | format | virtual bytes | on disk | seconds |",
-                  "|---|---|---|---:|---:|---:|"]
+        lines += ["", "| disk | output | format | virtual bytes | on disk | seconds | source "
+                  "verified | output SHA-256 |", "|---|---|---|---:|---:|---:|---|---|"]
         lines += [f"| {d.source} | `{d.path}` | {d.format} | {d.virtual_size:,} | "
-                  f"{d.actual_size:,} | {d.seconds} |" for d in result.disks]
+                  f"{d.actual_size:,} | {d.seconds} | {d.verified or '-'} | {d.sha256 or '-'} |"
+                  for d in result.disks]
     lines += ["", "| step | seconds |", "|---|---:|"]
     lines += [f"| {step} | {seconds} |" for step, seconds in result.step_seconds.items()]
     return "\n".join(lines)

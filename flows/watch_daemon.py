@@ -28,7 +28,8 @@ def converter(output_dir: Path, fmt: str, compress: bool):  # type: ignore[no-un
             **job.model_dump(exclude={"job_id", "conversion_options"}),
             conversion_options=ConversionOptions(
                 format=options.format or fmt,  # type: ignore[arg-type]
-                compression=compress if options.compression is None else options.compression))
+                compression=compress if options.compression is None else options.compression,
+                preallocation=options.preallocation, checksum=True))
         result = convert_vm.with_options(flow_run_name=f"convert {job.job_id}")(
             request, output_root=str(output_dir))
         return result.model_dump(mode="json")

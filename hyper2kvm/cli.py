@@ -16,7 +16,6 @@ from core.paths import safe_name
 from hyper2kvm import __version__, ova
 from hyper2kvm.convert import convert_staged
 from hyper2kvm.detect import detect_format
-from hyper2kvm.manifest import digest_file
 from hyper2kvm.ovf import parse_ovf
 from hyper2kvm.staging import describe_source, stage_export
 from hyper2kvm.vmdk import parse_vmdk
@@ -90,16 +89,13 @@ def _convert(args: argparse.Namespace) -> dict[str, Any]:
         folder = Path(args.output_dir) / safe_name(export.vm.name)
         disks = convert_staged(staged, folder, output_format=args.format,
                                compress=args.compress, preallocation=args.preallocation,
-                               on_start=on_start, progress=advance)
+                               checksum=args.checksum, on_start=on_start, progress=advance)
     result: dict[str, Any] = {
         "vm": export.vm.model_dump(mode="json"),
         "output_dir": str(folder),
         "seconds": round(time.monotonic() - started, 3),
         "disks": [d.model_dump(mode="json") for d in disks],
     }
-    if args.checksum:
-        for entry, disk in zip(result["disks"], disks, strict=True):
-            entry["sha256"] = digest_file(disk.path)
     return result
 
 

@@ -59,7 +59,7 @@ PARALLEL_DISKS = 2  # disks of one VM converted at once
 
 def _convert_one(disk: StagedDisk, size: int, target: Path, partial: Path, *,
                  output_format: Literal["qcow2", "raw"], compress: bool,
-                 preallocation: str | None,
+                 preallocation: str | None, checksum: bool,
                  progress: Callable[[int], None] | None) -> ConvertedDisk:
     started = time.monotonic()
     digest = _Digest(disk) if disk.digest else None
@@ -77,7 +77,8 @@ def _convert_one(disk: StagedDisk, size: int, target: Path, partial: Path, *,
         source=disk.disk.file or disk.path.name, path=target, format=output_format,
         virtual_size=facts["virtual-size"], actual_size=facts.get("actual-size", 0),
         seconds=round(time.monotonic() - started, 3),
-        verified=disk.algorithm if digest else None)
+        verified=disk.algorithm if digest else None,
+        sha256=digest_file(partial) if checksum else None)
 
 
 def convert_staged(
@@ -87,11 +88,13 @@ def convert_staged(
     output_format: Literal["qcow2", "raw"],
     compress: bool = False,
     preallocation: str | None = None,
+    checksum: bool = False,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[ConvertedDisk]:
     """Convert every disk of `staged` into `folder`, up to PARALLEL_DISKS at once; qcow2
-    outputs pass `qemu-img check`. `on_start` is told the total virtual bytes, `progress`
+    outputs pass `qemu-img check`; with `checksum`, each output's SHA-256 is recorded.
+    `on_start` is told the total virtual bytes, `progress`
     the bytes converted as they go. Outputs get their final names only when all are done."""
     targets = output_paths(staged, folder, output_format)
     sizes = [qemu_img.info(d.source())["virtual-size"] for d in staged.disks]
@@ -105,7 +108,8 @@ def convert_staged(
                                 thread_name_prefix="convert") as pool:
             futures = [pool.submit(_convert_one, disk, size, target, partial,
                                    output_format=output_format, compress=compress,
-                                   preallocation=preallocation, progress=progress)
+                                   preallocation=preallocation, checksum=checksum,
+                                   progress=progress)
                        for disk, size, target, partial
                        in zip(staged.disks, sizes, targets, partials, strict=True)]
             converted = [future.result() for future in futures]

@@ -20,11 +20,13 @@ def convert_disks(
     output_format: Literal["qcow2", "raw"],
     compress: bool,
     preallocation: str | None = None,
+    checksum: bool = False,
 ) -> list[ConvertedDisk]:
     """Convert every disk into `folder`; on failure nothing is left there."""
     progress = JobProgress.for_current_run(staged.vm.name)
     converted = convert_staged(staged, folder, output_format=output_format,
                                compress=compress, preallocation=preallocation,
+                               checksum=checksum,
                                on_start=lambda total: progress.start("convert", total),
                                progress=progress.advance)
     for disk in converted:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hyper2kvm import ova, qemu_img
+from hyper2kvm.manifest import digest_file
 from hyper2kvm.sample import make_sample_ova
 from hyper2kvm.watch import write_json_atomically
 from tests.helpers import make_random_raw, make_truncated_ova, source_disk_as_raw
@@ -79,6 +80,7 @@ def test_jobs_convert_and_bad_ones_fail_with_a_reason(watch, tmp_path: Path) -> 
         disk = Path(result["result"]["disks"][0]["path"])
         assert disk == output / "good-vm" / "good-vm-disk1.qcow2"
         assert qemu_img.compare(source_disk_as_raw(good, tmp_path / "good.raw"), disk)
+        assert result["result"]["disks"][0]["sha256"] == digest_file(disk)
         assert (watch_dir / "done" / "good.json").exists()
 
         reasons = {job: outcome(watch_dir, job)["error"]
@@ -133,3 +135,35 @@ def test_a_job_cut_short_by_kill_runs_again_after_restart_and_only_it(
         assert "resuming 1 interrupted job" in log.read_text()
     finally:
         stop(daemon)
+
+
+def test_transient_failures_are_retried_and_others_are_not(tmp_path: Path) -> None:
+    """The retry policy alone, with a conversion that fails on cue."""
+    import threading
+
+    from core.errors import ConversionError, Transient
+    from hyper2kvm.watch import WatchDaemon
+
+    calls: dict[str, int] = {}
+
+    def convert(job):  # type: ignore[no-untyped-def]
+        calls[job.job_id] = calls.get(job.job_id, 0) + 1
+        if job.job_id == "flaky" and calls["flaky"] == 1:
+            raise Transient("connection reset")
+        if job.job_id == "broken":
+            raise ConversionError("qemu-img said no")
+        return {"ok": True}
+
+    daemon = WatchDaemon(tmp_path, convert, poll=0.05, retry_delay=0.01)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        drop(tmp_path, "flaky", source_path="/x.ova")
+        drop(tmp_path, "broken", source_path="/y.ova")
+        assert outcome(tmp_path, "flaky", timeout=10)["attempts"] == 2
+        failed = outcome(tmp_path, "broken", timeout=10)
+        assert failed["attempts"] == 1 and failed["error"] == "qemu-img said no"
+        assert calls == {"flaky": 2, "broken": 1}
+    finally:
+        daemon.stop()
+        runner.join(10)
