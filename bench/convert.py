@@ -61,8 +61,11 @@ def main() -> None:
                                 str(out)], out),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
         for round_ in range(args.rounds):
-            for name, (command, output) in variants.items():
+            # a different variant goes first each round: no one pays for position
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                command, output = variants[name]
                 times[name].append(timed(command, output))
             print(f"round {round_ + 1}: " + ", ".join(f"{n} {t[-1]:.2f}s"
                                                       for n, t in times.items()), flush=True)
