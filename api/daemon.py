@@ -89,6 +89,7 @@ def prefect_server(settings: Config, data_dir: Path) -> Iterator[str | None]:
 
 async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     """Run the REST API and the flow runner until SIGTERM or SIGINT."""
+    import httpx
     import uvicorn
     from prefect.runner import Runner
     from prefect.types.entrypoint import EntrypointType
@@ -98,7 +99,12 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     from flows.migrate_vm import migrate_vm
     from tasks.export import ensure_export_limit
 
-    await asyncio.to_thread(ensure_export_limit, settings.export.concurrent_exports, update=True)
+    try:
+        await asyncio.to_thread(ensure_export_limit, settings.export.concurrent_exports,
+                                update=True)
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"cannot reach the Prefect server at "
+                          f"{os.environ.get('PREFECT_API_URL')}: {exc}") from None
     runner = Runner(name="hypervisord", limit=settings.daemon.workers, pause_on_shutdown=False,
                     query_seconds=1)
     if serve_flows:

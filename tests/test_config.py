@@ -94,3 +94,17 @@ def test_only_transient_export_failures_are_retried() -> None:
     assert only_transient(None, None, Failed(data=TimeoutError("slow")))
     assert not only_transient(None, None, Failed(data=NotFound("gone")))
     assert not only_transient(None, None, Failed(data=AuthFailed("bad password")))
+
+
+def test_hypervisord_says_so_when_prefect_is_unreachable(tmp_path: Path) -> None:
+    import os
+
+    from tests.peers import free_port, write_config
+
+    config = write_config(tmp_path, port=free_port(), api_key="k")
+    env = dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")
+    done = subprocess.run([str(BIN / "hypervisord"), "--config", str(config)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "cannot reach the Prefect server at http://127.0.0.1:" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -83,3 +83,29 @@ def test_domain_defines_in_libvirt(libvirt_uri: str, tmp_path: Path, firmware: s
         conn.close()
     finally:
         assert undefine_domain(libvirt_uri, name)
+
+
+def test_uefi_secure_boot_domain_starts_with_ovmf_and_nvram(libvirt_uri: str) -> None:
+    import subprocess
+
+    from tests.peers import SESSION_DIR
+
+    name = unique()
+    disk = SESSION_DIR / f"{name}.qcow2"  # a folder qemu's own user can reach
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    xml = domain_xml(_vm(name, "efi", secure_boot=True).model_copy(update={"nics": []}),
+                     [DomainDisk(disk, "qcow2")], domain_type="qemu")
+    define_domain(libvirt_uri, xml, name=name, autostart=False, replace=False)
+    conn = libvirt.open(libvirt_uri)
+    try:
+        domain = conn.lookupByName(name)
+        domain.create()
+        live = ET.fromstring(domain.XMLDesc(0))
+        domain.destroy()
+        loader = live.find("os/loader")
+        assert loader is not None and "OVMF" in (loader.text or "")
+        assert loader.get("secure") == "yes"
+        assert live.find("os/nvram") is not None
+    finally:
+        conn.close()
+        undefine_domain(libvirt_uri, name)

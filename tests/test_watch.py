@@ -81,6 +81,13 @@ def test_jobs_convert_and_bad_ones_fail_with_a_reason(watch, tmp_path: Path) -> 
         assert disk == output / "good-vm" / "good-vm-disk1.qcow2"
         assert qemu_img.compare(source_disk_as_raw(good, tmp_path / "good.raw"), disk)
         assert result["result"]["disks"][0]["sha256"] == digest_file(disk)
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+        with get_client(sync_client=True) as client:  # the job was a convert-vm flow run
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=["convert good"])))
+        assert [run.state.type.value for run in runs] == ["COMPLETED"]
         assert (watch_dir / "done" / "good.json").exists()
 
         reasons = {job: outcome(watch_dir, job)["error"]
