@@ -107,6 +107,19 @@ def place_in_pool(uri: str, folder: Path, name: str) -> tuple[str, list[str]]:
             raise RegistrationError(f"storage pool {name!r} for {folder}: {exc}") from None
 
 
+def starts(uri: str, name: str) -> bool:
+    """Start the domain under QEMU for real, then stop it: did it run?"""
+    with connect(uri) as conn:
+        try:
+            domain = conn.lookupByName(name)
+            domain.create()
+            running = bool(domain.isActive())
+            domain.destroy()
+        except libvirt.libvirtError as exc:
+            raise RegistrationError(f"domain {name!r} does not start: {exc}") from None
+        return running
+
+
 def undefine_domain(uri: str, name: str) -> bool:
     """Remove a defined (inactive) domain; False if there was none."""
     with connect(uri) as conn:

@@ -86,24 +86,6 @@ def follow(client: httpx.Client, job_id: str) -> dict:
     return client.get("/jobs/query", params={"job_id": job_id}).json()
 
 
-def starts(name: str) -> bool:
-    """Start the migrated domain for real, then stop it (the sample has no OS to boot)."""
-    import libvirt
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        domain = conn.lookupByName(name)
-        domain.create()
-        running = bool(domain.isActive())
-        domain.destroy()
-        return running
-    except libvirt.libvirtError as exc:
-        console.print(f"[yellow]could not start {name}: {exc}")
-        return False
-    finally:
-        conn.close()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT / "var" / "demo")
@@ -170,7 +152,8 @@ def main() -> int:
             console.print(f"[green]completed[/]: libvirt domain [bold]{result['domain_name']}[/] "
                           f"({result['domain_uuid']}) on {result['libvirt_uri']}")
             console.print(f"disk {disk} — content identical to the source: {same}")
-            console.print(f"domain starts under QEMU: {starts(result['domain_name'])}")
+            runs = registration.starts("qemu:///system", result["domain_name"])
+            console.print(f"domain starts under QEMU: {runs}")
             console.print(subprocess.run(["virsh", "-c", "qemu:///system", "dominfo",
                                           result["domain_name"]], capture_output=True,
                                          text=True).stdout.strip())

@@ -12,6 +12,7 @@ import libvirt
 
 from hyper2kvm import ova, qemu_img
 from hyper2kvm.ovf import parse_ovf, write_descriptor
+from hyper2kvm.registration import starts
 from hyper2kvm.sample import make_sample_ova
 from tests.peers import LIBVIRT_URI
 
@@ -68,16 +69,7 @@ def domain_facts(name: str) -> dict:
 
 
 def start_and_stop(name: str) -> bool:
-    """Start the domain under QEMU for real (TCG here), then stop it: was it running?"""
-    conn = libvirt.open(LIBVIRT_URI)
-    try:
-        domain = conn.lookupByName(name)
-        domain.create()
-        running = bool(domain.isActive())
-        domain.destroy()
-        return running
-    finally:
-        conn.close()
+    return starts(LIBVIRT_URI, name)
 
 
 def pool_volumes(name: str) -> list[str]:
