@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 packages=(qemu-utils qemu-system-x86 libvirt-daemon libvirt-daemon-system libvirt-clients
           libvirt-daemon-driver-qemu libvirt-dev pkg-config ovmf e2fsprogs fdisk jq curl gcc
+          iproute2 procps
           python3-venv python3-dev)
 missing=()
 for package in "${packages[@]}"; do
