@@ -3,7 +3,8 @@
 Builds a 4 GiB streamOptimized VMDK (half random data, half zeros), then alternates,
 --rounds times: `hyper2kvm convert` to qcow2, and bare `qemu-img convert -O qcow2` with
 qemu-img's defaults; also times qemu-img with -W and with -m 16 to see whether they help
-here. Prints medians and the ratio hyper2kvm / qemu-img (target <= 1.0).
+here. Each run starts from a dropped page cache (as root), so each reads its source cold.
+Prints medians and the ratio hyper2kvm / qemu-img (target <= 1.0).
 Run: .venv/bin/python bench/convert.py [--rounds 3] [--size-mib 4096]
 """
 
@@ -21,16 +22,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
+
 from hyper2kvm import qemu_img  # noqa: E402
 from hyper2kvm.sample import make_disk  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
 
+def settle() -> None:
+    """Every run starts alike: dirty pages written back and, where we may (root), the page
+    cache dropped, so that no variant reads a source another one just warmed."""
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def timed(command: list[str], output: Path) -> float:
     if output.exists():
         shutil.rmtree(output) if output.is_dir() else output.unlink()
-    os.sync()
+    settle()
     started = time.monotonic()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.monotonic() - started

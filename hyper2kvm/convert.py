@@ -97,7 +97,8 @@ def convert_staged(
     `on_start` is told the total virtual bytes, `progress`
     the bytes converted as they go. Outputs get their final names only when all are done."""
     targets = output_paths(staged, folder, output_format)
-    sizes = [qemu_img.info(d.source())["virtual-size"] for d in staged.disks]
+    sizes = [d.disk.capacity_bytes or qemu_img.info(d.source())["virtual-size"]
+             for d in staged.disks]
     if on_start:
         on_start(sum(sizes))
     created_folder = not folder.exists()

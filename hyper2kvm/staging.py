@@ -17,6 +17,7 @@ from hyper2kvm.detect import detect_format
 from hyper2kvm.manifest import digest_file, parse_manifest
 from hyper2kvm.ovf import parse_ovf
 from hyper2kvm.qemu_img import DiskSource
+from hyper2kvm.vmdk import parse_vmdk
 
 
 class StagedDisk(BaseModel):
@@ -151,10 +152,14 @@ def describe_source(source: Path) -> ExportResult:
             files.append(ExportedFile(path=manifest, size=manifest.stat().st_size,
                                       role="manifest"))
         return ExportResult(vm=vm, directory=source.parent, files=files, method="ovf")
-    facts = qemu_img.info(source)
+    if detect_format(source) == "vmdk":
+        capacity, fmt = parse_vmdk(source).capacity_bytes, "vmdk"
+    else:
+        facts = qemu_img.info(source)
+        capacity, fmt = facts["virtual-size"], facts["format"]
     name = source.stem
     vm = VMInfo(identifier=name, name=name, provider="local",
-                disks=[DiskInfo(name="disk1", capacity_bytes=facts["virtual-size"],
-                                format=facts["format"], file=source.name)])
+                disks=[DiskInfo(name="disk1", capacity_bytes=capacity, format=fmt,
+                                file=source.name)])
     files = [ExportedFile(path=source, size=source.stat().st_size, role="disk")]
     return ExportResult(vm=vm, directory=source.parent, files=files, method="vmdk")
