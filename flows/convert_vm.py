@@ -27,8 +27,13 @@ def source_roots(settings: Config) -> list[Path]:
     return roots
 
 
-def source_file(request: ConvertRequest, settings: Config) -> Path:
-    return confine_any(request.source_path, source_roots(settings), what="source_path")
+def source_file(request: ConvertRequest, settings: Config, *, confined: bool = True) -> Path:
+    """The file to convert: an existing file, inside the configured roots when `confined`."""
+    source = (confine_any(request.source_path, source_roots(settings), what="source_path")
+              if confined else Path(request.source_path))
+    if not source.is_file():
+        raise InvalidRequest(f"source_path {request.source_path} is not a file")
+    return source
 
 
 def output_folder(request: ConvertRequest, settings: Config, vm_name: str,
@@ -65,9 +70,7 @@ def convert_vm(request: ConvertRequest, output_root: str | None = None) -> Migra
     configured roots as API requests are."""
     settings = config_from_env()
     h2k = settings.hyper2kvm
-    source = Path(request.source_path) if output_root else source_file(request, settings)
-    if not source.is_file():
-        raise InvalidRequest(f"source_path {request.source_path} is not a file")
+    source = source_file(request, settings, confined=output_root is None)
     progress = JobProgress.for_current_run(source.stem)
     timed = StepTimer()
     export = describe_source(source)

@@ -100,23 +100,12 @@ def _convert(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _import(args: argparse.Namespace) -> dict[str, Any]:
-    from core.models import NicInfo, VMInfo
-    from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml, pick_domain_type
-    from hyper2kvm.registration import define_domain
+    from hyper2kvm.importing import import_disk
 
-    disk = Path(args.disk).resolve()
-    fmt = detect_format(disk) if disk.is_file() else None
-    if fmt not in ("qcow2", "raw"):
-        raise HypersdkError(f"{args.disk}: not a qcow2 or raw disk image")
-    name = safe_name(args.name)
-    vm = VMInfo(identifier=name, name=name, provider="local", cpus=args.vcpus,
-                memory_mb=args.memory_mb, firmware=args.firmware,
-                nics=[NicInfo(network=args.network)])
-    xml = domain_xml(vm, [DomainDisk(disk, fmt)], name=name,  # type: ignore[arg-type]
-                     domain_type=pick_domain_type("auto"), networks=NetworkMap(args.network),
-                     compat=args.compat)
-    registered = define_domain(args.uri, xml, name=name, autostart=args.autostart,
-                               replace=args.replace)
+    registered, _fmt = import_disk(
+        args.uri, Path(args.disk).resolve(), name=args.name, memory_mb=args.memory_mb,
+        vcpus=args.vcpus, network=args.network, firmware=args.firmware,
+        autostart=args.autostart, replace=args.replace, compat=args.compat)
     return {"name": registered.name, "uuid": registered.uuid, "uri": registered.uri,
             "autostart": registered.autostart}
 

@@ -12,13 +12,11 @@ from api.deps import ApiKeyDep, JobsDep, SettingsDep
 from api.schemas import Body, JobSubmitted
 from core.config import Config
 from core.errors import InvalidRequest
-from core.models import ConvertRequest, NicInfo, VMInfo
-from core.paths import confine_any, safe_name
+from core.models import ConvertRequest
+from core.paths import confine_any
 from flows.convert_vm import output_folder, source_file, source_roots
 from hyper2kvm import ova
-from hyper2kvm.detect import detect_format
-from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml, pick_domain_type
-from hyper2kvm.registration import define_domain
+from hyper2kvm.importing import import_disk
 from hyper2kvm.vmdk import parse_vmdk
 
 router = APIRouter(tags=["convert"], dependencies=[ApiKeyDep])
@@ -50,30 +48,18 @@ def _parse(settings: Config, path: str) -> dict[str, Any]:
 
 def _import(settings: Config, body: ImportRequest) -> dict[str, Any]:
     disk = confine_any(body.disk_path, source_roots(settings), what="disk_path")
-    if not disk.is_file():
-        raise InvalidRequest(f"disk_path {body.disk_path} is not a file")
-    fmt = detect_format(disk)
-    if fmt not in ("qcow2", "raw"):
-        raise InvalidRequest(f"{disk.name} is {fmt}; convert it to qcow2 or raw first")
-    vm = VMInfo(identifier=body.vm_name, name=body.vm_name, provider="local",
-                cpus=body.vcpus, memory_mb=body.memory_mb,
-                firmware=body.firmware,  # type: ignore[arg-type]
-                nics=[NicInfo(network=body.network)])
     h2k = settings.hyper2kvm
-    xml = domain_xml(vm, [DomainDisk(disk, fmt)], name=safe_name(body.vm_name),  # type: ignore[arg-type]
-                     domain_type=pick_domain_type(h2k.domain_type),
-                     networks=NetworkMap(default=body.network), compat=body.compat_mode)
-    registered = define_domain(h2k.libvirt_uri, xml, name=safe_name(body.vm_name),
-                               autostart=body.autostart, replace=body.replace)
+    registered, fmt = import_disk(
+        h2k.libvirt_uri, disk, name=body.vm_name, memory_mb=body.memory_mb, vcpus=body.vcpus,
+        network=body.network, firmware=body.firmware,  # type: ignore[arg-type]
+        autostart=body.autostart, replace=body.replace, compat=body.compat_mode,
+        domain_type=h2k.domain_type)
     return {"vm_name": registered.name, "uuid": registered.uuid, "uri": registered.uri,
             "autostart": registered.autostart, "disk_path": str(disk), "format": fmt}
 
 
 def _validate_conversion(settings: Config, body: ConvertRequest) -> None:
-    source = source_file(body, settings)
-    if not source.is_file():
-        raise InvalidRequest(f"source_path {body.source_path} is not a file")
-    output_folder(body, settings, source.stem)
+    output_folder(body, settings, source_file(body, settings).stem)
 
 
 @router.post("/convert", response_model=JobSubmitted)

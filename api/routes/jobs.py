@@ -98,7 +98,7 @@ async def retry_job(body: JobRef, jobs: JobsDep) -> JobAction:
     """Run a failed or cancelled job again, skipping the steps that had finished."""
     status = await jobs.retry(body.job_id)
     return JobAction(job_id=body.job_id, status=status,
-                        message="scheduled again; finished steps will be skipped")
+                     message="scheduled again; finished steps will be skipped")
 
 
 @router.post("/cancel", response_model=JobAction)

@@ -1,0 +1,42 @@
+"""Importing an existing qcow2 or raw disk into libvirt as a new domain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from core.errors import InvalidRequest
+from core.models import NicInfo, VMInfo
+from core.paths import safe_name
+from hyper2kvm.detect import detect_format
+from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml, pick_domain_type
+from hyper2kvm.registration import Registered, define_domain
+
+
+def import_disk(
+    uri: str,
+    disk: Path,
+    *,
+    name: str,
+    memory_mb: int,
+    vcpus: int,
+    network: str,
+    firmware: Literal["bios", "efi"] = "bios",
+    autostart: bool = False,
+    replace: bool = False,
+    compat: bool = False,
+    domain_type: str = "auto",
+) -> tuple[Registered, str]:
+    """Define a domain around `disk`; returns it and the disk's format."""
+    fmt = detect_format(disk) if disk.is_file() else None
+    if fmt not in ("qcow2", "raw"):
+        found = f"is {fmt}; convert it to qcow2 or raw first" if fmt else "is not a file"
+        raise InvalidRequest(f"{disk} {found}")
+    domain_name = safe_name(name)
+    vm = VMInfo(identifier=domain_name, name=domain_name, provider="local", cpus=vcpus,
+                memory_mb=memory_mb, firmware=firmware, nics=[NicInfo(network=network)])
+    xml = domain_xml(vm, [DomainDisk(disk, fmt)], name=domain_name,  # type: ignore[arg-type]
+                     domain_type=pick_domain_type(domain_type),
+                     networks=NetworkMap(default=network), compat=compat)
+    registered = define_domain(uri, xml, name=domain_name, autostart=autostart, replace=replace)
+    return registered, fmt
