@@ -168,6 +168,7 @@ class ExportConfig(Section):
     chunk_size: int = Field(default=10 * 1024 * 1024, ge=4096)
     max_retries: int = Field(default=3, ge=0, le=20)
     concurrent_exports: int = Field(default=2, ge=1, le=256)
+    disk_concurrency: int = Field(default=2, ge=1, le=64)  # disks of one VM at once
 
 
 class DatabaseConfig(Section):

@@ -76,6 +76,7 @@ class VMInfo(VMSummary):
     disks: list[DiskInfo] = Field(default_factory=list)
     nics: list[NicInfo] = Field(default_factory=list)
     cdroms: int = 0
+    snapshots: list[str] = Field(default_factory=list)  # names, parents before children
 
 
 class ExportedFile(Strict):
@@ -102,9 +103,14 @@ class ExportResult(Strict):
 
 
 class ExportOptions(Strict):
-    shutdown_vm: bool = False
-    remove_cdrom: bool = True
+    shutdown_vm: bool = False  # a running VM: guest shutdown, then power off at the timeout
+    shutdown_timeout: int = Field(default=300, ge=0, le=86400)  # seconds
+    restore_power_state: bool = False  # power the VM on again after the export
+    remove_cdrom: bool = True  # from the exported descriptor; the source is never changed
     compress: bool = False
+    # how disks leave vSphere: nfc (ExportVm lease), datastore (HTTP /folder), auto
+    # (nfc, falling back to datastore when the server has no ExportVm)
+    transport: Literal["auto", "nfc", "datastore"] = "auto"
 
 
 class Hyper2kvmIntegration(Strict):

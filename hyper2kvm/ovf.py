@@ -188,11 +188,20 @@ def parse_ovf(text: str | bytes) -> OvfDescriptor:
     return OvfDescriptor(vm=vm, files=files)
 
 
+def vmdk_format_uri(create_type: str) -> str:
+    """The OVF Disk format VMware writes for a VMDK of this createType."""
+    kind = {"streamoptimized": "streamOptimized", "monolithicsparse": "sparse"}.get(
+        create_type.lower(), create_type)
+    return f"http://www.vmware.com/interfaces/specifications/vmdk.html#{kind}"
+
+
 def render_ovf(
-    vm: VMInfo, disk_files: list[tuple[str, int]], *, include_cdrom: bool = False
+    vm: VMInfo, disk_files: list[tuple[str, int]], *, include_cdrom: bool = False,
+    formats: list[str] | None = None,
 ) -> str:
     """An OVF 1.0 descriptor (vSphere's shape) for `vm`, its disks stored in `disk_files`
-    as (file name, file size), streamOptimized VMDKs, in the order of `vm.disks`."""
+    as (file name, file size), in the order of `vm.disks`; the disks' `formats` are
+    streamOptimized VMDKs unless given."""
     ET.register_namespace("", OVF_NS)
     ET.register_namespace("ovf", OVF_NS)
     ET.register_namespace("rasd", RASD_NS)
@@ -223,7 +232,7 @@ def render_ovf(
         sub(references, o("File"), id=f"file{index}", href=file_name, size=str(file_size))
         sub(disk_section, o("Disk"), diskId=f"vmdisk{index}", fileRef=f"file{index}",
             capacity=str(disk.capacity_bytes), capacityAllocationUnits="byte",
-            format=STREAM_OPTIMIZED)
+            format=formats[index - 1] if formats else STREAM_OPTIMIZED)
     networks = sorted({nic.network or "VM Network" for nic in vm.nics})
     network_section = sub(envelope, o("NetworkSection"))
     sub(network_section, o("Info"), "The list of logical networks")

@@ -19,6 +19,7 @@ ExportMethod = Literal["ova", "ovf", "vmdk"]
 # name → (driver class path, what to install when its SDK is missing)
 _DRIVERS: dict[str, tuple[str, str | None]] = {
     "local": ("providers.local:LocalProvider", None),
+    "vsphere": ("providers.vsphere:VSphereProvider", "pip install 'hypersdk[vsphere]'"),
 }
 
 

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian 12 machine for hypersdk: system packages (qemu-img, libvirt,
 # OVMF, partitioning and ext4 tools), the virtualenv at .venv, and a running libvirtd.
+# With --tests also the test peers that are built here: Go and govmomi's sources, and the
+# vCenter simulators (tests/vcsim/build.sh → tests/vcsim/bin).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tests=false
+[ "${1:-}" = "--tests" ] && tests=true
 
 packages=(qemu-utils qemu-system-x86 libvirt-daemon libvirt-daemon-system libvirt-clients
           libvirt-daemon-driver-qemu libvirt-dev pkg-config ovmf e2fsprogs fdisk jq curl gcc
           iproute2 procps
           python3-venv python3-dev)
+$tests && packages+=(golang-go golang-github-vmware-govmomi-dev)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -27,10 +32,13 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
-.venv/bin/python -m pip install -q --config-settings editable_mode=compat -e '.[dev]' \
+.venv/bin/python -m pip install -q --config-settings editable_mode=compat -e '.[dev,vsphere]' \
     2>&1 | grep -v -i "warning" || true
 .venv/bin/python -c "import prefect, libvirt, fastapi" \
     || { echo "setup: the virtualenv is incomplete" >&2; exit 1; }
 
 scripts/start-libvirt.sh
+if $tests; then
+    tests/vcsim/build.sh tests/vcsim/bin
+fi
 echo "setup: ready (.venv, qemu-img $(qemu-img --version | head -1 | awk '{print $3}'), libvirt)"

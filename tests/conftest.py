@@ -10,3 +10,4 @@ from tests.peers import (  # noqa: F401 - fixtures
     sample_vm,
     watch_daemon,
 )
+from tests.vsphere_sim import si, vcsim, vcsim_upstream  # noqa: F401,E402 - fixtures

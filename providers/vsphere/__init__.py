@@ -1,0 +1,50 @@
+"""The vSphere provider (vCenter or ESXi) on pyVmomi: inventory through the
+PropertyCollector, export over NFC or the datastore HTTP interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.config import VSphereProviderConfig
+from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
+from providers.base import BytesProgress, ExportMethod, Provider
+from providers.vsphere import inventory
+from providers.vsphere.export import export_vm
+from providers.vsphere.session import pool_for
+
+
+class VSphereProvider(Provider):
+    name = "vsphere"
+    config: VSphereProviderConfig
+
+    def list_vms(self, vm_filter: VMFilter) -> list[VMSummary]:
+        with pool_for(self.config).session() as session:
+            vms = session.call(lambda: inventory.list_vms(session), f"vSphere {self.config.host}")
+        return [vm for vm in vms if vm_filter.matches(vm)]
+
+    def get_vm(self, identifier: str) -> VMInfo:
+        with pool_for(self.config).session() as session:
+            return session.call(
+                lambda: inventory.vm_info(session, inventory.find_vm(session, identifier)),
+                f"vSphere {self.config.host}")
+
+    def export(
+        self,
+        identifier: str,
+        dest: Path,
+        *,
+        method: ExportMethod,
+        options: ExportOptions,
+        progress: BytesProgress | None = None,
+    ) -> ExportResult:
+        export = self.settings.export
+        with pool_for(self.config).session() as session:
+            vm = session.call(lambda: inventory.find_vm(session, identifier),
+                              f"vSphere {self.config.host}")
+            info = session.call(lambda: inventory.vm_info(session, vm),
+                                f"vSphere {self.config.host}")
+            exported, files = export_vm(
+                session, vm, info, dest, method=method, options=options,
+                chunk_size=export.chunk_size, retries=export.max_retries,
+                disk_concurrency=export.disk_concurrency, progress=progress)
+        return ExportResult(vm=exported, directory=dest, files=files, method=method)

@@ -1,0 +1,352 @@
+"""Exporting a vSphere VM: its disks fetched over NFC (`ExportVm` + `HttpNfcLease`) or
+over the datastore HTTP interface, then packaged as bare VMDKs, an OVF or an OVA."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+from pyVim.task import WaitForTask
+from pyVmomi import vim
+
+from core.files import partial_path
+from core.errors import HypersdkError, InvalidRequest, ProviderError, Unsupported
+from core.models import ExportedFile, ExportOptions, PowerState, VMInfo
+from hyper2kvm import ova, qemu_img
+from hyper2kvm.manifest import digest_file, render_manifest
+from hyper2kvm.ovf import render_ovf, vmdk_format_uri
+from hyper2kvm.vmdk import extent_path, parse_vmdk
+from providers.vsphere.download import Downloaded, download
+from providers.vsphere.session import Session, map_fault, split_host, tls_context
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+
+
+@dataclass
+class FetchedDisk:
+    """One disk as it arrived: its main file (what qemu-img opens) and any extents."""
+
+    main: Downloaded
+    extents: list[Downloaded] = field(default_factory=list)
+
+    @property
+    def single_file(self) -> bool:
+        return not self.extents
+
+
+@dataclass
+class Transfer:
+    """What every download of one export shares."""
+
+    client: httpx.Client
+    chunk_size: int
+    retries: int
+    disk_concurrency: int
+    progress: Progress | None
+    written: list[Path]  # finished files, removed again if the export fails
+
+    def fetch(self, url: str, target: Path) -> Downloaded:
+        if target.exists() or target in self.written:
+            raise ProviderError(f"two files of the VM are named {target.name}")
+        self.written.append(target)
+        return download(self.client, url, target, chunk_size=self.chunk_size,
+                        retries=self.retries, progress=self.progress)
+
+
+@contextlib.contextmanager
+def http_client(session: Session) -> Iterator[httpx.Client]:
+    """An HTTP client for the server's file interfaces, carrying the SOAP session cookie."""
+    cookie = session.cookie.split(";")[0]
+    with httpx.Client(verify=tls_context(session.config), headers={"Cookie": cookie},
+                      timeout=httpx.Timeout(60.0, connect=30.0)) as client:
+        yield client
+
+
+# ---- power ------------------------------------------------------------------------------
+
+
+def _power_state(vm: Any) -> PowerState:
+    return PowerState(str(vm.runtime.powerState))
+
+
+def power_off(session: Session, vm: Any, timeout: float) -> None:
+    """Shut the guest down cleanly (VMware Tools), or power it off after `timeout`."""
+    if _power_state(vm) == PowerState.POWERED_ON:
+        try:
+            vm.ShutdownGuest()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if _power_state(vm) == PowerState.POWERED_OFF:
+                    log.info("%s: guest shut down", vm.name)
+                    return
+                time.sleep(1)
+            log.warning("%s: guest did not shut down in %.0f s, powering off", vm.name, timeout)
+        except (vim.fault.ToolsUnavailable, vim.fault.InvalidState) as exc:
+            log.warning("%s: no guest shutdown (%s), powering off", vm.name,
+                        type(exc).__name__)
+    if _power_state(vm) != PowerState.POWERED_OFF:
+        session.call(lambda: WaitForTask(vm.PowerOffVM_Task()), f"power off {vm.name}")
+
+
+def restore_power(session: Session, vm: Any, state: PowerState) -> None:
+    if state == PowerState.POWERED_ON and _power_state(vm) != PowerState.POWERED_ON:
+        session.call(lambda: WaitForTask(vm.PowerOnVM_Task()), f"power on {vm.name}")
+
+
+# ---- transports -------------------------------------------------------------------------
+
+
+def _datastore_path(file: str) -> tuple[str, str]:
+    """'[LocalDS_0] web/web.vmdk' → ('LocalDS_0', 'web/web.vmdk')."""
+    if not file.startswith("[") or "]" not in file:
+        raise ProviderError(f"not a datastore path: {file!r}")
+    return file[1:file.index("]")], file[file.index("]") + 1:].strip()
+
+
+def _folder_url(session: Session, datacenter: str, datastore: str, path: str) -> str:
+    host, port = split_host(session.config.host)
+    return (f"https://{host}:{port}/folder/{quote(path)}?dcPath={quote(datacenter)}"
+            f"&dsName={quote(datastore)}")
+
+
+def fetch_datastore(session: Session, vm: VMInfo, dest: Path, transfer: Transfer) -> list[
+        FetchedDisk]:
+    """Every disk's files from the datastore HTTP interface, disks in parallel: the
+    backing file, and when that is a text descriptor, the extents it names."""
+    if not vm.datacenter:
+        raise ProviderError(f"{vm.name}: its datacenter is unknown")
+    datacenter = vm.datacenter
+
+    def fetch_disk(file: str) -> FetchedDisk:
+        datastore, path = _datastore_path(file)
+        folder = path.rpartition("/")[0]
+        main = transfer.fetch(_folder_url(session, datacenter, datastore, path),
+                              dest / Path(path).name)
+        info = parse_vmdk(main.path, check_extents=False)
+        extents = []
+        if info.header is None:  # a descriptor: its data is in extent files beside it
+            for extent in info.extents:
+                if extent.kind == "ZERO":
+                    continue
+                local = extent_path(main.path, extent)  # refuses '..' and absolute names
+                remote = f"{folder}/{extent.file}" if folder else str(extent.file)
+                extents.append(transfer.fetch(
+                    _folder_url(session, datacenter, datastore, remote), local))
+        return FetchedDisk(main=main, extents=extents)
+
+    files = [disk.file for disk in vm.disks]
+    if any(not f for f in files):
+        raise ProviderError(f"{vm.name}: a disk has no backing file")
+    with ThreadPoolExecutor(max_workers=transfer.disk_concurrency) as pool:
+        return list(pool.map(fetch_disk, [str(f) for f in files]))
+
+
+@contextlib.contextmanager
+def nfc_lease(session: Session, vm: Any) -> Iterator[Any]:
+    """An export lease: ready when yielded; completed if the body succeeds, aborted if
+    it fails."""
+    lease = session.call(vm.ExportVm, f"ExportVm {vm.name}")
+    deadline = time.monotonic() + 300
+    while lease.state == vim.HttpNfcLease.State.initializing:
+        if time.monotonic() > deadline:
+            raise ProviderError(f"{vm.name}: export lease not ready after 300 s")
+        time.sleep(0.5)
+    if lease.state == vim.HttpNfcLease.State.error:
+        raise ProviderError(f"{vm.name}: export lease failed: {lease.error.msg}")
+    try:
+        yield lease
+    except BaseException:
+        with contextlib.suppress(Exception):
+            lease.HttpNfcLeaseAbort()
+        raise
+    lease.HttpNfcLeaseComplete()
+
+
+class LeaseKeeper(threading.Thread):
+    """Reports progress to the lease every few seconds; a lease without it times out."""
+
+    def __init__(self, lease: Any, total: int, interval: float = 5.0) -> None:
+        super().__init__(name="nfc-lease-keeper", daemon=True)
+        self.lease, self.total, self.interval = lease, max(total, 1), interval
+        self.done = 0
+        self._stop = threading.Event()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):
+                self.lease.HttpNfcLeaseProgress(min(99, self.done * 100 // self.total))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def fetch_nfc(session: Session, vm: Any, info: VMInfo, dest: Path, transfer: Transfer) -> list[
+        FetchedDisk]:
+    """Every disk through an NFC export lease (the vCenter way: one stream-optimized VMDK
+    per disk), disks in parallel, the lease kept alive meanwhile."""
+    host, port = split_host(session.config.host)
+    with nfc_lease(session, vm) as lease:
+        urls = [u for u in lease.info.deviceUrl if u.disk]
+        if len(urls) != len(info.disks):
+            raise ProviderError(f"{info.name}: the lease offers {len(urls)} disk(s), the VM "
+                                f"has {len(info.disks)}")
+        keeper = LeaseKeeper(lease, sum(d.capacity_bytes for d in info.disks))
+        outer = transfer.progress
+
+        def counted(count: int) -> None:
+            keeper.advance(count)
+            if outer:
+                outer(count)
+
+        transfer.progress = counted
+        keeper.start()
+        try:
+            def fetch(url: Any) -> FetchedDisk:
+                # the server writes '*' for "the host you reached me on"
+                parts = urlsplit(url.url)
+                netloc = f"{host}:{port}" if parts.hostname == "*" else parts.netloc
+                target = dest / Path(url.targetId or parts.path).name
+                return FetchedDisk(main=transfer.fetch(
+                    parts._replace(netloc=netloc).geturl(), target))
+
+            with ThreadPoolExecutor(max_workers=transfer.disk_concurrency) as pool:
+                return list(pool.map(fetch, urls))
+        finally:
+            keeper.stop()
+            transfer.progress = outer
+
+
+# ---- packaging --------------------------------------------------------------------------
+
+
+def _exported(path: Path, sha256: str, role: str) -> ExportedFile:
+    return ExportedFile(path=path, size=path.stat().st_size, sha256=sha256,
+                        role=role)  # type: ignore[arg-type]
+
+
+def _create_type(path: Path) -> str:
+    return parse_vmdk(path, check_extents=False).create_type
+
+
+def _stream_optimized(disk: FetchedDisk) -> Downloaded:
+    """The disk as one stream-optimized (compressed) VMDK, vSphere's OVF disk format,
+    in place of the files it was fetched as."""
+    final = disk.main.path
+    partial = partial_path(final.with_name(f"{final.stem}-stream.vmdk"))
+    try:
+        qemu_img.convert(qemu_img.DiskSource(final, "vmdk"), partial,
+                         output_format="vmdk", subformat="streamOptimized")
+        for old in (disk.main, *disk.extents):
+            old.path.unlink()
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
+    return Downloaded(path=final, size=final.stat().st_size, sha256=digest_file(final),
+                      resumed=0)
+
+
+def package(vm: VMInfo, fetched: list[FetchedDisk], dest: Path, *, method: str,
+            options: ExportOptions, written: list[Path]) -> tuple[VMInfo, list[ExportedFile]]:
+    """Lay the fetched disks out as `method` asks: bare VMDKs, an OVF folder (descriptor +
+    manifest beside the disks) or one OVA. `compress`, and an OVA's need for one file per
+    disk, turn disks into stream-optimized VMDKs (what vSphere's own exports hold)."""
+    disks: list[Downloaded] = []
+    others: list[Downloaded] = []
+    for disk in fetched:
+        stream = _create_type(disk.main.path).lower() == "streamoptimized"
+        if (options.compress and not stream) or (method == "ova" and not disk.single_file):
+            disks.append(_stream_optimized(disk))
+        else:
+            disks.append(disk.main)
+            others.extend(disk.extents)
+    exported = vm.model_copy(update={"disks": [
+        d.model_copy(update={"file": f.path.name, "format": "vmdk"})
+        for d, f in zip(vm.disks, disks, strict=True)]})
+    if method == "vmdk":
+        return exported, ([_exported(d.path, d.sha256, "disk") for d in disks]
+                          + [_exported(e.path, e.sha256, "other") for e in others])
+
+    descriptor = dest / f"{vm.name}.ovf"
+    written.append(descriptor)
+    descriptor.write_text(render_ovf(
+        exported, [(d.path.name, d.size) for d in disks],
+        include_cdrom=not options.remove_cdrom,
+        formats=[vmdk_format_uri(_create_type(d.path)) for d in disks]))
+    ovf_digest = digest_file(descriptor)
+    manifest = dest / f"{vm.name}.mf"
+    written.append(manifest)
+    manifest.write_text(render_manifest(
+        [(descriptor.name, ovf_digest)] + [(f.path.name, f.sha256) for f in (*disks, *others)]))
+    parts = [_exported(descriptor, ovf_digest, "ovf"),
+             *[_exported(d.path, d.sha256, "disk") for d in disks],
+             *[_exported(e.path, e.sha256, "other") for e in others],
+             _exported(manifest, digest_file(manifest), "manifest")]
+    if method == "ovf":
+        return exported, parts
+    target = dest / f"{vm.name}.ova"
+    written.append(target)
+    ova.write_ova(target, [p.path for p in parts])
+    for part in parts:
+        part.path.unlink()
+    return exported, [_exported(target, digest_file(target), "ova")]
+
+
+def check_exportable(info: VMInfo, options: ExportOptions) -> None:
+    if info.power_state != PowerState.POWERED_OFF and not options.shutdown_vm:
+        raise InvalidRequest(
+            f"VM {info.name} is {info.power_state}: its disks are in use. Power it off, or "
+            "submit with options.shutdown_vm=true (guest shutdown, then power off)")
+
+
+def export_vm(session: Session, vm: Any, info: VMInfo, dest: Path, *, method: str,
+              options: ExportOptions, chunk_size: int, retries: int, disk_concurrency: int,
+              progress: Progress | None) -> tuple[VMInfo, list[ExportedFile]]:
+    """Export one VM under `dest`; on failure nothing it wrote is left behind."""
+    check_exportable(info, options)
+    original = info.power_state
+    if original != PowerState.POWERED_OFF:
+        power_off(session, vm, options.shutdown_timeout)
+    dest.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        with http_client(session) as client:
+            transfer = Transfer(client, chunk_size, retries, disk_concurrency, progress, written)
+            fetched = _fetch(session, vm, info, dest, transfer, options.transport)
+            return package(info, fetched, dest, method=method, options=options,
+                           written=written)
+    except BaseException as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and not isinstance(exc, HypersdkError):
+            raise map_fault(exc, f"export {info.name}") from exc
+        raise
+    finally:
+        if options.restore_power_state:
+            restore_power(session, vm, original)
+
+
+def _fetch(session: Session, vm: Any, info: VMInfo, dest: Path, transfer: Transfer,
+           transport: str) -> list[FetchedDisk]:
+    if transport == "datastore":
+        return fetch_datastore(session, info, dest, transfer)
+    try:
+        return fetch_nfc(session, vm, info, dest, transfer)
+    except Unsupported as exc:
+        if transport == "nfc":
+            raise
+        log.warning("%s; falling back to the datastore transport", exc)
+        return fetch_datastore(session, info, dest, transfer)
