@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,6 +30,10 @@ LIBVIRT_URI = "qemu:///system"
 # The seed's integration script exports to /tmp/exports/<vm>: the test daemon's
 # export.base_path is that folder, so the script runs unchanged.
 EXPORTS = Path("/tmp/exports")
+# the vCenter simulator's one account (tests/vsphere_sim.py starts it); the password
+# reaches daemons through the environment, like the seed's ${VSPHERE_PASSWORD}
+VSPHERE_USER, VSPHERE_PASSWORD = "administrator@vsphere.local", "vcsim-S3cret!"
+os.environ["VSPHERE_PASSWORD"] = VSPHERE_PASSWORD
 
 
 def free_port() -> int:
@@ -146,8 +151,13 @@ class Daemon:
 
 
 def write_config(root: Path, *, port: int, api_key: str | None, name: str = "config.yaml",
-                 host: str = "127.0.0.1", extra: str = "") -> Path:
+                 host: str = "127.0.0.1", extra: str = "", vsphere: str | None = None) -> Path:
+    """The daemon's config; with `vsphere` (host:port of a simulator) a vsphere provider
+    whose password comes from ${VSPHERE_PASSWORD}, as the seed's config does."""
     key_line = f'  api_key: "{api_key}"\n' if api_key else ""
+    vsphere_section = (f'  vsphere:\n    host: "{vsphere}"\n    username: "{VSPHERE_USER}"\n'
+                       f'    password: "${{VSPHERE_PASSWORD}}"\n    insecure: true\n'
+                       if vsphere else "")
     config = root / name
     config.write_text(f"""\
 daemon:
@@ -157,7 +167,7 @@ daemon:
 {key_line}providers:
   local:
     path: "{root / 'inbox'}"
-hyper2kvm:
+{vsphere_section}hyper2kvm:
   output_dir: "{root / 'images'}"
   watch_dir: "{root / 'watch'}"
   default_format: qcow2
@@ -176,11 +186,13 @@ database:
 
 
 def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
-                 config_name: str = "config.yaml", host: str = "127.0.0.1") -> Daemon:
+                 config_name: str = "config.yaml", host: str = "127.0.0.1",
+                 vsphere: str | None = None) -> Daemon:
     """Start hypervisord on a free port with a config over the directories under `root`."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = write_config(root, port=port, api_key=api_key, name=config_name, host=host)
+    config = write_config(root, port=port, api_key=api_key, name=config_name, host=host,
+                          vsphere=vsphere)
     log = root / f"hypervisord-{port}.log"
     process = subprocess.Popen([str(BIN / "hypervisord"), "--config", str(config), *args],
                                stdout=log.open("wb"), stderr=subprocess.STDOUT,
@@ -205,9 +217,11 @@ def stop_daemon(daemon: Daemon) -> int:
 
 
 @pytest.fixture(scope="session")
-def daemon(prefect_server: str, libvirt_uri: str) -> Iterator[Daemon]:
-    """hypervisord with an API key, serving the flows, against the session's Prefect."""
-    running = start_daemon(SESSION_DIR / "daemon", api_key="test-key-" + uuid.uuid4().hex)
+def daemon(prefect_server: str, libvirt_uri: str, vcsim: Any) -> Iterator[Daemon]:
+    """hypervisord with an API key, serving the flows, against the session's Prefect, with
+    the local provider and the session's vCenter simulator as its vsphere provider."""
+    running = start_daemon(SESSION_DIR / "daemon", api_key="test-key-" + uuid.uuid4().hex,
+                           vsphere=vcsim.host)
     yield running
     code = stop_daemon(running)
     assert code == 0, f"hypervisord did not stop cleanly on SIGTERM ({code})"

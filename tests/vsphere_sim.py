@@ -18,11 +18,11 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from tests.peers import ROOT, SESSION_DIR, free_port
+from tests.peers import ROOT, SESSION_DIR, VSPHERE_PASSWORD, VSPHERE_USER, free_port
 
 VCSIM_DIR = ROOT / "tests" / "vcsim"
 VCSIM_BIN = VCSIM_DIR / "bin"
-USER, PASSWORD = "administrator@vsphere.local", "vcsim-S3cret!"
+USER, PASSWORD = VSPHERE_USER, VSPHERE_PASSWORD
 
 
 @dataclass

@@ -19,8 +19,8 @@ import httpx
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from core.files import partial_path
 from core.errors import HypersdkError, InvalidRequest, ProviderError, Unsupported
+from core.files import partial_path
 from core.models import ExportedFile, ExportOptions, PowerState, VMInfo
 from hyper2kvm import ova, qemu_img
 from hyper2kvm.manifest import digest_file, render_manifest

@@ -152,7 +152,7 @@ def _network_name(backing: Any, portgroups: dict[str, str]) -> str | None:
     if isinstance(backing, vim.vm.device.VirtualEthernetCard.NetworkBackingInfo):
         return str(backing.deviceName)
     if isinstance(backing, vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo):
-        key = backing.port.portgroupKey
+        key = str(backing.port.portgroupKey)
         return portgroups.get(key, key)
     if isinstance(backing, vim.vm.device.VirtualEthernetCard.OpaqueNetworkBackingInfo):
         return str(backing.opaqueNetworkId)
@@ -162,7 +162,8 @@ def _network_name(backing: Any, portgroups: dict[str, str]) -> str | None:
 def hardware(devices: list[Any], portgroups: dict[str, str]) -> tuple[
         list[DiskInfo], list[NicInfo], int]:
     """Disks (in device order, with controller and position), NICs and CD-ROM count."""
-    controllers = {d.key: d for d in devices if isinstance(d, vim.vm.device.VirtualController)}
+    controllers: dict[Any, Any] = {
+        d.key: d for d in devices if isinstance(d, vim.vm.device.VirtualController)}
     disks: list[DiskInfo] = []
     nics: list[NicInfo] = []
     for device in devices:

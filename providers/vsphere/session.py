@@ -94,7 +94,7 @@ def map_fault(exc: BaseException, what: str) -> HypersdkError:
     if isinstance(exc, OSError | http.client.HTTPException):
         return Transient(f"{what}: cannot reach the server: {exc}")
     if isinstance(exc, vmodl.MethodFault):
-        return ProviderError(f"{what}: {exc.msg or type(exc).__name__}")
+        return ProviderError(f"{what}: {getattr(exc, 'msg', None) or type(exc).__name__}")
     return ProviderError(f"{what}: {type(exc).__name__}: {exc}")
 
 
