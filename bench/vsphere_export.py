@@ -4,8 +4,9 @@ Starts vcsim (tests/vcsim, built when missing), creates a VM with two 1 GiB disk
 out as ESXi stores them (a monolithicFlat descriptor + its -flat extent, the extents
 written straight into the simulator's datastore folder), then alternates, --rounds times:
 the provider's export (transport datastore, method vmdk: both disks in parallel, every
-file hashed) and two parallel `curl` processes fetching the same two extents. Prints the
-medians, both throughputs and the ratio provider/curl (target >= 0.9). Also times one
+file hashed) and two parallel `curl` processes fetching the same two extents, and the
+same two curls piped through `sha256sum` (the work the provider does). Prints the
+medians, the throughputs and the ratio provider/curl (target >= 0.9). Also times one
 listing of 1,000 VMs (a second simulator with 500 VMs per resource pool).
 Run: .venv/bin/python bench/vsphere_export.py [--rounds 3] [--disk-mib 1024]
 """
@@ -73,6 +74,7 @@ def main() -> None:
 
         ours: list[float] = []
         theirs: list[float] = []
+        hashed: list[float] = []
         for round_ in range(args.rounds):
             dest = work / "export"
             shutil.rmtree(dest, ignore_errors=True)
@@ -92,14 +94,27 @@ def main() -> None:
             assert all(p.wait() == 0 for p in processes)
             theirs.append(time.monotonic() - started)
             shutil.rmtree(curl_dir)
-            print(f"round {round_ + 1}: provider {ours[-1]:.2f} s, curl {theirs[-1]:.2f} s",
-                  flush=True)
+            curl_dir.mkdir()
+            # the same work as ours: every byte also hashed (curl | tee file | sha256sum)
+            started = time.monotonic()
+            processes = [subprocess.Popen(
+                f"curl -sSfk '{url}' | tee {curl_dir / str(i)} | sha256sum >/dev/null",
+                shell=True) for i, url in enumerate(urls)]
+            assert all(p.wait() == 0 for p in processes)
+            hashed.append(time.monotonic() - started)
+            shutil.rmtree(curl_dir)
+            print(f"round {round_ + 1}: provider {ours[-1]:.2f} s, curl {theirs[-1]:.2f} s, "
+                  f"curl+sha256sum {hashed[-1]:.2f} s", flush=True)
 
         mine, curl = statistics.median(ours), statistics.median(theirs)
+        curl_hashed = statistics.median(hashed)
         print(f"export of 2 x {args.disk_mib} MiB (median of {args.rounds}):")
         print(f"  provider (datastore, hashed)  {mine:6.2f} s  {total / MIB / mine:8.0f} MiB/s")
         print(f"  curl x2 in parallel           {curl:6.2f} s  {total / MIB / curl:8.0f} MiB/s")
+        print(f"  curl x2 | tee | sha256sum     {curl_hashed:6.2f} s  "
+              f"{total / MIB / curl_hashed:8.0f} MiB/s")
         print(f"  throughput ratio provider/curl: {curl / mine:.2f} (target >= 0.9)")
+        print(f"  throughput ratio provider/(curl+sha256sum): {curl_hashed / mine:.2f}")
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

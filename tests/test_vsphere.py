@@ -405,3 +405,46 @@ def test_ova_drops_cdroms_from_the_descriptor_only_and_compresses(
     # the source VM was never reconfigured
     assert any(isinstance(d, vim.vm.device.VirtualCdrom)
                for d in find_vm(si, name).config.hardware.device)
+
+
+def test_nfc_lease_is_released_when_a_download_fails_and_retried_without_range(
+        vcsim: Vcsim, si: Any, images: list[Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyVmomi import vmodl
+
+    from providers.vsphere import export as export_module
+
+    name = unique("t-abort")
+    vm = create_vm(si, name, disks_mib=[8])
+    give_disk_content(vcsim, vm, images[:1], layout="stream")
+    leases: list[Any] = []
+    keeper = export_module.LeaseKeeper
+
+    class Spy(keeper):  # type: ignore[misc, valid-type]
+        def __init__(self, lease: Any, total: int) -> None:
+            leases.append(lease)
+            super().__init__(lease, total)
+
+    monkeypatch.setattr(export_module, "LeaseKeeper", Spy)
+    proxy = CuttingProxy(vcsim.host, cut_after=2 << 20)
+    proxy.start()
+    try:
+        settings = settings_for(proxy.address)
+        settings.export.max_retries = 0
+        with pytest.raises(Transient, match="transfer failed"):
+            get_provider("vsphere", settings).export(
+                vm._moId, tmp_path / "cut", method="vmdk", options=ExportOptions(transport="nfc"))
+        assert proxy.cuts == 1
+        assert not any((tmp_path / "cut").iterdir())  # nothing half-written left
+        with pytest.raises(vmodl.fault.ManagedObjectNotFound):
+            _ = leases[0].state  # aborted: the server dropped the lease
+        # NFC has no Range: a retry reads the disk again from the start, and is whole
+        proxy.cuts = 0
+        settings.export.max_retries = 2
+        result = get_provider("vsphere", settings).export(
+            vm._moId, tmp_path / "retry", method="vmdk", options=ExportOptions(transport="nfc"))
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert same_disk(result.files[0].path, images[0])
+    assert result.files[0].sha256 == sha256(result.files[0].path)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import httpx
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
@@ -26,7 +25,7 @@ from hyper2kvm import ova, qemu_img
 from hyper2kvm.manifest import digest_file, render_manifest
 from hyper2kvm.ovf import render_ovf, vmdk_format_uri
 from hyper2kvm.vmdk import extent_path, parse_vmdk
-from providers.vsphere.download import Downloaded, download
+from providers.vsphere.download import Downloaded, HttpSource, download
 from providers.vsphere.session import Session, map_fault, split_host, tls_context
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ class FetchedDisk:
 class Transfer:
     """What every download of one export shares."""
 
-    client: httpx.Client
+    source: HttpSource
     chunk_size: int
     retries: int
     disk_concurrency: int
@@ -60,17 +59,14 @@ class Transfer:
         if target.exists() or target in self.written:
             raise ProviderError(f"two files of the VM are named {target.name}")
         self.written.append(target)
-        return download(self.client, url, target, chunk_size=self.chunk_size,
+        return download(self.source, url, target, chunk_size=self.chunk_size,
                         retries=self.retries, progress=self.progress)
 
 
-@contextlib.contextmanager
-def http_client(session: Session) -> Iterator[httpx.Client]:
-    """An HTTP client for the server's file interfaces, carrying the SOAP session cookie."""
-    cookie = session.cookie.split(";")[0]
-    with httpx.Client(verify=tls_context(session.config), headers={"Cookie": cookie},
-                      timeout=httpx.Timeout(60.0, connect=30.0)) as client:
-        yield client
+def http_source(session: Session) -> HttpSource:
+    """The server's file interfaces, reached with the SOAP session's cookie."""
+    return HttpSource(context=tls_context(session.config),
+                      headers={"Cookie": session.cookie.split(";")[0]})
 
 
 # ---- power ------------------------------------------------------------------------------
@@ -323,11 +319,10 @@ def export_vm(session: Session, vm: Any, info: VMInfo, dest: Path, *, method: st
     dest.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
-        with http_client(session) as client:
-            transfer = Transfer(client, chunk_size, retries, disk_concurrency, progress, written)
-            fetched = _fetch(session, vm, info, dest, transfer, options.transport)
-            return package(info, fetched, dest, method=method, options=options,
-                           written=written)
+        transfer = Transfer(http_source(session), chunk_size, retries, disk_concurrency,
+                            progress, written)
+        fetched = _fetch(session, vm, info, dest, transfer, options.transport)
+        return package(info, fetched, dest, method=method, options=options, written=written)
     except BaseException as exc:
         for path in written:
             path.unlink(missing_ok=True)
