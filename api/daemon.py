@@ -95,6 +95,7 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     from prefect.types.entrypoint import EntrypointType
 
     from api.main import DEPLOYMENT, create_app
+    from flows.backup_policy import backup_policy
     from flows.convert_vm import convert_vm
     from flows.migrate_vm import migrate_vm
     from tasks.export import ensure_export_limit
@@ -108,7 +109,7 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     runner = Runner(name="hypervisord", limit=settings.daemon.workers, pause_on_shutdown=False,
                     query_seconds=1)
     if serve_flows:
-        for served in (migrate_vm, convert_vm):
+        for served in (migrate_vm, convert_vm, backup_policy):
             await runner.add_flow(  # type: ignore[misc]
                 served, name=DEPLOYMENT, entrypoint_type=EntrypointType.MODULE_PATH)
 

@@ -1,28 +1,62 @@
-"""The FastAPI app: routers and error handlers, nothing else."""
+"""The FastAPI app: routers, error handlers, and what runs beside them for the app's life
+(the Prefect event subscription feeding the websocket and the webhook dispatcher)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 
 from fastapi import FastAPI
 from prefect.client.orchestration import get_client
 
 from api.errors import install_error_handlers
+from api.events import EventHub, JobEvent, stop
 from api.jobs import Jobs
-from api.routes import convert, health, jobs, vms
+from api.routes import backup_policies, convert, health, jobs, schedules, vms, webhooks, websocket
+from api.schedules import ScheduleBook
+from api.webhooks import Dispatcher, WebhookStore
 from core.config import Config
+from flows import DEPLOYMENT  # every flow's deployment has this name
 from hyper2kvm import __version__
 
-DEPLOYMENT = "hypervisord"  # every flow's deployment has this name
+LAST_EVENT = "last_event_at"
 
 
 def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = WebhookStore(settings.database.path)
+        store.sync_config(settings)
+        last = store.get_state(LAST_EVENT)
         async with get_client() as client:
             app.state.jobs = Jobs(client, deployment=deployment)
-            yield
+            app.state.schedules = ScheduleBook(client, flow="migrate-vm", deployment=deployment,
+                                               parameter="job")
+            app.state.policies = ScheduleBook(client, flow="backup-policy",
+                                              deployment=deployment, parameter="policy")
+            app.state.webhooks = store
+            app.state.dispatcher = dispatcher = Dispatcher(store, settings)
+            # events missed while the daemon was down are replayed from the last one seen
+            app.state.hub = hub = EventHub(app.state.jobs, since=datetime.fromisoformat(last)
+                                           if last else None)
+
+            async def remember(event: JobEvent) -> None:
+                if hub.last_seen is not None:
+                    await asyncio.to_thread(store.set_state, LAST_EVENT,
+                                            hub.last_seen.isoformat())
+
+            hub.add(dispatcher.on_event)
+            hub.add(remember)
+            tasks = [asyncio.create_task(hub.run(), name="events"),
+                     asyncio.create_task(dispatcher.run(), name="webhooks")]
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    await stop(task)
+                store.close()
 
     app = FastAPI(
         title="hypervisord",
@@ -32,6 +66,6 @@ def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    for module in (health, vms, jobs, convert):
+    for module in (health, vms, jobs, convert, schedules, backup_policies, webhooks, websocket):
         app.include_router(module.router)
     return app

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.models import JobStatus, VMFilter, VMSummary
+from core.models import JobDefinition, JobStatus, VMFilter, VMSummary
 
 
 class Body(BaseModel):
@@ -111,3 +111,53 @@ class JobAction(BaseModel):
     job_id: str
     status: str
     message: str
+
+
+SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ScheduleCreate(Body):
+    """The seed's POST /schedules/create body."""
+
+    name: str = Field(pattern=SLUG)
+    cron: str = Field(min_length=1, examples=["0 2 * * *"])
+    timezone: str | None = Field(default=None, examples=["Europe/Paris"])
+    active: bool = True
+    job_definition: JobDefinition
+
+
+class ScheduleUpdate(Body):
+    cron: str | None = None
+    timezone: str | None = None
+    active: bool | None = None
+    job_definition: JobDefinition | None = None
+
+
+class ScheduleInfo(BaseModel):
+    name: str
+    id: str
+    cron: str | None
+    timezone: str | None
+    active: bool
+    job_definition: dict[str, Any] | None
+    next_runs: list[datetime]
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleInfo]
+
+
+class BackupPolicyInfo(BaseModel):
+    name: str
+    id: str
+    active: bool
+    policy: dict[str, Any] | None
+    next_runs: list[datetime]
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+class BackupPolicyList(BaseModel):
+    policies: list[BackupPolicyInfo]

@@ -58,6 +58,24 @@ class DaemonConfig(Section):
     workers: int = Field(default=4, ge=1, le=256)
     api_key: SecretStr | None = None
     prefect_ui_port: int = Field(default=4200, ge=1, le=65535)
+    # webhooks: networks a webhook URL may resolve into although loopback or link-local
+    # (refused otherwise), and the delivery retry schedule (exponential from base)
+    webhook_allowed_networks: list[str] = Field(default_factory=list)
+    webhook_retry_base: Duration = 5.0
+    webhook_retry_max: Duration = 600.0
+    webhook_max_attempts: int = Field(default=15, ge=1, le=100)
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"not a network: {network!r} (e.g. 127.0.0.0/8)") from None
+        return value
 
     @field_validator("address")
     @classmethod

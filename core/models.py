@@ -220,3 +220,54 @@ class WatchJob(ConvertRequest):
     """A job for a hyper2kvm watch-directory daemon: `<watch_dir>/<job_id>.json`."""
 
     job_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class Retention(Strict):
+    """How many successful backups of each VM to keep, and for how long."""
+
+    count: int = Field(default=7, ge=1, le=10000)
+    age_days: float | None = Field(default=None, gt=0)
+
+
+class BackupExportOptions(Strict):
+    """What each VM's backup job does: by default an export only (an archive)."""
+
+    export_method: Literal["ova", "ovf", "vmdk"] = "ova"
+    options: ExportOptions = Field(default_factory=ExportOptions)
+    hyper2kvm_integration: Hyper2kvmIntegration = Field(
+        default_factory=lambda: Hyper2kvmIntegration(enabled=False))
+
+
+class BackupPolicy(Strict):
+    """The seed's backup policy: the `backup-policy` flow's parameters."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    provider: str = "vsphere"
+    vm_filter: VMFilter = Field(default_factory=VMFilter)
+    schedule: str = Field(min_length=1, examples=["0 2 * * *"])
+    timezone: str | None = None
+    retention: Retention = Field(default_factory=Retention)
+    export_options: BackupExportOptions = Field(default_factory=BackupExportOptions)
+    concurrency: int = Field(default=2, ge=1, le=64)  # VMs backed up at once
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        return JobDefinition._known_provider(value)  # type: ignore[operator]
+
+
+class BackupOutcome(Strict):
+    vm: str
+    job_id: str | None = None
+    path: str | None = None
+    error: str | None = None
+
+
+class BackupReport(Strict):
+    """What one run of a backup policy did."""
+
+    policy: str
+    started_at: str
+    backed_up: list[BackupOutcome] = Field(default_factory=list)
+    failed: list[BackupOutcome] = Field(default_factory=list)
+    pruned: list[str] = Field(default_factory=list)

@@ -13,6 +13,7 @@ from uuid import UUID
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
+from prefect.events import emit_event
 
 # Each phase's share of the whole job, in percent: the bytes-heavy steps get most.
 PHASES: dict[str, tuple[float, float]] = {
@@ -24,6 +25,7 @@ PHASES: dict[str, tuple[float, float]] = {
     "completed": (100.0, 100.0),
 }
 LABEL = "hypersdk."
+PROGRESS_EVENT = "hypersdk.job.progress"  # a Prefect event per update: the websocket's feed
 MIN_INTERVAL = 0.5  # seconds between label updates while bytes flow
 logger = logging.getLogger("hypersdk.progress")
 
@@ -71,6 +73,11 @@ class _LabelWriter(threading.Thread):
             try:
                 self._client.update_flow_run_labels(self.flow_run_id, labels)
                 update_progress_artifact(self.artifact_id, labels[f"{LABEL}percentage"])
+                emit_event(PROGRESS_EVENT,
+                           resource={"prefect.resource.id":
+                                     f"prefect.flow-run.{self.flow_run_id}"},
+                           payload={key.removeprefix(LABEL): value
+                                    for key, value in labels.items()})
             except Exception as exc:  # noqa: BLE001 - progress must never fail the job
                 logger.warning("could not record progress: %s", exc)
             finally:

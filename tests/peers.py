@@ -70,7 +70,9 @@ def prefect_server() -> Iterator[str]:
     hypervisord launches its embedded one (api/prefect_server.py)."""
     log = (SESSION_DIR / "prefect-server.log").open("wb")
     env = dict(os.environ, PREFECT_API_DATABASE_CONNECTION_URL=(
-        f"sqlite+aiosqlite:///{SESSION_DIR / 'prefect.db'}"))
+        f"sqlite+aiosqlite:///{SESSION_DIR / 'prefect.db'}"),
+        # schedules made in a test get their runs within seconds, not a minute
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
     process = subprocess.Popen(
         [sys.executable, "-m", "api.prefect_server", "--host", "127.0.0.1", "--port",
          str(PREFECT_PORT)], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -164,6 +166,9 @@ daemon:
   address: "{host}:{port}"
   log_level: "info"
   workers: 4
+  webhook_allowed_networks: ["127.0.0.0/8"]
+  webhook_retry_base: "0.5s"
+  webhook_retry_max: "2s"
 {key_line}providers:
   local:
     path: "{root / 'inbox'}"
