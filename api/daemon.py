@@ -110,8 +110,13 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
                     query_seconds=1)
     if serve_flows:
         for served in (migrate_vm, convert_vm, backup_policy):
-            await runner.add_flow(  # type: ignore[misc]
-                served, name=DEPLOYMENT, entrypoint_type=EntrypointType.MODULE_PATH)
+            deployment = await served.ato_deployment(
+                name=DEPLOYMENT, entrypoint_type=EntrypointType.MODULE_PATH)
+            # Registering again at each start must keep the schedules and backup policies
+            # users made (through the API or in the Prefect UI): with `schedules` unset, the
+            # update Prefect sends leaves them alone (an explicit [] would replace them).
+            deployment.__pydantic_fields_set__.discard("schedules")
+            await runner.aadd_deployment(deployment)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

@@ -116,7 +116,8 @@ class Jobs:
     async def query(self, job_id: str) -> JobInfo:
         run = await self.run(job_id)
         info = self.info(run)
-        if info.status == JobStatus.COMPLETED and run.state is not None:
+        # a failed run may carry a result too (a backup run's report names what failed)
+        if info.status in (JobStatus.COMPLETED, JobStatus.FAILED) and run.state is not None:
             info.result = await _result(run)
         return info
 

@@ -72,7 +72,7 @@ def report_markdown(report: BackupReport) -> str:
     return "\n".join(lines)
 
 
-@flow(name="backup-policy", log_prints=True)
+@flow(name="backup-policy", persist_result=True)
 async def backup_policy(policy: BackupPolicy) -> State:
     """Back up every matching VM (`policy.concurrency` at once), then apply retention."""
     settings = config_from_env()
