@@ -125,14 +125,19 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
 
     api = Server(uvicorn.Config(create_app(settings), host=host, port=settings.daemon.port,
                                 log_level=settings.daemon.log_level, lifespan="on"))
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def handle_signals() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+
+    handle_signals()  # from the start: a SIGTERM during startup is a clean stop too
     tasks = [asyncio.create_task(api.serve(), name="api")]
     if serve_flows:
         tasks.append(asyncio.create_task(runner.start(), name="runner"))
-    await asyncio.sleep(0.5)  # the runner installs its own SIGTERM handler; ours replaces it
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+        await asyncio.sleep(0.5)  # the runner installs its own SIGTERM handler: ours again
+        handle_signals()
     logger.info("REST API on http://%s:%d (OpenAPI at /docs)", host, settings.daemon.port)
     done_waiter = asyncio.create_task(stopping.wait())
     finished, _ = await asyncio.wait([*tasks, done_waiter], return_when=asyncio.FIRST_COMPLETED)

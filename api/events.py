@@ -26,6 +26,8 @@ log = logging.getLogger("hypervisord.events")
 BACKUP_FLOW = "backup-policy"
 WATCHED_FLOWS = (*FLOWS, BACKUP_FLOW)
 PROGRESS_INTERVAL = 0.5  # at most 2 progress events per job per second
+CATCH_UP = 12.0  # seconds; longer than Prefect's event persister takes to store events
+SEEN_IDS = 20000
 _STATE_EVENTS = {
     "Scheduled": "job.created", "Pending": None, "Running": "job.started",
     "Completed": "job.completed", "Failed": "job.failed", "Crashed": "job.failed",
@@ -58,6 +60,7 @@ class EventHub:
         self.last_seen: datetime | None = None
         self._last_progress: dict[str, float] = {}
         self._flows: dict[str, str | None] = {}  # run id → flow name, for progress events
+        self._seen: dict[Any, None] = {}  # recent event ids, oldest first
         self.connected = asyncio.Event()
 
     def add(self, listener: Listener) -> None:
@@ -67,19 +70,34 @@ class EventHub:
         self.listeners.discard(listener)
 
     async def run(self) -> None:
-        """Follow Prefect's event stream until cancelled, reconnecting after errors."""
+        """Follow Prefect's event stream until cancelled, reconnecting after errors.
+
+        Prefect backfills a new subscription from its database, but stores events a few
+        seconds after streaming them: events of the last moments before a (re)start are in
+        neither. So the first subscription is renewed once after CATCH_UP seconds, with
+        the same starting point; events seen twice are dropped by id."""
         event_filter = EventFilter(event=EventNameFilter(  # type: ignore[call-arg]
             prefix=["prefect.flow-run.", PROGRESS_EVENT]))
+        start = self.since
+        catching_up = True
         while True:
             try:
                 subscriber = get_events_subscriber(filter=event_filter,
                                                    reconnection_attempts=1000)
                 if self.since is not None:
                     # replay what happened while the daemon was down (Prefect backfills
-                    # events from this time on; ids are deduplicated downstream)
+                    # events from this time on)
                     subscriber._backfill_since = self.since  # type: ignore[attr-defined,assignment]
                 async with subscriber:
                     self.connected.set()
+                    if catching_up:
+                        catching_up = False
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(CATCH_UP):
+                                async for event in subscriber:
+                                    await self.handle(event)
+                        self.since = start
+                        continue
                     async for event in subscriber:
                         await self.handle(event)
             except asyncio.CancelledError:
@@ -89,8 +107,14 @@ class EventHub:
                 await asyncio.sleep(1)
 
     async def handle(self, event: Event) -> None:
-        self.last_seen = event.occurred
-        self.since = event.occurred - timedelta(seconds=1)
+        if event.id in self._seen:
+            return
+        self._seen[event.id] = None
+        if len(self._seen) > SEEN_IDS:
+            del self._seen[next(iter(self._seen))]
+        if self.last_seen is None or event.occurred > self.last_seen:
+            self.last_seen = event.occurred
+        self.since = self.last_seen - timedelta(seconds=1)
         run_id = _run_id(event)
         if run_id is None:
             return

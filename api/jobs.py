@@ -14,6 +14,7 @@ from prefect.client.schemas.filters import (
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
     LogFilter,
@@ -124,8 +125,11 @@ class Jobs:
     async def page(self, status: JobStatus | None, *, limit: int, offset: int
                    ) -> tuple[list[JobInfo], int]:
         flows = FlowFilter(name=FlowFilterName(any_=list(FLOWS)))
-        runs_filter = FlowRunFilter(state=FlowRunFilterState(
-            type=FlowRunFilterStateType(any_=STATE_TYPES_OF[status]))) if status else None
+        # runs a schedule has lined up for later are not jobs yet: they show once due
+        due = FlowRunFilterExpectedStartTime(
+            before_=datetime.now(UTC) + timedelta(seconds=5))  # type: ignore[arg-type]
+        runs_filter = FlowRunFilter(expected_start_time=due, state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=STATE_TYPES_OF[status])) if status else None)
         runs = await self.client.read_flow_runs(
             flow_filter=flows, flow_run_filter=runs_filter,
             sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit, offset=offset)

@@ -236,8 +236,17 @@ def test_pending_deliveries_and_missed_events_survive_a_daemon_restart(
     receiver.start()
     notifier = start_daemon(root, api_key="k", args=("--no-serve",))
     try:
-        wait_until(lambda: receiver.events(first) and receiver.events(second), timeout=60,
-                   what="deliveries after the restart")
+        def both() -> bool:
+            return bool(receiver.events(first) and receiver.events(second))
+
+        try:
+            wait_until(both, timeout=60, what="deliveries after the restart")
+        except AssertionError:
+            with notifier.client() as client:
+                rows = client.get("/webhooks/deliveries").json()["deliveries"]
+            raise AssertionError(f"first {receiver.events(first)}, second "
+                                 f"{receiver.events(second)}; outbox {rows}; log "
+                                 f"{notifier.log.read_text()[-3000:]}") from None
         assert receiver.events(first) == ["job.completed"]
         assert receiver.events(second) == ["job.completed"]
         for record in receiver.received:

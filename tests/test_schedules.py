@@ -5,17 +5,37 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.schedules import CronSchedule
+from websockets.sync.client import ClientConnection, connect
 
 from core.models import Retention
 from hyper2kvm.sample import make_sample_ova
 from tasks.retention import MARKER, plan_pruning, read_backups, stamp, write_marker
 from tests.peers import SESSION_DIR, Daemon, start_daemon, stop_daemon, unique, wait_until
+
+
+def listen(daemon: Daemon) -> ClientConnection:
+    client = connect(daemon.url.replace("http://", "ws://") + f"/websocket?token="
+                     f"{daemon.api_key}", max_queue=None)
+    assert json.loads(client.recv(timeout=30))["type"] == "snapshot"
+    return client
+
+
+def heard(client: ClientConnection, match: Callable[[dict], bool], timeout: float = 30) -> dict:
+    """The first message (already received or still to come) that matches."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = json.loads(client.recv(timeout=max(0.1, deadline - time.monotonic())))
+        if match(message):
+            return message
+    raise AssertionError("no such message")
 
 
 def job(vm: str) -> dict:
@@ -40,6 +60,7 @@ def test_schedule_validation(api: httpx.Client, sample_vm: str) -> None:
 def test_a_schedule_runs_its_job_and_is_managed_like_prefect_does(
         api: httpx.Client, daemon: Daemon, sample_vm: str) -> None:
     name = unique("every-minute")
+    updates = listen(daemon)
     created = api.post("/schedules/create", json={
         "name": name, "cron": "* * * * *", "timezone": "Europe/Paris",
         "job_definition": job(sample_vm)})
@@ -60,6 +81,11 @@ def test_a_schedule_runs_its_job_and_is_managed_like_prefect_does(
 
     ran = wait_until(scheduled_run, timeout=150, interval=2, what="the cron's run")
     assert ran["definition"]["vm_identifier"] == sample_vm
+    # the websocket announced it as a schedule's run
+    triggered_event = heard(updates, lambda m: m.get("event") == "schedule.triggered"
+                            and m.get("job_id") == ran["job_id"])
+    assert triggered_event["type"] == "schedule" and triggered_event["vm"] == sample_vm
+    updates.close()
     assert api.get("/jobs/query", params={"job_id": triggered["job_id"]}).json()[
         "status"] in ("pending", "running", "completed")
     # pause, resume, update, delete
@@ -170,12 +196,17 @@ def test_backup_policy_backs_up_matching_vms_and_applies_retention(
     assert api.post("/backup-policies/create", json={**body, "name": unique("x"),
                                                       "schedule": "nope"}).status_code == 422
 
+    updates = listen(daemon)
     run = api.post(f"/backup-policies/{policy}/run").json()
     info = wait_until(lambda: (lambda j: j if j["status"] in ("completed", "failed") else None)(
         api.get("/jobs/query", params={"job_id": run["job_id"]}).json()),
         timeout=240, interval=1, what="the backup run")
     assert info["status"] == "failed"  # one VM of three failed
     assert "1 of 3" in info["error"]
+    announced = heard(updates, lambda m: m.get("job_id") == run["job_id"]
+                      and m.get("type") == "backup")
+    assert announced["event"] == "backup.failed" and announced["policy"] == policy
+    updates.close()
     report = info["result"]
     assert sorted(o["vm"] for o in report["backed_up"]) == [f"{prefix}-a", f"{prefix}-b"]
     assert [o["vm"] for o in report["failed"]] == [f"{prefix}-c"]
@@ -201,3 +232,22 @@ def test_backup_policy_backs_up_matching_vms_and_applies_retention(
     assert api.delete(f"/backup-policies/{policy}").json()["backups_deleted"] is False
     assert vm_a.is_dir()  # deleting a policy keeps its backups
     assert api.get(f"/backup-policies/{policy}").status_code == 404
+
+
+def test_config_webhooks_are_subscriptions_with_hidden_secrets(tmp_path: Path) -> None:
+    from api.webhooks import WebhookStore
+    from core.config import Config
+
+    settings = Config.model_validate({"webhooks": [{
+        "url": "https://hooks.example.com/x", "events": ["job.failed"],
+        "headers": {"Authorization": "Bearer s3cret"}, "secret": "0123456789abcdef0123"}]})
+    store = WebhookStore(tmp_path / "db.sqlite")
+    store.sync_config(settings)
+    store.sync_config(settings)  # at every start: replaced, not duplicated
+    [hook] = store.subscriptions()
+    assert hook["source"] == "config" and hook["headers"] == {"Authorization": "***"}
+    assert "s3cret" not in json.dumps(hook) and "secret" not in hook
+    assert store.enqueue({"event": "job.failed", "event_id": "e1", "job_id": "j"}) == 1
+    assert store.enqueue({"event": "job.failed", "event_id": "e1", "job_id": "j"}) == 0
+    assert store.enqueue({"event": "job.started", "event_id": "e2", "job_id": "j"}) == 0
+    store.close()
