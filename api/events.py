@@ -33,6 +33,9 @@ _STATE_EVENTS = {
     "Completed": "job.completed", "Failed": "job.failed", "Crashed": "job.failed",
     "Cancelled": "job.cancelled",
 }
+TERMINAL = ("job.completed", "job.failed", "job.cancelled")
+_STATUS = {"job.created": "pending", "job.started": "running", "job.completed": "completed",
+           "job.failed": "failed", "job.cancelled": "cancelled"}
 EVENT_TYPES = ("job.created", "job.started", "job.progress", "job.completed", "job.failed",
                "job.cancelled", "schedule.triggered", "backup.completed", "backup.failed")
 
@@ -50,24 +53,49 @@ def _run_id(event: Event) -> str | None:
     return resource.rpartition(".")[2] if resource.startswith("prefect.flow-run.") else None
 
 
+def _facts_from_tags(event: Event) -> dict[str, Any] | None:
+    """A job's facts from the tags hypersdk gives the runs it creates (`vm:`,
+    `provider:`, `policy:`), which Prefect's events carry: no API call needed. Runs made
+    by Prefect's scheduler lack them."""
+    tags = [r.id.removeprefix("prefect.tag.") for r in event.related if r.role == "tag"]
+    if "hypersdk" not in tags:
+        return None
+
+    def tagged(prefix: str) -> str | None:
+        return next((t.removeprefix(prefix) for t in tags if t.startswith(prefix)), None)
+
+    vm, provider, policy = tagged("vm:"), tagged("provider:"), tagged("policy:")
+    if not (vm or policy):
+        return None
+    return {"vm": vm, "provider": provider, "auto_scheduled": False, "deployment_id": None,
+            "policy": policy}
+
+
 class EventHub:
     """Turns Prefect events into job events and fans them out to listeners."""
 
     def __init__(self, jobs: Jobs, *, since: datetime | None = None) -> None:
         self.jobs = jobs
         self.listeners: set[Listener] = set()
+        self.detailed: set[Listener] = set()
         self.since = since
         self.last_seen: datetime | None = None
         self._last_progress: dict[str, float] = {}
-        self._flows: dict[str, str | None] = {}  # run id → flow name, for progress events
+        self._run_facts: dict[str, dict[str, Any]] = {}
+        self._chains: dict[str, asyncio.Task[None]] = {}
         self._seen: dict[Any, None] = {}  # recent event ids, oldest first
         self.connected = asyncio.Event()
 
-    def add(self, listener: Listener) -> None:
+    def add(self, listener: Listener, *, detailed: bool = False) -> None:
+        """`detailed` listeners get a finished job's event with its result, at the cost
+        of waiting for Prefect to answer; the others get every event at once."""
         self.listeners.add(listener)
+        if detailed:
+            self.detailed.add(listener)
 
     def discard(self, listener: Listener) -> None:
         self.listeners.discard(listener)
+        self.detailed.discard(listener)
 
     async def run(self) -> None:
         """Follow Prefect's event stream until cancelled, reconnecting after errors.
@@ -118,21 +146,63 @@ class EventHub:
         run_id = _run_id(event)
         if run_id is None:
             return
+        # runs are handled side by side (a slow Prefect answer about one run must not delay
+        # the others), each run's events in order
+        previous = self._chains.get(run_id)
+        task = asyncio.create_task(self._in_order(previous, event, run_id))
+        self._chains[run_id] = task
+        task.add_done_callback(lambda done: self._chains.pop(run_id, None)
+                               if self._chains.get(run_id) is done else None)
+
+    async def _in_order(self, previous: asyncio.Task[None] | None, event: Event,
+                        run_id: str) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(previous)
+        try:
+            await self._process(event, run_id)
+        except Exception as exc:  # noqa: BLE001 - one event must not stop the stream
+            log.warning("event %s not handled: %s", event.event, exc)
+
+    async def _process(self, event: Event, run_id: str) -> None:
         if event.event == PROGRESS_EVENT:
             message = self._progress(event, run_id)
-        else:
-            flow = _flow_name(event)
-            self._flows[run_id] = flow
-            message = await self._state(event, run_id, flow) if flow in WATCHED_FLOWS else None
-        if message:
-            for extra in message.pop("_also", []):
-                await self._publish(extra)
-            await self._publish(message)
-
-    async def _publish(self, message: JobEvent) -> None:
-        for listener in list(self.listeners):
+            if message:
+                await self._publish(message)
+            return
+        flow = _flow_name(event)
+        name = _STATE_EVENTS.get(event.event.rpartition(".")[2])
+        if flow not in WATCHED_FLOWS or name is None:
+            return
+        facts = self._run_facts.get(run_id) or _facts_from_tags(event) or \
+            await self._facts(run_id)
+        self._run_facts.setdefault(run_id, facts or {})
+        if facts is None:
+            return
+        messages = self._state(event, run_id, flow, name, facts)
+        for message in messages:
+            await self._publish(message, detailed=False)
+        if name in TERMINAL:
+            # the result (or the full error) takes API calls: only listeners that asked
+            # for details (webhooks) wait for it; websocket clients have been told already
             try:
-                await listener(message)
+                info = await self.jobs.query(run_id)
+            except JobNotFound:
+                info = None
+            if info is not None:
+                for message in messages:
+                    message.update(result=info.result, error=info.error or message["error"])
+            self._run_facts.pop(run_id, None)
+        for message in messages:
+            await self._publish(message, detailed=True)
+
+    async def _publish(self, message: JobEvent, *, detailed: bool | None = None) -> None:
+        """To every listener (detailed None), or to those that did (not) ask for details."""
+        for listener in list(self.listeners):
+            if detailed is not None and (listener in self.detailed) != detailed:
+                continue
+            try:
+                await listener(dict(message))
             except Exception as exc:  # noqa: BLE001 - one listener must not stop others
                 log.warning("event listener failed: %s", exc)
 
@@ -142,44 +212,60 @@ class EventHub:
             return None
         self._last_progress[run_id] = now
         payload = event.payload
+        facts = self._run_facts.get(run_id, {})
         return {
             "type": "job", "event": "job.progress", "event_id": str(event.id),
             "timestamp": event.occurred.isoformat(), "job_id": run_id,
             "status": "running", "phase": payload.get("phase"),
             "progress": payload.get("percentage"), "bytes_done": payload.get("bytes_done"),
-            "bytes_total": payload.get("bytes_total"), "vm": payload.get("vm"),
+            "bytes_total": payload.get("bytes_total"),
+            "vm": facts.get("vm") or payload.get("vm"), "provider": facts.get("provider"),
         }
 
-    async def _state(self, event: Event, run_id: str, flow: str | None) -> JobEvent | None:
-        state = event.event.rpartition(".")[2]
-        name = _STATE_EVENTS.get(state)
-        if name is None:
-            return None
-        try:
-            run = await self.jobs.run(run_id)
-            info = await self.jobs.query(run_id)
-        except JobNotFound:
-            return None
+    async def _facts(self, run_id: str) -> dict[str, Any] | None:
+        """What every event of a run repeats (VM, provider, schedule, policy): read from
+        Prefect once per run, at its first event."""
+        if run_id not in self._run_facts:
+            try:
+                run = await self.jobs.run(run_id)
+            except JobNotFound:
+                return None
+            info = self.jobs.info(run)
+            if len(self._run_facts) > SEEN_IDS:
+                del self._run_facts[next(iter(self._run_facts))]
+            self._run_facts[run_id] = {
+                "vm": info.vm_identifier, "provider": info.provider,
+                "auto_scheduled": bool(run.auto_scheduled),
+                "deployment_id": str(run.deployment_id) if run.deployment_id else None,
+                "policy": (run.parameters.get("policy") or {}).get("name"),
+            }
+        return self._run_facts[run_id]
+
+    @staticmethod
+    def _state(event: Event, run_id: str, flow: str, name: str,
+               facts: dict[str, Any]) -> list[JobEvent]:
+        """The job event for a flow-run state change, from the event alone (plus facts),
+        and the schedule or backup event it also is."""
+        state = event.payload.get("validated_state") or {}
+        status = _STATUS[name]
         message: JobEvent = {
             "type": "job", "event": name, "event_id": str(event.id),
             "timestamp": event.occurred.isoformat(), "job_id": run_id, "flow": flow,
-            "status": info.status.value, "phase": None,
-            "progress": 100.0 if info.status.value == "completed" else None,
-            "vm": info.vm_identifier, "provider": info.provider,
-            "result": info.result, "error": info.error,
+            "status": status, "phase": None,
+            "progress": 100.0 if status == "completed" else None,
+            "vm": facts["vm"], "provider": facts["provider"], "result": None,
+            "error": state.get("message") if status in ("failed", "cancelled") else None,
         }
-        also: list[JobEvent] = []
         if flow == BACKUP_FLOW and name in ("job.completed", "job.failed"):
-            policy = (run.parameters.get("policy") or {}).get("name")
-            message = {**message, "type": "backup", "policy": policy,
-                       "event": "backup.completed" if name == "job.completed" else
-                       "backup.failed"}
-        if name == "job.started" and run.auto_scheduled:
-            also.append({**message, "type": "schedule", "event": "schedule.triggered",
-                         "event_id": f"{event.id}-schedule",
-                         "deployment_id": str(run.deployment_id)})
-        message["_also"] = also
-        return message
+            message.update(type="backup", policy=facts["policy"],
+                           event="backup.completed" if name == "job.completed" else
+                           "backup.failed")
+        messages = [message]
+        if name == "job.started" and facts["auto_scheduled"]:
+            messages.insert(0, {**message, "type": "schedule", "event": "schedule.triggered",
+                                "event_id": f"{event.id}-schedule",
+                                "deployment_id": facts["deployment_id"]})
+        return messages
 
 
 async def stop(task: asyncio.Task[Any] | None) -> None:

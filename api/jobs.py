@@ -81,12 +81,13 @@ class Jobs:
                             created_at=run.created or datetime.now(UTC))
 
     async def submit(self, job: JobDefinition) -> JobSubmitted:
+        # the tags ride along in Prefect's events: the websocket needs no lookup per run
         return await self._create("migrate-vm", {"job": job.model_dump(mode="json")},
-                                  [f"provider:{job.provider}"])
+                                  [f"provider:{job.provider}", f"vm:{job.vm_identifier}"])
 
     async def submit_conversion(self, request: ConvertRequest) -> JobSubmitted:
         return await self._create("convert-vm", {"request": request.model_dump(mode="json")},
-                                  ["convert"])
+                                  ["convert", f"vm:{PurePath(request.source_path).stem}"])
 
     async def run(self, job_id: str) -> FlowRun:
         try:

@@ -47,7 +47,7 @@ def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
                     await asyncio.to_thread(store.set_state, LAST_EVENT,
                                             hub.last_seen.isoformat())
 
-            hub.add(dispatcher.on_event)
+            hub.add(dispatcher.on_event, detailed=True)  # webhooks carry the result
             hub.add(remember)
             tasks = [asyncio.create_task(hub.run(), name="events"),
                      asyncio.create_task(dispatcher.run(), name="webhooks")]

@@ -98,8 +98,11 @@ class ScheduleBook:
         current = await self.get(name)
         if not current.parameters.get(self.parameter):
             raise InvalidRequest(f"{self.kind} {name!r} carries no {self.parameter} to run")
+        job = current.parameters[self.parameter]
+        facts = ([f"vm:{job.get('vm_identifier')}", f"provider:{job.get('provider')}"]
+                 if self.parameter == "job" else [])
         run = await self.client.create_flow_run_from_deployment(
             await self.deployment_id(), parameters=current.parameters,
-            tags=["hypersdk", f"{self.parameter}:{current.slug or current.id}", *tags])
+            tags=["hypersdk", f"{self.parameter}:{current.slug or current.id}", *facts, *tags])
         return JobSubmitted(job_id=str(run.id), status=JobStatus.PENDING,
                             created_at=run.created or datetime.now().astimezone())
