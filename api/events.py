@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -198,11 +199,14 @@ class EventHub:
 
     async def _publish(self, message: JobEvent, *, detailed: bool | None = None) -> None:
         """To every listener (detailed None), or to those that did (not) ask for details."""
+        # encoded once for every websocket client (listeners ignore keys starting with _)
+        text = json.dumps({k: v for k, v in message.items() if not k.startswith("_")},
+                          default=str)
         for listener in list(self.listeners):
             if detailed is not None and (listener in self.detailed) != detailed:
                 continue
             try:
-                await listener(dict(message))
+                await listener({**message, "_json": text})
             except Exception as exc:  # noqa: BLE001 - one listener must not stop others
                 log.warning("event listener failed: %s", exc)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -81,8 +82,9 @@ async def websocket_updates(websocket: WebSocket) -> None:
                     await websocket.close(code=1013, reason="client too slow; reconnect")
                     return
                 if getter in done:
-                    await asyncio.wait_for(websocket.send_json(getter.result()),
-                                           timeout=SEND_TIMEOUT)
+                    message = getter.result()
+                    text = message.get("_json") or json.dumps(message, default=str)
+                    await asyncio.wait_for(websocket.send_text(text), timeout=SEND_TIMEOUT)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
