@@ -79,6 +79,7 @@ class EventHub:
         self.jobs = jobs
         self.listeners: set[Listener] = set()
         self.detailed: set[Listener] = set()
+        self.clients = 0  # websocket clients connected
         self.since = since
         self.last_seen: datetime | None = None
         self._last_progress: dict[str, float] = {}

@@ -24,6 +24,7 @@ class Health(BaseModel):
     status: str
     version: str
     prefect: dict[str, Any]
+    websocket_clients: int = 0
 
 
 class VMListRequest(Body):

@@ -3,9 +3,11 @@ real HTTP receiver on loopback, following real jobs."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -140,6 +142,35 @@ def test_several_websocket_clients_follow_a_job_to_completion(
     finally:
         for client in (*clients, other):
             client.close()
+
+
+def test_a_client_that_does_not_read_is_dropped_without_slowing_others(
+        daemon: Daemon) -> None:
+    key = daemon.api_key
+    url = ws_url(daemon) + f"?token={key}"
+    before = httpx.get(f"{daemon.url}/health").json()["websocket_clients"]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # tiny window: backpressure
+    sock.connect((daemon.url.split("//")[1].split(":")[0], int(daemon.url.rsplit(":", 1)[1])))
+    slow = connect(url, sock=sock, max_queue=1)  # reads nothing once one message waits
+    steady = connect(url)
+    assert json.loads(steady.recv(timeout=30))["type"] == "snapshot"
+
+    def flood() -> None:  # asks for answers it never reads
+        with contextlib.suppress(Exception):
+            for _ in range(50000):
+                slow.send('{"type": "ping"}')
+
+    threading.Thread(target=flood, daemon=True).start()
+    wait_until(lambda: httpx.get(f"{daemon.url}/health").json()["websocket_clients"]
+               == before + 1, timeout=60, what="the slow client to be dropped")
+    # the other client was answered throughout, and still is
+    started = time.monotonic()
+    steady.send('{"type": "ping"}')
+    assert json.loads(steady.recv(timeout=5)) == {"type": "pong"}
+    assert time.monotonic() - started < 5
+    steady.close()
+    slow.close()
 
 
 # ---- webhooks -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ApiKeyDep, JobsDep, SettingsDep
@@ -16,14 +16,15 @@ OUTPUT_FORMATS = ["qcow2", "raw"]
 
 
 @router.get("/health", response_model=Health)
-async def read_health(jobs: JobsDep) -> Health:
+async def read_health(jobs: JobsDep, request: Request) -> Health:
     """Liveness, and whether Prefect answers."""
     try:
         reachable = (await jobs.client.api_healthcheck()) is None
     except Exception:  # noqa: BLE001 - any failure means unreachable
         reachable = False
     return Health(status="healthy" if reachable else "degraded", version=__version__,
-                  prefect={"reachable": reachable, "api_url": str(jobs.client.api_url)})
+                  prefect={"reachable": reachable, "api_url": str(jobs.client.api_url)},
+                  websocket_clients=request.app.state.hub.clients)
 
 
 @router.get("/capabilities", dependencies=[ApiKeyDep])

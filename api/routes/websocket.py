@@ -65,10 +65,11 @@ async def websocket_updates(websocket: WebSocket) -> None:
             overflow.set()
 
     hub.add(listener)
+    hub.clients += 1
     try:
         await websocket.send_json({"type": "snapshot",
                                    "jobs": await _snapshot(websocket.app.state.jobs)})
-        reader = asyncio.create_task(_read(websocket, follow, queue))
+        reader = asyncio.create_task(_read(websocket, follow, queue, overflow))
         try:
             while not reader.done():
                 getter = asyncio.create_task(queue.get())
@@ -79,7 +80,9 @@ async def websocket_updates(websocket: WebSocket) -> None:
                     if pending not in done:
                         pending.cancel()
                 if dropped in done:
-                    await websocket.close(code=1013, reason="client too slow; reconnect")
+                    with contextlib.suppress(Exception):  # its socket may be full as well
+                        await asyncio.wait_for(websocket.close(
+                            code=1013, reason="client too slow; reconnect"), SEND_TIMEOUT)
                     return
                 if getter in done:
                     message = getter.result()
@@ -93,10 +96,11 @@ async def websocket_updates(websocket: WebSocket) -> None:
         pass
     finally:
         hub.discard(listener)
+        hub.clients -= 1
 
 
-async def _read(websocket: WebSocket, follow: set[str],
-                queue: asyncio.Queue[JobEvent]) -> None:
+async def _read(websocket: WebSocket, follow: set[str], queue: asyncio.Queue[JobEvent],
+                overflow: asyncio.Event) -> None:
     """Subscriptions from the client, until it goes away."""
     while True:
         try:
@@ -112,6 +116,9 @@ async def _read(websocket: WebSocket, follow: set[str],
         if message.get("unsubscribe"):
             follow.discard(str(message["unsubscribe"]))
         if message.get("type") == "ping":
-            # answered by the one task that sends, in order with the events
-            with contextlib.suppress(asyncio.QueueFull):
+            # answered by the one task that sends, in order with the events; a client that
+            # asks without reading the answers is as slow as one that does not read events
+            try:
                 queue.put_nowait({"type": "pong"})
+            except asyncio.QueueFull:
+                overflow.set()
