@@ -53,7 +53,7 @@ def test_schedule_validation(api: httpx.Client, sample_vm: str) -> None:
     assert bad_zone.status_code == 422 and "Mars/Olympus" in bad_zone.json()["message"]
     no_vm = api.post("/schedules/create", json={
         "name": unique("s"), "cron": "0 2 * * *", "job_definition": job("no-such-vm")})
-    assert no_vm.status_code == 404 and "no-such-vm" in no_vm.json()["message"]
+    assert no_vm.status_code == 422 and "no-such-vm" in no_vm.json()["message"]
     assert api.get("/schedules/does-not-exist").status_code == 404
 
 
@@ -232,6 +232,10 @@ def test_backup_policy_backs_up_matching_vms_and_applies_retention(
     assert api.delete(f"/backup-policies/{policy}").json()["backups_deleted"] is False
     assert vm_a.is_dir()  # deleting a policy keeps its backups
     assert api.get(f"/backup-policies/{policy}").status_code == 404
+    # ... unless asked
+    assert api.post("/backup-policies/create", json=body).status_code == 200
+    gone = api.delete(f"/backup-policies/{policy}", params={"delete_backups": "true"})
+    assert gone.json()["backups_deleted"] is True and not (daemon.exports / policy).exists()
 
 
 def test_config_webhooks_are_subscriptions_with_hidden_secrets(tmp_path: Path) -> None:

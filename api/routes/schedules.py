@@ -19,9 +19,20 @@ from api.schemas import (
     ScheduleList,
     ScheduleUpdate,
 )
+from core.config import Config
+from core.errors import InvalidRequest, NotFound
 from core.models import JobDefinition
 
 router = APIRouter(prefix="/schedules", tags=["schedules"], dependencies=[ApiKeyDep])
+
+
+async def check_job(job: JobDefinition, settings: Config) -> None:
+    """The job as /jobs/submit checks it; a VM that does not exist makes the schedule
+    invalid (422), it is not a missing resource of this request."""
+    try:
+        await run_in_threadpool(validate_job, job, settings)
+    except NotFound as exc:
+        raise InvalidRequest(f"job_definition: {exc}") from None
 
 
 def get_book(request: Request) -> ScheduleBook:
@@ -48,7 +59,7 @@ async def create_schedule(body: ScheduleCreate, book: BookDep,
                           settings: SettingsDep) -> ScheduleInfo:
     """A cron schedule for a job; the job is validated as /jobs/submit would."""
     cron = cron_schedule(body.cron, body.timezone)
-    await run_in_threadpool(validate_job, body.job_definition, settings)
+    await check_job(body.job_definition, settings)
     created = await book.create(body.name, cron, body.job_definition.model_dump(mode="json"),
                                 active=body.active)
     return await describe(created, "job")
@@ -76,7 +87,7 @@ async def update_schedule(name: str, body: ScheduleUpdate, book: BookDep,
                              (old.timezone if old else None))
     job: JobDefinition | None = body.job_definition
     if job is not None:
-        await run_in_threadpool(validate_job, job, settings)
+        await check_job(job, settings)
     updated = await book.update(name, cron=cron, active=body.active,
                                 parameters=job.model_dump(mode="json") if job else None)
     return await describe(updated, "job")
