@@ -110,6 +110,7 @@ class EventHub:
             prefix=["prefect.flow-run.", PROGRESS_EVENT]))
         start = self.since
         catching_up = True
+        pause = 1.0
         while True:
             try:
                 subscriber = get_events_subscriber(filter=event_filter,
@@ -120,6 +121,7 @@ class EventHub:
                     subscriber._backfill_since = self.since  # type: ignore[attr-defined,assignment]
                 async with subscriber:
                     self.connected.set()
+                    pause = 1.0
                     if catching_up:
                         catching_up = False
                         with contextlib.suppress(TimeoutError):
@@ -133,8 +135,9 @@ class EventHub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep following whatever happens
-                log.warning("event stream interrupted (%s); reconnecting", exc)
-                await asyncio.sleep(1)
+                log.warning("event stream interrupted (%s); reconnecting in %.0f s", exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30.0)  # a Prefect server that is down is not hammered
 
     async def handle(self, event: Event) -> None:
         if event.id in self._seen:

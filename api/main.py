@@ -42,8 +42,14 @@ def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
             app.state.hub = hub = EventHub(app.state.jobs, since=datetime.fromisoformat(last)
                                            if last else None)
 
+            saved = {"at": 0.0}
+
             async def remember(event: JobEvent) -> None:
-                if hub.last_seen is not None:
+                # where to replay from after a restart: written at most once a second
+                # (replaying a little more is harmless, events are deduplicated)
+                now = asyncio.get_running_loop().time()
+                if hub.last_seen is not None and now - saved["at"] >= 1.0:
+                    saved["at"] = now
                     await asyncio.to_thread(store.set_state, LAST_EVENT,
                                             hub.last_seen.isoformat())
 
