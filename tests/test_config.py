@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from core.config import load_config, parse_config
 from core.errors import ConfigError
@@ -108,3 +109,21 @@ def test_hypervisord_says_so_when_prefect_is_unreachable(tmp_path: Path) -> None
     assert done.returncode == 1
     assert "cannot reach the Prefect server at http://127.0.0.1:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_prefect_yaml_deploys_the_flows_hypervisord_serves() -> None:
+    """prefect.yaml, read by Prefect's own model: every flow under the name the API uses,
+    and redeploying keeps the schedules (`schedules: null`, not [])."""
+    import importlib
+
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    from flows import DEPLOYMENT
+
+    config = PrefectYamlModel.model_validate(yaml.safe_load((ROOT / "prefect.yaml").read_text()))
+    flows = {}
+    for deployment in config.deployments:
+        assert deployment.name == DEPLOYMENT and deployment.schedules is None
+        module, _, attribute = str(deployment.entrypoint).replace("/", ".").partition(".py:")
+        flows[getattr(importlib.import_module(module), attribute).name] = deployment
+    assert set(flows) == {"migrate-vm", "convert-vm", "backup-policy"}
