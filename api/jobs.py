@@ -125,41 +125,31 @@ class Jobs:
 
     async def page(self, status: JobStatus | None, *, limit: int, offset: int
                    ) -> tuple[list[JobInfo], int]:
-        flows = FlowFilter(name=FlowFilterName(any_=list(FLOWS)))
-        # runs a schedule has lined up for later are not jobs yet: they show once due
-        due = FlowRunFilterExpectedStartTime(
-            before_=datetime.now(UTC) + timedelta(seconds=5))  # type: ignore[arg-type]
-        runs_filter = FlowRunFilter(expected_start_time=due, state=FlowRunFilterState(
-            type=FlowRunFilterStateType(any_=STATE_TYPES_OF[status])) if status else None)
+        flows, runs_filter = _due_runs(STATE_TYPES_OF[status] if status else None)
         runs = await self.client.read_flow_runs(
             flow_filter=flows, flow_run_filter=runs_filter,
             sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit, offset=offset)
         total = await self.client.count_flow_runs(flow_filter=flows, flow_run_filter=runs_filter)
         return [self.info(run) for run in runs], total
 
+    async def active(self, *, limit: int = 200) -> list[tuple[JobInfo, JobProgress]]:
+        """Running, then pending jobs (up to `limit` of each), with their progress: one
+        read per state, no call per job."""
+        found: list[tuple[JobInfo, JobProgress]] = []
+        for status in (JobStatus.RUNNING, JobStatus.PENDING):
+            flows, runs_filter = _due_runs(STATE_TYPES_OF[status])
+            runs = await self.client.read_flow_runs(
+                flow_filter=flows, flow_run_filter=runs_filter,
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
+            found += [(self.info(run), progress_of(run)) for run in runs]
+        return found
+
     async def progress(self, job_id: str) -> JobProgress:
-        run = await self.run(job_id)
-        labels = run.labels or {}
-        status = job_status(run)
-
-        def label(name: str, default: Any = 0) -> Any:
-            return labels.get(f"{LABEL}{name}", default)
-
-        percentage = 100.0 if status == JobStatus.COMPLETED else float(label("percentage", 0.0))
-        updated = label("updated_at", None)
-        return JobProgress(
-            job_id=str(run.id), status=status,
-            phase=str(label("phase", "pending" if status == JobStatus.PENDING else "starting")),
-            percentage=percentage,
-            bytes_done=int(label("bytes_done")), bytes_total=int(label("bytes_total")),
-            rate_bps=float(label("rate_bps")),
-            eta_seconds=_eta(run, percentage, status),
-            updated_at=datetime.fromtimestamp(float(updated), UTC) if updated else None,
-        )
+        return progress_of(await self.run(job_id))
 
     async def eta(self, job_id: str) -> JobEta:
         run = await self.run(job_id)
-        progress = await self.progress(job_id)
+        progress = progress_of(run)
         eta = progress.eta_seconds
         return JobEta(
             job_id=progress.job_id, status=progress.status, percentage=progress.percentage,
@@ -222,6 +212,38 @@ class Jobs:
             return "cancelling", "the job is already being cancelled"
         await self.client.set_flow_run_state(run.id, Cancelling(message="cancelled by request"))
         return "cancelling", "the job's processes are being stopped and partial files removed"
+
+
+def _due_runs(state_types: list[StateType] | None) -> tuple[FlowFilter, FlowRunFilter]:
+    """Filters for the job flows' runs (of these states), leaving out runs a schedule has
+    lined up for later: they are not jobs yet, they show once due."""
+    due = FlowRunFilterExpectedStartTime(
+        before_=datetime.now(UTC) + timedelta(seconds=5))  # type: ignore[arg-type]
+    states = (FlowRunFilterState(type=FlowRunFilterStateType(any_=state_types))
+              if state_types else None)
+    return (FlowFilter(name=FlowFilterName(any_=list(FLOWS))),
+            FlowRunFilter(expected_start_time=due, state=states))
+
+
+def progress_of(run: FlowRun) -> JobProgress:
+    """A job's progress, from the labels its tasks write on the flow run."""
+    labels = run.labels or {}
+    status = job_status(run)
+
+    def label(name: str, default: Any = 0) -> Any:
+        return labels.get(f"{LABEL}{name}", default)
+
+    percentage = 100.0 if status == JobStatus.COMPLETED else float(label("percentage", 0.0))
+    updated = label("updated_at", None)
+    return JobProgress(
+        job_id=str(run.id), status=status,
+        phase=str(label("phase", "pending" if status == JobStatus.PENDING else "starting")),
+        percentage=percentage,
+        bytes_done=int(label("bytes_done")), bytes_total=int(label("bytes_total")),
+        rate_bps=float(label("rate_bps")),
+        eta_seconds=_eta(run, percentage, status),
+        updated_at=datetime.fromtimestamp(float(updated), UTC) if updated else None,
+    )
 
 
 def _level(number: int) -> str:

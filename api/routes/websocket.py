@@ -14,7 +14,6 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from api.events import EventHub, JobEvent
 from api.jobs import Jobs
-from core.models import JobStatus
 
 router = APIRouter(tags=["websocket"])
 QUEUE_SIZE = 256  # events a client may lag behind before it is dropped
@@ -32,15 +31,10 @@ def _authorized(websocket: WebSocket, expected: str | None) -> bool:
 
 
 async def _snapshot(jobs: Jobs) -> list[dict[str, object]]:
-    active: list[dict[str, object]] = []
-    for status in (JobStatus.RUNNING, JobStatus.PENDING):
-        page, _ = await jobs.page(status, limit=200, offset=0)
-        for info in page:
-            progress = await jobs.progress(info.job_id)
-            active.append({"job_id": info.job_id, "status": info.status.value,
-                           "vm": info.vm_identifier, "provider": info.provider,
-                           "phase": progress.phase, "progress": progress.percentage})
-    return active
+    return [{"job_id": info.job_id, "status": info.status.value, "vm": info.vm_identifier,
+             "provider": info.provider, "phase": progress.phase,
+             "progress": progress.percentage}
+            for info, progress in await jobs.active()]
 
 
 @router.websocket("/websocket")
