@@ -80,13 +80,12 @@ class EventHub:
         self.listeners: set[Listener] = set()
         self.detailed: set[Listener] = set()
         self.clients = 0  # websocket clients connected
-        self.since = since
+        self.start = since  # where the first subscriptions replay from
         self.last_seen: datetime | None = None
         self._last_progress: dict[str, float] = {}
         self._run_facts: dict[str, dict[str, Any]] = {}
         self._chains: dict[str, asyncio.Task[None]] = {}
         self._seen: dict[Any, None] = {}  # recent event ids, oldest first
-        self.connected = asyncio.Event()
 
     def add(self, listener: Listener, *, detailed: bool = False) -> None:
         """`detailed` listeners get a finished job's event with its result, at the cost
@@ -108,28 +107,33 @@ class EventHub:
         the same starting point; events seen twice are dropped by id."""
         event_filter = EventFilter(event=EventNameFilter(  # type: ignore[call-arg]
             prefix=["prefect.flow-run.", PROGRESS_EVENT]))
-        start = self.since
-        catching_up = True
+        caught_up = False  # the first subscription has run its CATCH_UP seconds
+        renewed = False  # ... and has been renewed from the same starting point
         pause = 1.0
         while True:
+            # replay what happened while the daemon was down: Prefect backfills a new
+            # subscription with the events since this time
+            if caught_up and not renewed:
+                since = self.start
+            elif self.last_seen is not None:
+                since = self.last_seen - timedelta(seconds=1)
+            else:
+                since = self.start
             try:
                 subscriber = get_events_subscriber(filter=event_filter,
                                                    reconnection_attempts=1000)
-                if self.since is not None:
-                    # replay what happened while the daemon was down (Prefect backfills
-                    # events from this time on)
-                    subscriber._backfill_since = self.since  # type: ignore[attr-defined,assignment]
+                if since is not None:
+                    subscriber._backfill_since = since  # type: ignore[attr-defined,assignment]
                 async with subscriber:
-                    self.connected.set()
                     pause = 1.0
-                    if catching_up:
-                        catching_up = False
+                    if not caught_up:
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(CATCH_UP):
                                 async for event in subscriber:
                                     await self.handle(event)
-                        self.since = start
+                        caught_up = True
                         continue
+                    renewed = True
                     async for event in subscriber:
                         await self.handle(event)
             except asyncio.CancelledError:
@@ -147,7 +151,6 @@ class EventHub:
             del self._seen[next(iter(self._seen))]
         if self.last_seen is None or event.occurred > self.last_seen:
             self.last_seen = event.occurred
-        self.since = self.last_seen - timedelta(seconds=1)
         run_id = _run_id(event)
         if run_id is None:
             return
