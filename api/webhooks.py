@@ -131,18 +131,18 @@ class WebhookStore:
                 "headers": _masked(json.loads(row["headers"])), "source": row["source"],
                 "created_at": row["created_at"]}
 
-    def _rows(self) -> list[sqlite3.Row]:
-        with self._lock:
-            return list(self._db.execute("SELECT * FROM webhooks ORDER BY created_at"))
-
     def subscriptions(self) -> list[dict[str, Any]]:
-        return [self._public(r) for r in self._rows()]
+        with self._lock:
+            rows = list(self._db.execute("SELECT * FROM webhooks ORDER BY created_at"))
+        return [self._public(r) for r in rows]
 
     def get(self, webhook_id: str) -> sqlite3.Row:
-        for row in self._rows():
-            if row["id"] == webhook_id:
-                return row
-        raise JobNotFound(f"no webhook {webhook_id!r}")
+        with self._lock:
+            row = self._db.execute("SELECT * FROM webhooks WHERE id = ?",
+                                   (webhook_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no webhook {webhook_id!r}")
+        return row
 
     def delete(self, webhook_id: str) -> None:
         self.get(webhook_id)

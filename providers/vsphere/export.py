@@ -37,6 +37,7 @@ class FetchedDisk:
     """One disk as it arrived: its main file (what qemu-img opens) and any extents."""
 
     main: Downloaded
+    create_type: str  # of the main file, as its descriptor says
     extents: list[Downloaded] = field(default_factory=list)
 
     @property
@@ -139,7 +140,7 @@ def fetch_datastore(session: Session, vm: VMInfo, dest: Path, transfer: Transfer
                 remote = f"{folder}/{extent.file}" if folder else str(extent.file)
                 extents.append(transfer.fetch(
                     _folder_url(session, datacenter, datastore, remote), local))
-        return FetchedDisk(main=main, extents=extents)
+        return FetchedDisk(main=main, create_type=info.create_type, extents=extents)
 
     files = [disk.file for disk in vm.disks]
     if any(not f for f in files):
@@ -216,8 +217,8 @@ def fetch_nfc(session: Session, vm: Any, info: VMInfo, dest: Path, transfer: Tra
                 parts = urlsplit(url.url)
                 netloc = f"{host}:{port}" if parts.hostname == "*" else parts.netloc
                 target = dest / Path(url.targetId or parts.path).name
-                return FetchedDisk(main=transfer.fetch(
-                    parts._replace(netloc=netloc).geturl(), target))
+                main = transfer.fetch(parts._replace(netloc=netloc).geturl(), target)
+                return FetchedDisk(main=main, create_type=_create_type(main.path))
 
             with ThreadPoolExecutor(max_workers=transfer.disk_concurrency) as pool:
                 return list(pool.map(fetch, urls))
@@ -261,13 +262,16 @@ def package(vm: VMInfo, fetched: list[FetchedDisk], dest: Path, *, method: str,
     manifest beside the disks) or one OVA. `compress`, and an OVA's need for one file per
     disk, turn disks into stream-optimized VMDKs (what vSphere's own exports hold)."""
     disks: list[Downloaded] = []
+    create_types: list[str] = []
     others: list[Downloaded] = []
     for disk in fetched:
-        stream = _create_type(disk.main.path).lower() == "streamoptimized"
+        stream = disk.create_type.lower() == "streamoptimized"
         if (options.compress and not stream) or (method == "ova" and not disk.single_file):
             disks.append(_stream_optimized(disk))
+            create_types.append("streamOptimized")
         else:
             disks.append(disk.main)
+            create_types.append(disk.create_type)
             others.extend(disk.extents)
     exported = vm.model_copy(update={"disks": [
         d.model_copy(update={"file": f.path.name, "format": "vmdk"})
@@ -281,7 +285,7 @@ def package(vm: VMInfo, fetched: list[FetchedDisk], dest: Path, *, method: str,
     descriptor.write_text(render_ovf(
         exported, [(d.path.name, d.size) for d in disks],
         include_cdrom=not options.remove_cdrom,
-        formats=[vmdk_format_uri(_create_type(d.path)) for d in disks]))
+        formats=[vmdk_format_uri(kind) for kind in create_types]))
     ovf_digest = digest_file(descriptor)
     manifest = dest / f"{vm.name}.mf"
     written.append(manifest)
