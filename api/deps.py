@@ -1,4 +1,5 @@
-"""Dependencies the routers declare: settings, the jobs store, the API key check."""
+"""Dependencies the routers declare: settings, jobs, schedule books, the webhook store and
+dispatcher, the API key check."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from api.jobs import Jobs
+from api.schedules import ScheduleBook
+from api.webhooks import Dispatcher, WebhookStore
 from core.config import Config
 
 
@@ -20,6 +23,31 @@ def get_settings(request: Request) -> Config:
 def get_jobs(request: Request) -> Jobs:
     jobs: Jobs = request.app.state.jobs
     return jobs
+
+
+def get_schedules(request: Request) -> ScheduleBook:
+    book: ScheduleBook = request.app.state.schedules
+    return book
+
+
+def get_policies(request: Request) -> ScheduleBook:
+    book: ScheduleBook = request.app.state.policies
+    return book
+
+
+def get_webhooks(request: Request) -> WebhookStore:
+    store: WebhookStore = request.app.state.webhooks
+    return store
+
+
+def get_dispatcher(request: Request) -> Dispatcher:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    return dispatcher
+
+
+def key_matches(given: str | None, expected: str) -> bool:
+    """The one comparison of a presented API key (constant time)."""
+    return bool(given) and secrets.compare_digest(str(given).encode(), expected.encode())
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -39,10 +67,14 @@ def require_api_key(
     if not given:
         raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' "
                                  "or 'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
-    if not secrets.compare_digest(given.encode(), expected.encode()):
+    if not key_matches(given, expected):
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
 SettingsDep = Annotated[Config, Depends(get_settings)]
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
+SchedulesDep = Annotated[ScheduleBook, Depends(get_schedules)]
+PoliciesDep = Annotated[ScheduleBook, Depends(get_policies)]
+WebhooksDep = Annotated[WebhookStore, Depends(get_webhooks)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 ApiKeyDep = Depends(require_api_key)

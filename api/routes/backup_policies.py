@@ -6,12 +6,12 @@ from __future__ import annotations
 import shutil
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 from prefect.client.schemas.objects import DeploymentSchedule
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ApiKeyDep, SettingsDep
-from api.schedules import ScheduleBook, cron_schedule, next_runs
+from api.deps import ApiKeyDep, PoliciesDep, SettingsDep
+from api.schedules import cron_schedule, next_runs
 from api.schemas import BackupPolicyInfo, BackupPolicyList, JobSubmitted
 from core.config import Config
 from core.errors import InvalidRequest
@@ -21,14 +21,6 @@ from providers import get_provider
 
 router = APIRouter(prefix="/backup-policies", tags=["backup-policies"],
                    dependencies=[ApiKeyDep])
-
-
-def get_book(request: Request) -> ScheduleBook:
-    book: ScheduleBook = request.app.state.policies
-    return book
-
-
-BookDep = Annotated[ScheduleBook, Depends(get_book)]
 
 
 def check_provider(policy: BackupPolicy, settings: Config) -> None:
@@ -45,7 +37,7 @@ async def describe(schedule: DeploymentSchedule) -> BackupPolicyInfo:
 
 
 @router.post("/create", response_model=BackupPolicyInfo)
-async def create_policy(policy: BackupPolicy, book: BookDep,
+async def create_policy(policy: BackupPolicy, book: PoliciesDep,
                         settings: SettingsDep) -> BackupPolicyInfo:
     """A backup policy: its schedule runs the backup-policy flow with it."""
     cron = cron_schedule(policy.schedule, policy.timezone)
@@ -54,17 +46,17 @@ async def create_policy(policy: BackupPolicy, book: BookDep,
 
 
 @router.get("", response_model=BackupPolicyList)
-async def list_policies(book: BookDep) -> BackupPolicyList:
+async def list_policies(book: PoliciesDep) -> BackupPolicyList:
     return BackupPolicyList(policies=[await describe(s) for s in await book.all()])
 
 
 @router.get("/{name}", response_model=BackupPolicyInfo)
-async def read_policy(name: str, book: BookDep) -> BackupPolicyInfo:
+async def read_policy(name: str, book: PoliciesDep) -> BackupPolicyInfo:
     return await describe(await book.get(name))
 
 
 @router.put("/{name}", response_model=BackupPolicyInfo)
-async def update_policy(name: str, policy: BackupPolicy, book: BookDep,
+async def update_policy(name: str, policy: BackupPolicy, book: PoliciesDep,
                         settings: SettingsDep) -> BackupPolicyInfo:
     """Replace the policy (its name stays)."""
     if policy.name != name:
@@ -77,7 +69,7 @@ async def update_policy(name: str, policy: BackupPolicy, book: BookDep,
 
 @router.delete("/{name}")
 async def delete_policy(
-    name: str, book: BookDep, settings: SettingsDep,
+    name: str, book: PoliciesDep, settings: SettingsDep,
     delete_backups: Annotated[bool, Query(description="also remove its backups")] = False,
 ) -> dict[str, str | bool]:
     """Remove the policy; its backups stay unless `delete_backups=true`."""
@@ -94,6 +86,6 @@ async def delete_policy(
 
 
 @router.post("/{name}/run", response_model=JobSubmitted)
-async def run_policy(name: str, book: BookDep) -> JobSubmitted:
+async def run_policy(name: str, book: PoliciesDep) -> JobSubmitted:
     """Run the policy now; returns the backup run's job id."""
     return await book.trigger(name, tags=["backup", "triggered"])

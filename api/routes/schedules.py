@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from prefect.client.schemas.objects import DeploymentSchedule
 from prefect.client.schemas.schedules import CronSchedule
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ApiKeyDep, SettingsDep
+from api.deps import ApiKeyDep, SchedulesDep, SettingsDep
 from api.routes.jobs import validate_job
-from api.schedules import ScheduleBook, cron_schedule, next_runs
+from api.schedules import cron_schedule, next_runs
 from api.schemas import (
     JobSubmitted,
     ScheduleCreate,
@@ -35,14 +33,6 @@ async def check_job(job: JobDefinition, settings: Config) -> None:
         raise InvalidRequest(f"job_definition: {exc}") from None
 
 
-def get_book(request: Request) -> ScheduleBook:
-    book: ScheduleBook = request.app.state.schedules
-    return book
-
-
-BookDep = Annotated[ScheduleBook, Depends(get_book)]
-
-
 async def describe(schedule: DeploymentSchedule, parameter: str) -> ScheduleInfo:
     cron = schedule.schedule if isinstance(schedule.schedule, CronSchedule) else None
     return ScheduleInfo(
@@ -55,7 +45,7 @@ async def describe(schedule: DeploymentSchedule, parameter: str) -> ScheduleInfo
 
 
 @router.post("/create", response_model=ScheduleInfo)
-async def create_schedule(body: ScheduleCreate, book: BookDep,
+async def create_schedule(body: ScheduleCreate, book: SchedulesDep,
                           settings: SettingsDep) -> ScheduleInfo:
     """A cron schedule for a job; the job is validated as /jobs/submit would."""
     cron = cron_schedule(body.cron, body.timezone)
@@ -66,17 +56,17 @@ async def create_schedule(body: ScheduleCreate, book: BookDep,
 
 
 @router.get("", response_model=ScheduleList)
-async def list_schedules(book: BookDep) -> ScheduleList:
+async def list_schedules(book: SchedulesDep) -> ScheduleList:
     return ScheduleList(schedules=[await describe(s, "job") for s in await book.all()])
 
 
 @router.get("/{name}", response_model=ScheduleInfo)
-async def read_schedule(name: str, book: BookDep) -> ScheduleInfo:
+async def read_schedule(name: str, book: SchedulesDep) -> ScheduleInfo:
     return await describe(await book.get(name), "job")
 
 
 @router.put("/{name}", response_model=ScheduleInfo)
-async def update_schedule(name: str, body: ScheduleUpdate, book: BookDep,
+async def update_schedule(name: str, body: ScheduleUpdate, book: SchedulesDep,
                           settings: SettingsDep) -> ScheduleInfo:
     current = await book.get(name)
     cron = None
@@ -94,22 +84,22 @@ async def update_schedule(name: str, body: ScheduleUpdate, book: BookDep,
 
 
 @router.delete("/{name}")
-async def delete_schedule(name: str, book: BookDep) -> dict[str, str]:
+async def delete_schedule(name: str, book: SchedulesDep) -> dict[str, str]:
     await book.delete(name)
     return {"name": name, "status": "deleted"}
 
 
 @router.post("/{name}/pause", response_model=ScheduleInfo)
-async def pause_schedule(name: str, book: BookDep) -> ScheduleInfo:
+async def pause_schedule(name: str, book: SchedulesDep) -> ScheduleInfo:
     return await describe(await book.update(name, active=False), "job")
 
 
 @router.post("/{name}/resume", response_model=ScheduleInfo)
-async def resume_schedule(name: str, book: BookDep) -> ScheduleInfo:
+async def resume_schedule(name: str, book: SchedulesDep) -> ScheduleInfo:
     return await describe(await book.update(name, active=True), "job")
 
 
 @router.post("/{name}/trigger", response_model=JobSubmitted)
-async def trigger_schedule(name: str, book: BookDep) -> JobSubmitted:
+async def trigger_schedule(name: str, book: SchedulesDep) -> JobSubmitted:
     """Run the schedule's job now; returns its job id."""
     return await book.trigger(name, tags=["triggered"])

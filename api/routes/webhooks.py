@@ -6,13 +6,13 @@ import asyncio
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import Field
 
-from api.deps import ApiKeyDep, SettingsDep
+from api.deps import ApiKeyDep, DispatcherDep, SettingsDep, WebhooksDep
 from api.events import EVENT_TYPES
 from api.schemas import Body
-from api.webhooks import Dispatcher, WebhookStore, check_url
+from api.webhooks import check_url
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"], dependencies=[ApiKeyDep])
 
@@ -28,21 +28,8 @@ class WebhookCreate(Body):
                                description="HMAC key; generated (and shown once) if omitted")
 
 
-def get_store(request: Request) -> WebhookStore:
-    store: WebhookStore = request.app.state.webhooks
-    return store
-
-
-def get_dispatcher(request: Request) -> Dispatcher:
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    return dispatcher
-
-
-StoreDep = Annotated[WebhookStore, Depends(get_store)]
-
-
 @router.post("/configure")
-async def configure_webhook(body: WebhookCreate, store: StoreDep,
+async def configure_webhook(body: WebhookCreate, store: WebhooksDep,
                             settings: SettingsDep) -> dict[str, Any]:
     """Subscribe a URL. The response carries the signing secret; listings never do."""
     await asyncio.to_thread(check_url, body.url, settings.daemon.webhook_allowed_networks)
@@ -51,19 +38,19 @@ async def configure_webhook(body: WebhookCreate, store: StoreDep,
 
 
 @router.get("")
-async def list_webhooks(store: StoreDep) -> dict[str, Any]:
+async def list_webhooks(store: WebhooksDep) -> dict[str, Any]:
     return {"webhooks": await asyncio.to_thread(store.subscriptions)}
 
 
 @router.delete("/{webhook_id}")
-async def delete_webhook(webhook_id: str, store: StoreDep) -> dict[str, str]:
+async def delete_webhook(webhook_id: str, store: WebhooksDep) -> dict[str, str]:
     await asyncio.to_thread(store.delete, webhook_id)
     return {"id": webhook_id, "status": "deleted"}
 
 
 @router.get("/deliveries")
 async def list_deliveries(
-    store: StoreDep,
+    store: WebhooksDep,
     webhook_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
@@ -72,9 +59,8 @@ async def list_deliveries(
 
 
 @router.post("/{webhook_id}/test")
-async def test_webhook(webhook_id: str, store: StoreDep,
-                       dispatcher: Annotated[Dispatcher, Depends(get_dispatcher)]
-                       ) -> dict[str, Any]:
+async def test_webhook(webhook_id: str, store: WebhooksDep,
+                       dispatcher: DispatcherDep) -> dict[str, Any]:
     """Queue a `webhook.test` delivery to this webhook and report its first attempt."""
     await asyncio.to_thread(store.get, webhook_id)
     event_id = f"test-{time.time_ns()}"

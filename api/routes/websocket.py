@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from api.deps import key_matches
 from api.events import EventHub, JobEvent
 from api.jobs import Jobs
 
@@ -27,7 +27,7 @@ def _authorized(websocket: WebSocket, expected: str | None) -> bool:
     given = (websocket.headers.get("x-api-key")
              or (header[7:] if header.lower().startswith("bearer ") else None)
              or websocket.query_params.get("token"))
-    return bool(given) and secrets.compare_digest(str(given).encode(), expected.encode())
+    return key_matches(given, expected)
 
 
 async def _snapshot(jobs: Jobs) -> list[dict[str, object]]:
