@@ -13,7 +13,6 @@ Targets: (a) <= 6 s, (b) <= 1.25. Run: .venv/bin/python bench/job_path.py [--rou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import subprocess
@@ -28,10 +27,7 @@ from hyper2kvm import ova  # noqa: E402
 from hyper2kvm.sample import make_sample_ova  # noqa: E402
 from tests.peers import (  # noqa: E402 - sets Prefect's environment before Prefect loads
     SESSION_DIR,
-    libvirt_uri,
-    prefect_server,
-    start_daemon,
-    stop_daemon,
+    peers_and_daemon,
     wait_for_job,
 )
 
@@ -75,12 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    server = prefect_server.__wrapped__()  # type: ignore[attr-defined]
-    next(server)
-    uri = libvirt_uri.__wrapped__()  # type: ignore[attr-defined]
-    next(uri)
-    daemon = start_daemon(SESSION_DIR / "bench", api_key="bench")
-    try:
+    with peers_and_daemon("bench", api_key="bench") as daemon:
         inbox = daemon.inbox
         inbox.mkdir(parents=True, exist_ok=True)
         sizes = {"b16": (16, 4), "b256": (256, 128), "b2048": (2048, 1024)}
@@ -114,11 +105,6 @@ def main() -> None:
         qemu_extra = med["b2048/qemu"] - med["b256/qemu"]
         print(f"(b) marginal cost, 2 GiB over 256 MiB: job +{job_extra:.2f} s, qemu-img "
               f"+{qemu_extra:.2f} s -> ratio {marginal:.2f}   target <= 1.25")
-    finally:
-        stop_daemon(daemon)
-        for generator in (uri, server):
-            with contextlib.suppress(StopIteration):
-                next(generator)
 
 
 if __name__ == "__main__":

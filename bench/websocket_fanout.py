@@ -25,11 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hyper2kvm.sample import make_sample_ova  # noqa: E402
 from tests.peers import (  # noqa: E402 - sets Prefect's environment before Prefect loads
-    SESSION_DIR,
-    libvirt_uri,
-    prefect_server,
-    start_daemon,
-    stop_daemon,
+    peers_and_daemon,
     wait_for_job,
 )
 
@@ -124,21 +120,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=20)
     args = parser.parse_args()
-    server = prefect_server.__wrapped__()  # type: ignore[attr-defined]
-    next(server)
-    uri = libvirt_uri.__wrapped__()  # type: ignore[attr-defined]
-    next(uri)
-    daemon = start_daemon(SESSION_DIR / "fanout", api_key="bench-key")
-    try:
+    with peers_and_daemon("fanout", api_key="bench-key") as daemon:
         names = [f"fanout-{i}" for i in range(args.jobs)]
         for name in names:
             make_sample_ova(daemon.inbox, name, size_mib=8)
         asyncio.run(run(args, daemon, names))
-    finally:
-        stop_daemon(daemon)
-        for generator in (uri, server):
-            next(generator, None)
-
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ module imports it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -219,6 +220,23 @@ def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
 def stop_daemon(daemon: Daemon) -> int:
     daemon.process.send_signal(signal.SIGTERM)
     return daemon.process.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def peers_and_daemon(name: str, *, api_key: str) -> Iterator[Daemon]:
+    """For scripts (bench/): the session's peers and a hypervisord, as the tests have them,
+    stopped on leaving."""
+    server = prefect_server.__wrapped__()  # type: ignore[attr-defined]
+    next(server)
+    uri = libvirt_uri.__wrapped__()  # type: ignore[attr-defined]
+    next(uri)
+    daemon = start_daemon(SESSION_DIR / name, api_key=api_key)
+    try:
+        yield daemon
+    finally:
+        stop_daemon(daemon)
+        for generator in (uri, server):
+            next(generator, None)
 
 
 @pytest.fixture(scope="session")
