@@ -2,8 +2,9 @@
 
 Builds a 4 GiB streamOptimized VMDK (half random data, half zeros), then alternates,
 --rounds times: `hyper2kvm convert` to qcow2, and bare `qemu-img convert -O qcow2` with
-qemu-img's defaults; also times qemu-img with -W and with -m 16 to see whether they help
-here. Each run starts from a dropped page cache (as root), so each reads its source cold.
+qemu-img's defaults; also times bare qemu-img with each flag hyper2kvm could choose (-W,
+-m 16, the source read through io_uring, and both) to show which won. Each run starts from
+a dropped page cache (as root), so each reads its source cold.
 Prints medians and the ratio hyper2kvm / qemu-img (target <= 1.0).
 Run: .venv/bin/python bench/convert.py [--rounds 3] [--size-mib 4096]
 """
@@ -62,14 +63,19 @@ def main() -> None:
                          subformat="streamOptimized")
         raw.unlink()
         out = work / "out.qcow2"
+        uring = qemu_img.DiskSource(vmdk, "vmdk", aio="io_uring").spec()
+
+        def bare(*flags: str, source: str = str(vmdk)) -> tuple[list[str], Path]:
+            return ["qemu-img", "convert", *flags, "-O", "qcow2", source, str(out)], out
+
         variants = {
             "hyper2kvm": ([str(BIN / "hyper2kvm"), "convert", str(vmdk), "--output-dir",
                            str(work / "h2k"), "--format", "qcow2", "--json"], work / "h2k"),
-            "qemu-img": (["qemu-img", "convert", "-O", "qcow2", str(vmdk), str(out)], out),
-            "qemu-img -W": (["qemu-img", "convert", "-W", "-O", "qcow2", str(vmdk), str(out)],
-                            out),
-            "qemu-img -m 16": (["qemu-img", "convert", "-m", "16", "-O", "qcow2", str(vmdk),
-                                str(out)], out),
+            "qemu-img": bare(),
+            "qemu-img -W": bare("-W"),
+            "qemu-img -m 16": bare("-m", "16"),
+            "qemu-img io_uring": bare(source=uring),
+            "qemu-img io_uring -m 16": bare("-m", "16", source=uring),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)
@@ -83,7 +89,7 @@ def main() -> None:
         medians = {name: statistics.median(values) for name, values in times.items()}
         print()
         for name, value in medians.items():
-            print(f"{name:>15}: median {value:.2f} s")
+            print(f"{name:>23}: median {value:.2f} s")
         ratio = medians["hyper2kvm"] / medians["qemu-img"]
         print(f"ratio hyper2kvm / qemu-img defaults: {ratio:.2f}   target <= 1.0")
     finally:

@@ -8,6 +8,7 @@ from tests.peers import (  # noqa: F401 - fixtures
     prefect_server,
     sample_cache,
     sample_vm,
+    session_files,
     watch_daemon,
 )
 from tests.vsphere_sim import si, vcsim, vcsim_upstream  # noqa: F401,E402 - fixtures

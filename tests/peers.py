@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +64,21 @@ def wait_until(check, *, timeout: float, interval: float = 0.25, what: str = "co
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_files() -> Iterator[Path]:
+    """Set up first, torn down last: the session's directory and the export folders the
+    session created are removed once every peer has stopped (a session writes gigabytes).
+    HYPERSDK_KEEP_TEST_FILES=1 keeps them for a post-mortem."""
+    EXPORTS.mkdir(parents=True, exist_ok=True)
+    exports_before = set(EXPORTS.iterdir())
+    yield SESSION_DIR
+    if os.environ.get("HYPERSDK_KEEP_TEST_FILES"):
+        return
+    for created in set(EXPORTS.iterdir()) - exports_before:
+        shutil.rmtree(created, ignore_errors=True)
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -225,7 +241,7 @@ def stop_daemon(daemon: Daemon) -> int:
 @contextlib.contextmanager
 def peers_and_daemon(name: str, *, api_key: str) -> Iterator[Daemon]:
     """For scripts (bench/): the session's peers and a hypervisord, as the tests have them,
-    stopped on leaving."""
+    stopped and their files removed on leaving."""
     server = prefect_server.__wrapped__()  # type: ignore[attr-defined]
     next(server)
     uri = libvirt_uri.__wrapped__()  # type: ignore[attr-defined]
@@ -237,6 +253,7 @@ def peers_and_daemon(name: str, *, api_key: str) -> Iterator[Daemon]:
         stop_daemon(daemon)
         for generator in (uri, server):
             next(generator, None)
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

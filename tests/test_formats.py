@@ -189,3 +189,37 @@ def test_ovf_2_envelope_parses_like_ovf_1() -> None:
     back = parse_ovf(ovf2).vm
     assert (back.cpus, back.memory_mb, [d.unit for d in back.disks]) == (2, 1024, [0, 1])
     assert back.nics[0].mac == "00:50:56:aa:bb:cc"
+
+
+def test_stream_optimized_vmdk_is_read_through_io_uring(tmp_path: Path) -> None:
+    """The one source io_uring speeds up (bench/convert.py) is read through it, inside an
+    OVA too, and converts to the same content; other sources keep qemu's default."""
+    from hyper2kvm import qemu_img
+    from hyper2kvm.sample import make_disk
+
+    if not qemu_img.supports_io_uring():
+        pytest.skip("this kernel or qemu-img has no io_uring")
+    raw = tmp_path / "d.raw"
+    make_disk(raw, size_mib=16, random_mib=8)
+    sparse = tmp_path / "sparse.vmdk"
+    qemu_img.convert(qemu_img.DiskSource(raw, "raw"), sparse, output_format="vmdk",
+                     subformat="monolithicSparse")
+    ova_path = make_sample_ova(tmp_path, "uring", size_mib=16, random_mib=8)
+    member = next(m for name, m in ova.read_members(ova_path).items()
+                  if name.endswith(".vmdk"))
+    in_ova = qemu_img.DiskSource(ova_path, "vmdk", member.offset, member.size)
+
+    assert qemu_img.fastest_reader(in_ova).aio == "io_uring"
+    assert '"aio": "io_uring"' in qemu_img.fastest_reader(in_ova).spec()
+    assert qemu_img.fastest_reader(qemu_img.DiskSource(sparse, "vmdk")).aio is None
+    assert qemu_img.fastest_reader(qemu_img.DiskSource(raw, "raw")).aio is None
+    forced = qemu_img.DiskSource(ova_path, "vmdk", member.offset, member.size, aio="threads")
+    assert qemu_img.fastest_reader(forced) == forced
+
+    via_uring = tmp_path / "via-uring.qcow2"
+    qemu_img.convert(in_ova, via_uring, output_format="qcow2")
+    via_threads = tmp_path / "via-threads.qcow2"
+    flat = tmp_path / "flat.raw"
+    qemu_img.convert(forced, flat, output_format="raw")
+    qemu_img.convert(qemu_img.DiskSource(flat, "raw"), via_threads, output_format="qcow2")
+    assert qemu_img.compare(via_uring, via_threads)
