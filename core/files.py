@@ -87,3 +87,23 @@ def link_or_copy(
     if progress:
         progress(src.stat().st_size)
     return True
+
+
+def make_durable(folder: Path) -> None:
+    """Wait until every file and directory under `folder` (and `folder` itself) is on
+    stable storage, so that what is written next (a "completed" marker) never survives a
+    power cut that the data before it did not."""
+    for directory, _subdirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(Path(directory) / name)
+        fsync_path(Path(directory))
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename or a new entry is durable once its
+    directory is)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

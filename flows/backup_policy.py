@@ -11,6 +11,7 @@ from prefect.deployments import run_deployment
 from prefect.states import Completed, Failed, State
 
 from core.config import Config, config_from_env
+from core.files import make_durable
 from core.models import BackupOutcome, BackupPolicy, BackupReport, JobDefinition, VMSummary
 from core.paths import safe_name
 from flows import DEPLOYMENT
@@ -56,6 +57,10 @@ async def back_up(vm: VMSummary, policy: BackupPolicy, settings: Config, taken: 
             job_id: str | None = str(run.id)
         except Exception as exc:  # noqa: BLE001 - one VM failing must not stop the others
             ok, error, job_id = False, f"{type(exc).__name__}: {exc}", None
+        if ok:
+            # "completed" lets retention delete older backups: it must never outlive, in a
+            # power cut, the data it vouches for
+            await asyncio.to_thread(make_durable, folder)
         write_marker(folder, status="completed" if ok else "failed", vm=vm.identifier,
                      job_id=job_id, error=error, finished_at=datetime.now(UTC).isoformat())
         return BackupOutcome(vm=vm.name, job_id=job_id, path=str(folder), error=error)

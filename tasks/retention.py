@@ -8,12 +8,14 @@ older than `retention.age_days`."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from core.files import fsync_path
 from core.models import Retention
 
 STAMP = "%Y%m%dT%H%M%SZ"
@@ -32,10 +34,15 @@ def stamp(moment: datetime) -> str:
 
 
 def write_marker(folder: Path, **facts: Any) -> None:
-    """Replace the marker atomically: a reader never sees half of it."""
+    """Replace the marker atomically and durably: a reader never sees half of it, and
+    after a power cut the folder holds this marker or the one before it."""
     partial = folder / f"{MARKER}.partial"
-    partial.write_text(json.dumps(facts, default=str))
+    with partial.open("w") as marker:
+        marker.write(json.dumps(facts, default=str))
+        marker.flush()
+        os.fsync(marker.fileno())
     partial.replace(folder / MARKER)
+    fsync_path(folder)
 
 
 def read_backups(vm_folder: Path) -> list[Backup]:

@@ -77,7 +77,10 @@ def session_files() -> Iterator[Path]:
     if os.environ.get("HYPERSDK_KEEP_TEST_FILES"):
         return
     for created in set(EXPORTS.iterdir()) - exports_before:
-        shutil.rmtree(created, ignore_errors=True)
+        if created.is_dir() and not created.is_symlink():
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            created.unlink(missing_ok=True)
     shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.schedules import CronSchedule
 from websockets.sync.client import ClientConnection, connect
@@ -165,6 +166,32 @@ def test_retention_keeps_counts_and_ages_and_never_touches_running_ones(tmp_path
     assert [b.path for b in plan_pruning(read_backups(old_only), Retention(count=5, age_days=30),
                                          now)] == [older]
     assert newest.exists()
+
+
+def test_a_completed_marker_is_written_only_after_the_backup_is_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention trusts "completed": the data it vouches for is fsynced first, then the
+    marker, then its directory entry (what a power cut needs)."""
+    from core.files import make_durable
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    backup = tmp_path / "vm" / "20261126T000000Z"
+    (backup / "disks").mkdir(parents=True)
+    (backup / "vm.ovf").write_text("<Envelope/>")
+    (backup / "disks" / "disk1.vmdk").write_bytes(os.urandom(4096))
+    make_durable(backup)
+    write_marker(backup, status="completed")
+    assert synced[:4] == [str(backup / "disks" / "disk1.vmdk"), str(backup / "disks"),
+                          str(backup / "vm.ovf"), str(backup)]
+    assert synced[4].endswith(f"{MARKER}.partial") and synced[5] == str(backup)
+    assert read_backups(backup.parent)[0].status == "completed"
 
 
 # ---- backup policies ----------------------------------------------------------------------
