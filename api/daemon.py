@@ -106,17 +106,24 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     except httpx.HTTPError as exc:
         raise ConfigError(f"cannot reach the Prefect server at "
                           f"{os.environ.get('PREFECT_API_URL')}: {exc}") from None
+    # Jobs take one of daemon.workers slots. A backup run only starts its VMs' jobs and
+    # waits for them: served by its own runner, without a limit, it never holds a slot
+    # those jobs need (with workers <= backup runs at once they would wait forever).
     runner = Runner(name="hypervisord", limit=settings.daemon.workers, pause_on_shutdown=False,
                     query_seconds=1)
+    coordinator = Runner(name="hypervisord-backups", limit=None, pause_on_shutdown=False,
+                         query_seconds=1)
+    runners = (runner, coordinator)
     if serve_flows:
-        for served in (migrate_vm, convert_vm, backup_policy):
+        for served, serving in ((migrate_vm, runner), (convert_vm, runner),
+                                (backup_policy, coordinator)):
             deployment = await served.ato_deployment(
                 name=DEPLOYMENT, entrypoint_type=EntrypointType.MODULE_PATH)
             # Registering again at each start must keep the schedules and backup policies
             # users made (through the API or in the Prefect UI): with `schedules` unset, the
             # update Prefect sends leaves them alone (an explicit [] would replace them).
             deployment.__pydantic_fields_set__.discard("schedules")
-            await runner.aadd_deployment(deployment)
+            await serving.aadd_deployment(deployment)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -135,16 +142,18 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     handle_signals()  # from the start: a SIGTERM during startup is a clean stop too
     tasks = [asyncio.create_task(api.serve(), name="api")]
     if serve_flows:
-        tasks.append(asyncio.create_task(runner.start(), name="runner"))
-        await asyncio.sleep(0.5)  # the runner installs its own SIGTERM handler: ours again
+        tasks += [asyncio.create_task(serving.start(), name=serving.name)
+                  for serving in runners]
+        await asyncio.sleep(0.5)  # runners install their own SIGTERM handler: ours again
         handle_signals()
     logger.info("REST API on http://%s:%d (OpenAPI at /docs)", host, settings.daemon.port)
     done_waiter = asyncio.create_task(stopping.wait())
     finished, _ = await asyncio.wait([*tasks, done_waiter], return_when=asyncio.FIRST_COMPLETED)
     logger.info("shutting down")
     api.should_exit = True
-    if serve_flows and runner.started:
-        await runner.astop()
+    for serving in runners:
+        if serve_flows and serving.started:
+            await serving.astop()
     await asyncio.gather(*tasks, return_exceptions=True)
     for task in finished:
         if task is not done_waiter and task.exception():

@@ -265,6 +265,32 @@ def test_backup_policy_backs_up_matching_vms_and_applies_retention(
     assert gone.json()["backups_deleted"] is True and not (daemon.exports / policy).exists()
 
 
+def test_more_backup_runs_at_once_than_workers_do_not_starve_their_vms(
+        api: httpx.Client, daemon: Daemon) -> None:
+    """A backup run only waits for its VMs' runs: four at once on a daemon with four
+    workers must not take every slot and leave those runs waiting forever."""
+    prefix = unique("t-busy")
+    policies = [unique("busy") for _ in range(4)]
+    runs = []
+    for index, policy in enumerate(policies):
+        make_sample_ova(daemon.inbox, f"{prefix}-{index}", size_mib=8)
+        body = {"name": policy, "provider": "local", "schedule": "0 3 1 1 *",
+                "vm_filter": {"name_pattern": f"{prefix}-{index}"},
+                "export_options": {"export_method": "ova"}}
+        assert api.post("/backup-policies/create", json=body).status_code == 200
+    for policy in policies:
+        runs.append(api.post(f"/backup-policies/{policy}/run").json()["job_id"])
+
+    def all_finished() -> list[dict] | None:
+        infos = [api.get("/jobs/query", params={"job_id": run}).json() for run in runs]
+        return infos if all(i["status"] in ("completed", "failed") for i in infos) else None
+
+    infos = wait_until(all_finished, timeout=180, interval=1, what="four backup runs")
+    assert [i["status"] for i in infos] == ["completed"] * 4, [i.get("error") for i in infos]
+    for policy in policies:
+        api.delete(f"/backup-policies/{policy}", params={"delete_backups": "true"})
+
+
 def test_config_webhooks_are_subscriptions_with_hidden_secrets(tmp_path: Path) -> None:
     from api.webhooks import WebhookStore
     from core.config import Config
