@@ -61,11 +61,11 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
     progress = JobProgress.for_current_run(job.vm_identifier)
     timed = StepTimer()
     destination = export_dir(job, settings)
-    timed("validate", lambda: validate_job(job, settings.hyper2kvm.output_dir,
-                                           converts=converts_in_flow(job)))
+    vm = timed("validate", lambda: validate_job(job, settings.hyper2kvm.output_dir,
+                                                converts=converts_in_flow(job)))
     ensure_export_limit(settings.export.concurrent_exports)
     export = timed("export", lambda: export_vm.with_options(
-        retries=settings.export.max_retries)(job, destination))
+        retries=settings.export.max_retries)(job, destination, vm))
     result = MigrationResult(vm=export.vm.name, export=export)
     handoff: Path | None = None
     integration = job.hyper2kvm_integration

@@ -13,7 +13,7 @@ from prefect.exceptions import ObjectNotFound
 
 from core.config import config_from_env
 from core.errors import is_transient
-from core.models import ExportResult, JobDefinition
+from core.models import ExportResult, JobDefinition, VMInfo
 from providers import get_provider
 from tasks.progress import JobProgress
 
@@ -48,8 +48,9 @@ def only_transient(_task: Any, _task_run: Any, state: Any) -> bool:
 
 @task(name="export", persist_result=True, retry_condition_fn=only_transient,
       retry_delay_seconds=[2, 10, 30])
-def export_vm(job: JobDefinition, export_path: Path) -> ExportResult:
-    """Export the VM from its provider into `export_path`."""
+def export_vm(job: JobDefinition, export_path: Path, vm: VMInfo) -> ExportResult:
+    """Export the VM from its provider into `export_path`; `vm` is what validation found
+    (its disks size the progress without asking the provider again)."""
     settings = config_from_env()
     logger = get_run_logger()
     progress = JobProgress.for_current_run(job.vm_identifier)
@@ -57,7 +58,6 @@ def export_vm(job: JobDefinition, export_path: Path) -> ExportResult:
         concurrency(EXPORT_LIMIT, occupy=1, strict=True),
         get_provider(job.provider, settings) as provider,
     ):
-        vm = provider.get_vm(job.vm_identifier)
         progress.start("export", sum(d.capacity_bytes for d in vm.disks))
         logger.info("exporting %s from %s as %s into %s", vm.name, job.provider,
                     job.export_method, export_path)
