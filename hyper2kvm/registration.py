@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 import libvirt
@@ -97,6 +98,15 @@ def place_in_pool(uri: str, folder: Path, name: str) -> tuple[str, list[str]]:
             try:
                 pool = conn.storagePoolLookupByName(name)
             except libvirt.libvirtError:
+                pool = None
+            if pool is not None and _pool_path(pool) != folder:
+                # the VM was converted again into another folder (or its old folder is
+                # gone): the pool follows it. Undefining a dir pool deletes no file.
+                if pool.isActive():
+                    pool.destroy()
+                pool.undefine()
+                pool = None
+            if pool is None:
                 pool = conn.storagePoolDefineXML(xml, 0)
             if not pool.isActive():
                 pool.create(0)
@@ -105,6 +115,11 @@ def place_in_pool(uri: str, folder: Path, name: str) -> tuple[str, list[str]]:
             return pool.name(), sorted(pool.listVolumes())
         except libvirt.libvirtError as exc:
             raise RegistrationError(f"storage pool {name!r} for {folder}: {exc}") from None
+
+
+def _pool_path(pool: libvirt.virStoragePool) -> Path | None:
+    path = ElementTree.fromstring(pool.XMLDesc(0)).findtext("target/path")
+    return Path(path) if path else None
 
 
 def starts(uri: str, name: str) -> bool:

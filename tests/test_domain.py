@@ -109,3 +109,25 @@ def test_uefi_secure_boot_domain_starts_with_ovmf_and_nvram(libvirt_uri: str) ->
     finally:
         conn.close()
         undefine_domain(libvirt_uri, name)
+
+
+def test_a_pool_follows_its_vm_to_a_new_folder(libvirt_uri: str, tmp_path: Path) -> None:
+    """Converting a VM again into another folder (the old one since deleted) must not fail
+    on, or list the volumes of, the pool its first conversion made."""
+    import shutil
+
+    from hyper2kvm.registration import connect, place_in_pool
+
+    name = f"hypersdk-{unique()}"
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / f"{folder.name}.qcow2").write_bytes(b"\0" * 512)
+    assert place_in_pool(libvirt_uri, first, name) == (name, ["first.qcow2"])
+    shutil.rmtree(first)
+    assert place_in_pool(libvirt_uri, second, name) == (name, ["second.qcow2"])
+    with connect(libvirt_uri) as conn:
+        pool = conn.storagePoolLookupByName(name)
+        assert ET.fromstring(pool.XMLDesc(0)).findtext("target/path") == str(second)
+        assert pool.isActive() and pool.autostart()
+    assert (second / "second.qcow2").is_file()  # nothing of the VM was deleted
