@@ -1,6 +1,6 @@
 """Converting staged disks with qemu-img: each disk's checksum verified while qemu-img
-reads it, outputs under their final names only once every disk is done, nothing left
-behind on failure."""
+reads it, outputs under their final names only once every disk is done and flushed to
+disk, nothing left behind on failure."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from core.errors import VerificationError
-from core.files import partial_path
+from core.files import fsync_path, partial_path
 from core.models import ConvertedDisk
 from core.paths import safe_name
 from hyper2kvm import qemu_img
@@ -95,7 +95,8 @@ def convert_staged(
     """Convert every disk of `staged` into `folder`, up to PARALLEL_DISKS at once; qcow2
     outputs pass `qemu-img check`; with `checksum`, each output's SHA-256 is recorded.
     `on_start` is told the total virtual bytes, `progress`
-    the bytes converted as they go. Outputs get their final names only when all are done."""
+    the bytes converted as they go. Outputs get their final names only when all are done
+    and on disk."""
     targets = output_paths(staged, folder, output_format)
     sizes = [d.disk.capacity_bytes or qemu_img.info(d.source())["virtual-size"]
              for d in staged.disks]
@@ -114,8 +115,13 @@ def convert_staged(
                        for disk, size, target, partial
                        in zip(staged.disks, sizes, targets, partials, strict=True)]
             converted = [future.result() for future in futures]
+        # on stable storage before the final names: a power cut must never leave a
+        # renamed, half-written disk for a domain to boot (virt-v2v flushes its outputs too)
+        for partial in partials:
+            fsync_path(partial)
         for partial, target in zip(partials, targets, strict=True):
             os.replace(partial, target)
+        fsync_path(folder)
     except BaseException:
         for partial in partials:
             partial.unlink(missing_ok=True)
