@@ -73,6 +73,10 @@ def _convert_one(disk: StagedDisk, size: int, target: Path, partial: Path, *,
     if output_format == "qcow2":
         qemu_img.check(partial)
     facts = qemu_img.info(qemu_img.DiskSource(partial, output_format))
+    # on stable storage before it gets its final name: a power cut must never leave a
+    # renamed, half-written disk for a domain to boot (virt-v2v flushes its outputs too).
+    # Flushed here, so one disk's flush overlaps the other disks' conversions.
+    fsync_path(partial)
     return ConvertedDisk(
         source=disk.disk.file or disk.path.name, path=target, format=output_format,
         virtual_size=facts["virtual-size"], actual_size=facts.get("actual-size", 0),
@@ -115,10 +119,6 @@ def convert_staged(
                        for disk, size, target, partial
                        in zip(staged.disks, sizes, targets, partials, strict=True)]
             converted = [future.result() for future in futures]
-        # on stable storage before the final names: a power cut must never leave a
-        # renamed, half-written disk for a domain to boot (virt-v2v flushes its outputs too)
-        for partial in partials:
-            fsync_path(partial)
         for partial, target in zip(partials, targets, strict=True):
             os.replace(partial, target)
         fsync_path(folder)
