@@ -6,8 +6,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from hyper2kvm import qemu_img
 from tests.helpers import domain_facts, make_truncated_ova, source_disk_as_raw
 from tests.peers import BIN, unique
@@ -91,34 +89,3 @@ def test_a_two_disk_vm_converts_both_disks(tmp_path: Path) -> None:
         assert qemu_img.compare(raw, Path(disk["path"]))
         assert qemu_img.info(Path(disk["path"]))["format"] == "qcow2"
 
-
-def test_outputs_are_flushed_before_they_get_their_final_names(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A power cut after the rename must find the whole disk: each output is fsynced under
-    its partial name, then renamed, then its folder fsynced (the rename made durable)."""
-    import os
-
-    from hyper2kvm.convert import convert_staged
-    from hyper2kvm.sample import make_sample_ova
-    from hyper2kvm.staging import describe_source, stage_export
-
-    package = make_sample_ova(tmp_path, unique(), size_mib=16, random_mib=4)
-    staged = stage_export(describe_source(package))
-    folder = tmp_path / "out"
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src: str | Path, dst: str | Path) -> None:
-        events.append(("rename", str(src)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    [disk] = convert_staged(staged, folder, output_format="qcow2")
-    partial = str(disk.path.with_name(f".{disk.path.name}.partial"))
-    assert events == [("fsync", partial), ("rename", partial), ("fsync", str(folder))]
-    assert disk.path.is_file()

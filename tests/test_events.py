@@ -111,6 +111,8 @@ def test_several_websocket_clients_follow_a_job_to_completion(
     clients = [connect(ws_url(daemon), additional_headers={"Authorization": f"Bearer {key}"})
                for _ in range(3)]
     clients.append(connect(ws_url(daemon) + f"?token={key}"))
+    with_results = connect(ws_url(daemon) + f"?token={key}&results=true")
+    clients.append(with_results)
     other = connect(ws_url(daemon) + f"?token={key}&job_id=00000000-0000-0000-0000-000000000000")
     try:
         for client in (*clients, other):
@@ -132,8 +134,11 @@ def test_several_websocket_clients_follow_a_job_to_completion(
             done = mine[-1]
             assert done["status"] == "completed" and done["vm"] == sample_vm
             assert done["provider"] == "local"
-        result = api.get("/jobs/query", params={"job_id": job_id}).json()["result"]
-        assert result["domain_name"] == sample_vm
+            if client is with_results:  # the result, as /jobs/query has it
+                result = api.get("/jobs/query", params={"job_id": job_id}).json()["result"]
+                assert result["domain_name"] == sample_vm and done["result"] == result
+            else:
+                assert done["result"] is None
         # a client following another job heard nothing of this one
         with pytest.raises(TimeoutError):
             while True:

@@ -1,7 +1,9 @@
 """/websocket: a snapshot of active jobs, then every job, schedule and backup event as it
 happens. Send `{"subscribe": "<job id>"}` to follow one job (`{"unsubscribe": ...}` to
-stop); `?job_id=` does the same at connect. A client that cannot keep up is dropped
-(close code 1013) rather than slowing anyone else."""
+stop); `?job_id=` does the same at connect. With `?results=true` a finished job's event
+carries its result (domain, disks; or the full error), a few milliseconds later than it
+would without. A client that cannot keep up is dropped (close code 1013) rather than
+slowing anyone else."""
 
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ async def websocket_updates(websocket: WebSocket) -> None:
         except asyncio.QueueFull:
             overflow.set()
 
-    hub.add(listener)
+    results = websocket.query_params.get("results", "").lower() in ("1", "true", "yes")
+    hub.add(listener, detailed=results)
     hub.clients += 1
     try:
         await websocket.send_json({"type": "snapshot",
