@@ -8,7 +8,6 @@ older than `retention.age_days`."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,10 +36,8 @@ def write_marker(folder: Path, **facts: Any) -> None:
     """Replace the marker atomically and durably: a reader never sees half of it, and
     after a power cut the folder holds this marker or the one before it."""
     partial = folder / f"{MARKER}.partial"
-    with partial.open("w") as marker:
-        marker.write(json.dumps(facts, default=str))
-        marker.flush()
-        os.fsync(marker.fileno())
+    partial.write_text(json.dumps(facts, default=str))
+    fsync_path(partial)
     partial.replace(folder / MARKER)
     fsync_path(folder)
 
