@@ -19,6 +19,7 @@ from pathlib import Path
 
 from core.config import Config, load_config
 from core.errors import ConfigError, HypersdkError
+from core.files import private_folder
 
 logger = logging.getLogger("hypervisord")
 
@@ -44,10 +45,31 @@ def bind_host(settings: Config) -> str:
     return host
 
 
+def protect_data_dir(settings: Config) -> Path:
+    """The database's folder: 0700, or 0711 (others may pass through, not list it) when an
+    export, image or inbox folder lies inside it, since qemu runs as another user and must
+    reach the disks. The database's own files are made 0600 by WebhookStore."""
+    data_dir = settings.database.path.parent
+    data_real = Path(os.path.realpath(data_dir))
+    roots = [settings.export.base_path, settings.hyper2kvm.output_dir]
+    if settings.providers.local:
+        roots.append(settings.providers.local.path)
+    shared = any(data_real in Path(os.path.realpath(root)).parents for root in roots)
+    private_folder(data_dir, 0o711 if shared else 0o700)
+    return data_dir
+
+
+def warn_if_readable(config_path: str | None) -> None:
+    """config.yaml may hold passwords and keys: say so when other users can read it."""
+    if config_path and Path(config_path).stat().st_mode & 0o044:
+        logger.warning("%s is readable by other users; it may hold secrets: chmod 600 it",
+                       config_path)
+
+
 def prepare_environment(settings: Config, config_path: str | None) -> Path:
     """Directories and the environment the daemon and its flow runs share."""
-    data_dir = settings.database.path.parent
-    for folder in (data_dir, settings.export.base_path, settings.hyper2kvm.output_dir):
+    data_dir = protect_data_dir(settings)
+    for folder in (settings.export.base_path, settings.hyper2kvm.output_dir):
         folder.mkdir(parents=True, exist_ok=True)
     if settings.providers.local:
         settings.providers.local.path.mkdir(parents=True, exist_ok=True)
@@ -71,15 +93,31 @@ def prefect_server(settings: Config, data_dir: Path) -> Iterator[str | None]:
     """Start the embedded Prefect server unless PREFECT_API_URL names one; yield the UI URL."""
     if os.environ.get("PREFECT_API_URL"):
         logger.info("using the Prefect server at %s", os.environ["PREFECT_API_URL"])
+        if settings.daemon.prefect_auth_string:
+            os.environ["PREFECT_API_AUTH_STRING"] = (
+                settings.daemon.prefect_auth_string.get_secret_value())
+        if not os.environ.get("PREFECT_API_AUTH_STRING") and not os.environ.get(
+                "PREFECT_API_KEY"):
+            logger.warning("no PREFECT_API_AUTH_STRING: if that server does not require "
+                           "authentication, anyone who reaches it can start flow runs")
         yield None
         return
-    from api.prefect_server import EmbeddedPrefect
+    from api.prefect_server import EmbeddedPrefect, server_credential
 
+    configured = settings.daemon.prefect_auth_string
+    credential = server_credential(
+        data_dir / "prefect", configured.get_secret_value() if configured else None)
     server = EmbeddedPrefect(data_dir=data_dir / "prefect", port=settings.daemon.prefect_ui_port,
-                             log_file=data_dir / "prefect-server.log")
-    logger.info("starting the embedded Prefect server (SQLite in %s)", server.data_dir)
+                             log_file=data_dir / "prefect-server.log", auth_string=credential,
+                             host=settings.daemon.prefect_host)
+    logger.info("starting the embedded Prefect server (SQLite in %s); its API and UI ask "
+                "for the credential in %s", server.data_dir,
+                "daemon.prefect_auth_string" if configured else server.data_dir / "auth_string")
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
+    # this process and every flow run it starts authenticate with it
+    os.environ["PREFECT_API_AUTH_STRING"] = credential
+    os.environ.pop("PREFECT_API_KEY", None)
     try:
         yield server.url
     finally:
@@ -180,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         data_dir = prepare_environment(settings, args.config)
+        warn_if_readable(args.config)
         host = bind_host(settings)
         with prefect_server(settings, data_dir) as ui:
             if ui:

@@ -77,7 +77,8 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    kind = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed"}.get(
+    kind = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed",
+            413: "PayloadTooLarge"}.get(
         exc.status_code, "HTTPError")
     response = _error(exc.status_code, kind, str(exc.detail))
     for key, value in (exc.headers or {}).items():

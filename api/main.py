@@ -13,6 +13,7 @@ from prefect.client.orchestration import get_client
 
 from api.errors import install_error_handlers
 from api.events import EventHub, JobEvent, stop
+from api.guard import RequestGuard
 from api.jobs import Jobs
 from api.routes import backup_policies, convert, health, jobs, schedules, vms, webhooks, websocket
 from api.schedules import ScheduleBook
@@ -72,6 +73,8 @@ def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=settings.api_key,
+                       max_body_bytes=settings.daemon.max_body_bytes)
     for module in (health, vms, jobs, convert, schedules, backup_policies, webhooks, websocket):
         app.include_router(module.router)
     return app

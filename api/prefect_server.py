@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import httpx
 
 from core.errors import ConfigError
+from core.files import private_file, private_folder, write_private
 
 Message = dict[str, Any]
 
@@ -84,6 +86,11 @@ class RetryWhileLocked:
         return not state["replay"]
 
 
+def open_private_log(path: Path) -> Any:
+    """The server's log, appended to, readable by root only (requests may quote secrets)."""
+    return open(private_file(path), "ab")  # noqa: SIM115 - handed to the child process
+
+
 def serve(host: str, port: int, log_level: str) -> None:
     import uvicorn
     from prefect.server.api.server import create_app
@@ -93,18 +100,43 @@ def serve(host: str, port: int, log_level: str) -> None:
                 timeout_keep_alive=5)
 
 
+AUTH_USER = "hypersdk"
+
+
+def server_credential(data_dir: Path, configured: str | None = None) -> str:
+    """The "user:password" the embedded server requires of every API and UI request:
+    `configured`, or the one generated at first start and kept in `data_dir/auth_string`
+    (0600, in a 0700 folder)."""
+    private_folder(data_dir)
+    if configured:
+        return configured
+    stored = data_dir / "auth_string"
+    if stored.is_file():
+        private_file(stored)
+        text = stored.read_text().strip()
+        if ":" in text:
+            return text
+    credential = f"{AUTH_USER}:{secrets.token_urlsafe(32)}"
+    write_private(stored, credential + "\n")
+    return credential
+
+
 class EmbeddedPrefect:
     """The server as a child process of hypervisord."""
 
-    def __init__(self, *, data_dir: Path, port: int, log_file: Path) -> None:
+    def __init__(self, *, data_dir: Path, port: int, log_file: Path, auth_string: str,
+                 host: str = "127.0.0.1") -> None:
         self.data_dir = data_dir
         self.port = port
+        self.host = host
         self.log_file = log_file
+        self.auth_string = auth_string
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def api_url(self) -> str:
@@ -120,18 +152,24 @@ class EmbeddedPrefect:
         if self._answers():
             raise ConfigError(f"port {self.port} is taken by another server; set "
                               "daemon.prefect_ui_port to a free port")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(self.data_dir)
+        for database in ("prefect.db", "prefect.db-wal", "prefect.db-shm"):
+            if (self.data_dir / database).exists():
+                private_file(self.data_dir / database)
         env = dict(os.environ)
         env.pop("PREFECT_API_URL", None)
+        env.pop("PREFECT_API_KEY", None)  # it would win over the auth string
         env.update({
             "PREFECT_API_DATABASE_CONNECTION_URL":
                 f"sqlite+aiosqlite:///{self.data_dir / 'prefect.db'}",
             "PREFECT_UI_API_URL": self.api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_API_AUTH_STRING": self.auth_string,
+            "PREFECT_API_AUTH_STRING": self.auth_string,  # the server's own services
         })
-        log = self.log_file.open("ab")
+        log = open_private_log(self.log_file)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "api.prefect_server", "--host", "127.0.0.1",
+            [sys.executable, "-m", "api.prefect_server", "--host", self.host,
              "--port", str(self.port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,

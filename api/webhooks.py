@@ -32,6 +32,7 @@ import httpx
 from api.events import EVENT_TYPES, JobEvent
 from core.config import Config
 from core.errors import InvalidRequest, JobNotFound
+from core.files import private_file
 
 log = logging.getLogger("hypervisord.webhooks")
 SIGNATURE_HEADER = "X-Hypersdk-Signature-256"
@@ -88,7 +89,13 @@ class WebhookStore:
     """The tables; every call is short, serialized by one lock."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # it holds webhook secrets and header values: 0600 before SQLite opens it (SQLite
+        # gives its -wal and -shm files the database's mode); older files tightened
+        for suffix in ("", "-wal", "-shm"):
+            part = path.with_name(path.name + suffix)
+            if not suffix or part.exists():
+                private_file(part)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -58,6 +58,11 @@ class DaemonConfig(Section):
     workers: int = Field(default=4, ge=1, le=256)
     api_key: SecretStr | None = None
     prefect_ui_port: int = Field(default=4200, ge=1, le=65535)
+    # the embedded Prefect server: where it listens, and the "user:password" its API and
+    # UI require (generated at first start into <data dir>/prefect/auth_string if unset)
+    prefect_host: str = "127.0.0.1"
+    prefect_auth_string: SecretStr | None = None
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)  # larger bodies get 413
     # webhooks: networks a webhook URL may resolve into although loopback or link-local
     # (refused otherwise), and the delivery retry schedule (exponential from base)
     webhook_allowed_networks: list[str] = Field(default_factory=list)
@@ -75,6 +80,13 @@ class DaemonConfig(Section):
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ValueError(f"not a network: {network!r} (e.g. 127.0.0.0/8)") from None
+        return value
+
+    @field_validator("prefect_auth_string")
+    @classmethod
+    def _user_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and ":" not in value.get_secret_value():
+            raise ValueError("expected USER:PASSWORD")
         return value
 
     @field_validator("address")
@@ -207,6 +219,14 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     webhooks: list[WebhookConfig] = Field(default_factory=list)
+
+    def source_roots(self) -> list[Path]:
+        """Where conversions may read from: exports, converted images, the local inbox.
+        Every file a disk reads (backing files, extents) must be inside one of them."""
+        roots = [self.export.base_path, self.hyper2kvm.output_dir]
+        if self.providers.local:
+            roots.append(self.providers.local.path)
+        return roots
 
     @property
     def api_key(self) -> str | None:

@@ -99,6 +99,38 @@ def make_durable(folder: Path) -> None:
         fsync_path(Path(directory))
 
 
+def private_folder(path: Path, mode: int = 0o700) -> Path:
+    """A folder only its owner can list (created so; an existing one tightened)."""
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != mode:
+        path.chmod(mode)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """An existing or empty file readable by its owner only: created 0600 from the start
+    (no window in which another user could open it), an existing one tightened."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != 0o600:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret to a 0600 file, atomically (a reader sees all of it or none)."""
+    partial = partial_path(path)
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(partial, path)
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory (a rename or a new entry is durable once its
     directory is)."""

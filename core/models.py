@@ -5,12 +5,16 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from core.paths import within_os_limits
 
 PROVIDER_NAMES = ("local", "vsphere", "aws", "azure", "gcp", "hyperv", "oci")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+# a path a user gives: refused with 422 when no OS could open it
+OSPath = Annotated[str, Field(max_length=4095), AfterValidator(within_os_limits)]
 
 
 class Strict(BaseModel):
@@ -129,7 +133,7 @@ class JobDefinition(Strict):
     vm_identifier: str = Field(min_length=1, max_length=255)
     provider: str = "local"
     export_method: Literal["ova", "ovf", "vmdk"] = "ova"
-    export_path: str | None = None
+    export_path: OSPath | None = None
     options: ExportOptions = Field(default_factory=ExportOptions)
     hyper2kvm_integration: Hyper2kvmIntegration = Field(default_factory=Hyper2kvmIntegration)
 
@@ -208,8 +212,8 @@ class ConversionOptions(Strict):
 class ConvertRequest(Strict):
     """One conversion: the seed's POST /convert body, the `convert-vm` flow's parameters."""
 
-    source_path: str = Field(min_length=1)
-    output_path: str | None = None  # the VM's output folder; default <output_dir>/<vm>
+    source_path: OSPath = Field(min_length=1)
+    output_path: OSPath | None = None  # the VM's output folder; default <output_dir>/<vm>
     conversion_options: ConversionOptions = Field(default_factory=ConversionOptions)
     import_to_kvm: bool = False  # also define the libvirt domain
     autostart: bool = False

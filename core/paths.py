@@ -9,6 +9,22 @@ from pathlib import Path
 from core.errors import PathNotAllowed
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+PATH_MAX = 4096  # bytes, the terminating NUL included (Linux)
+NAME_MAX = 255  # bytes of one path component
+
+
+def within_os_limits(value: str) -> str:
+    """`value` unless no OS could open it: a NUL, over PATH_MAX, or a component over
+    NAME_MAX (ValueError saying which, so a request is refused before anything runs)."""
+    if "\0" in value:
+        raise ValueError("a path cannot contain a NUL character")
+    encoded = value.encode("utf-8", "surrogateescape")
+    if len(encoded) >= PATH_MAX:
+        raise ValueError(f"path of {len(encoded)} bytes is over the limit of {PATH_MAX - 1}")
+    for part in value.split("/"):
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise ValueError(f"path component {part[:32]!r}... is over {NAME_MAX} bytes")
+    return value
 
 
 def confine(path: str | os.PathLike[str], root: Path, *, what: str = "path") -> Path:

@@ -6,7 +6,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun, State
 
-from core.config import Config, config_from_env
+from core.config import config_from_env
 from core.errors import InvalidRequest
 from core.files import remove_partials
 from core.models import ConvertRequest, MigrationResult
@@ -19,27 +19,16 @@ from tasks.register import register_domain
 from tasks.transfer import transfer_files
 
 
-def source_roots(settings: Config) -> list[Path]:
-    """Where conversions may read from: exports, converted images, the local inbox."""
-    roots = [settings.export.base_path, settings.hyper2kvm.output_dir]
-    if settings.providers.local:
-        roots.append(settings.providers.local.path)
-    return roots
-
-
-def source_file(request: ConvertRequest, settings: Config, *, confined: bool = True) -> Path:
-    """The file to convert: an existing file, inside the configured roots when `confined`."""
-    source = (confine_any(request.source_path, source_roots(settings), what="source_path")
-              if confined else Path(request.source_path))
+def source_file(request: ConvertRequest, roots: list[Path]) -> Path:
+    """The file to convert: an existing file inside one of `roots`."""
+    source = confine_any(request.source_path, roots, what="source_path")
     if not source.is_file():
         raise InvalidRequest(f"source_path {request.source_path} is not a file")
     return source
 
 
-def output_folder(request: ConvertRequest, settings: Config, vm_name: str,
-                  output_root: str | None = None) -> Path:
-    """The output folder, confined to `output_root` (default hyper2kvm.output_dir)."""
-    root = Path(output_root) if output_root else settings.hyper2kvm.output_dir
+def output_folder(request: ConvertRequest, vm_name: str, root: Path) -> Path:
+    """The output folder, confined to `root`."""
     return confine(request.output_path or safe_name(vm_name), root, what="output_path")
 
 
@@ -47,35 +36,26 @@ def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
     """On cancel or crash: no half-written file stays where a finished one would be."""
     try:
         request = ConvertRequest.model_validate(flow_run.parameters["request"])
-        settings = config_from_env()
-        folder = output_folder(request, settings, Path(request.source_path).stem,
-                               flow_run.parameters.get("output_root"))
+        root = (Path(flow_run.parameters["output_root"]) if "output_root" in
+                flow_run.parameters else config_from_env().hyper2kvm.output_dir)
+        folder = output_folder(request, Path(request.source_path).stem, root)
     except Exception:  # noqa: BLE001 - a hook must never fail the state change
         return
     remove_partials(folder)
 
 
-@flow(
-    name="convert-vm",
-    flow_run_name="convert {request.source_path}",
-    persist_result=True,
-    on_cancellation=[clean_up_after],
-    on_crashed=[clean_up_after],
-)
-def convert_vm(request: ConvertRequest, output_root: str | None = None) -> MigrationResult:
-    """Convert the VM at `request.source_path` (and register it when asked).
-
-    A watch-directory daemon passes its own `output_root`; its manifests come from a
-    directory only root can write, so their sources are not confined to this host's
-    configured roots as API requests are."""
+def convert_confined(request: ConvertRequest, *, roots: list[Path],
+                     output_root: Path) -> MigrationResult:
+    """The conversion both flows run: every path checked before a file is touched, the
+    source (with its whole chain) inside `roots`, the output inside `output_root`."""
     settings = config_from_env()
     h2k = settings.hyper2kvm
-    source = source_file(request, settings, confined=output_root is None)
+    source = source_file(request, roots)
     progress = JobProgress.for_current_run(source.stem)
     timed = StepTimer()
     export = describe_source(source)
-    folder = output_folder(request, settings, export.vm.name, output_root)
-    staged = timed("transfer", lambda: transfer_files(export))
+    folder = output_folder(request, export.vm.name, output_root)
+    staged = timed("transfer", lambda: transfer_files(export, roots))
     disks = timed("convert", lambda: convert_disks(
         staged, folder, request.conversion_options.format or h2k.default_format,
         h2k.compression if request.conversion_options.compression is None
@@ -95,3 +75,29 @@ def convert_vm(request: ConvertRequest, output_root: str | None = None) -> Migra
                    source=f"`{source}`", key=f"report-{progress.slug}")
     get_run_logger().info("converted %s into %s", source, folder)
     return result
+
+
+FLOW_OPTIONS: dict[str, Any] = {
+    "name": "convert-vm", "flow_run_name": "convert {request.source_path}",
+    "persist_result": True, "on_cancellation": [clean_up_after],
+    "on_crashed": [clean_up_after]}
+
+
+@flow(**FLOW_OPTIONS)
+def convert_vm(request: ConvertRequest) -> MigrationResult:
+    """Convert the VM at `request.source_path` (and register it when asked). This is the
+    served deployment: whoever created the run (the REST API, Prefect's API or UI, a
+    schedule), the source must be inside the configured roots and the output inside
+    hyper2kvm.output_dir, checked here as the REST API checks them."""
+    settings = config_from_env()
+    return convert_confined(request, roots=settings.source_roots(),
+                            output_root=settings.hyper2kvm.output_dir)
+
+
+@flow(**FLOW_OPTIONS)
+def convert_watched(request: ConvertRequest, source_roots: list[str],
+                    output_root: str) -> MigrationResult:
+    """The watch-directory daemon's conversion, run in that daemon's own process with its
+    --source-root and --output-dir. Never deployed, so no API client can start it."""
+    return convert_confined(request, roots=[Path(r) for r in source_roots],
+                            output_root=Path(output_root))

@@ -79,7 +79,7 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
             "domain_uuid": converted.domain_uuid, "libvirt_uri": converted.libvirt_uri})
     elif converts_in_flow(job):
         h2k = settings.hyper2kvm
-        staged = timed("transfer", lambda: transfer_files(export))
+        staged = timed("transfer", lambda: transfer_files(export, settings.source_roots()))
         disks = timed("convert", lambda: convert_disks(
             staged, h2k.output_dir / safe_name(staged.vm.name), h2k.default_format,
             h2k.compression))

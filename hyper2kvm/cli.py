@@ -82,8 +82,11 @@ def _progress(label: str, *, quiet: bool) -> Iterator[tuple[Callable[[int], None
 
 
 def _convert(args: argparse.Namespace) -> dict[str, Any]:
-    export = describe_source(Path(args.source))
-    staged = stage_export(export)
+    source = Path(args.source).absolute()
+    export = describe_source(source)
+    # the source's folder, and folders named with --source-root, are all it may read
+    roots = [source.parent, *(Path(root) for root in args.source_root)]
+    staged = stage_export(export, roots)
     started = time.monotonic()
     with _progress(f"convert {export.vm.name}", quiet=args.json) as (on_start, advance):
         folder = Path(args.output_dir) / safe_name(export.vm.name)
@@ -103,7 +106,7 @@ def _import(args: argparse.Namespace) -> dict[str, Any]:
     from hyper2kvm.importing import import_disk
 
     registered, _fmt = import_disk(
-        args.uri, Path(args.disk).resolve(), name=args.name, memory_mb=args.memory_mb,
+        args.uri, Path(args.disk).resolve(), roots=None, name=args.name, memory_mb=args.memory_mb,
         vcpus=args.vcpus, network=args.network, firmware=args.firmware,
         autostart=args.autostart, replace=args.replace, compat=args.compat)
     return {"name": registered.name, "uuid": registered.uuid, "uri": registered.uri,
@@ -135,6 +138,8 @@ def parser() -> argparse.ArgumentParser:
     convert.add_argument("--preallocation", choices=["off", "metadata", "falloc", "full"])
     convert.add_argument("--checksum", action="store_true", help="SHA-256 of each output")
     convert.add_argument("--json", action="store_true", help="no progress; JSON result only")
+    convert.add_argument("--source-root", action="append", default=[], metavar="DIR",
+                         help="a folder backing files may also be in (besides the source's)")
 
     imp = commands.add_parser("import", help="define a libvirt domain around a disk")
     imp.add_argument("--name", required=True)
@@ -166,6 +171,9 @@ def parser() -> argparse.ArgumentParser:
     daemon.add_argument("--instance", default=None, help="a name for logs (hyper2kvm@NAME)")
     daemon.add_argument("--workers", type=int, default=2, help="jobs at once")
     daemon.add_argument("--poll", type=float, default=1.0, help="seconds between scans")
+    daemon.add_argument("--source-root", action="append", default=[], metavar="DIR",
+                        help="a folder jobs may read from (repeatable; default: the "
+                             "export, image and inbox folders of HYPERSDK_CONFIG)")
     return root
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,14 @@ class NetworkMap:
 
     def target(self, source: str | None) -> str:
         return self.by_source.get(source or "", self.default)
+
+
+@cache
+def _amd_host() -> bool:
+    try:
+        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def pick_domain_type(requested: str) -> Literal["kvm", "qemu"]:
@@ -92,7 +101,12 @@ def domain_xml(
     if vm.secure_boot:
         ET.SubElement(features, "smm", state="on")
     if domain_type == "kvm":
-        ET.SubElement(domain, "cpu", mode="host-passthrough")
+        cpu = ET.SubElement(domain, "cpu", mode="host-passthrough")
+        if _amd_host():
+            # KVM on AMD advertises arch-capabilities (an Intel MSR) that a nested
+            # hypervisor then refuses to set: "failed to set MSR 0x10a"; the guest
+            # needs no such MSR on AMD hardware
+            ET.SubElement(cpu, "feature", policy="disable", name="arch-capabilities")
     ET.SubElement(domain, "clock", offset="utc")
     ET.SubElement(domain, "on_poweroff").text = "destroy"
     ET.SubElement(domain, "on_reboot").text = "restart"

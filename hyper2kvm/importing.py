@@ -8,8 +8,10 @@ from typing import Literal
 from core.errors import InvalidRequest
 from core.models import NicInfo, VMInfo
 from core.paths import safe_name
-from hyper2kvm.detect import detect_format
+from hyper2kvm.chain import confine_chain
+from hyper2kvm.detect import checked_format, claimed_format
 from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml, pick_domain_type
+from hyper2kvm.qemu_img import DiskSource
 from hyper2kvm.registration import Registered, define_domain
 
 
@@ -17,6 +19,7 @@ def import_disk(
     uri: str,
     disk: Path,
     *,
+    roots: list[Path] | None,
     name: str,
     memory_mb: int,
     vcpus: int,
@@ -27,11 +30,16 @@ def import_disk(
     compat: bool = False,
     domain_type: str = "auto",
 ) -> tuple[Registered, str]:
-    """Define a domain around `disk`; returns it and the disk's format."""
-    fmt = detect_format(disk) if disk.is_file() else None
+    """Define a domain around `disk`; returns it and the disk's format. With `roots`, the
+    disk and every file it reads (backing chain, data file) must be inside them: qemu
+    would read them for the guest."""
+    if not disk.is_file():
+        raise InvalidRequest(f"{disk} is not a file")
+    fmt = checked_format(disk, claimed=claimed_format(disk.name))
     if fmt not in ("qcow2", "raw"):
-        found = f"is {fmt}; convert it to qcow2 or raw first" if fmt else "is not a file"
-        raise InvalidRequest(f"{disk} {found}")
+        raise InvalidRequest(f"{disk} is {fmt}; convert it to qcow2 or raw first")
+    if roots is not None:
+        confine_chain(DiskSource(disk, fmt), roots)
     domain_name = safe_name(name)
     vm = VMInfo(identifier=domain_name, name=domain_name, provider="local", cpus=vcpus,
                 memory_mb=memory_mb, firmware=firmware, nics=[NicInfo(network=network)])

@@ -1,5 +1,6 @@
-"""Staging: check exported files against their descriptor and manifest, and say where each
-disk's bytes are (OVA members are read in place, never extracted).
+"""Staging: check exported files against their descriptor and manifest, check each disk is
+the format it claims and reads nothing outside the allowed roots (hyper2kvm.chain), and
+say where each disk's bytes are (OVA members are read in place, never extracted).
 
 Small files (the descriptor) are hashed here; a disk's checksum is checked while it is
 converted (hyper2kvm.convert), so its data is read from disk once."""
@@ -12,8 +13,10 @@ from pydantic import BaseModel, ConfigDict
 
 from core.errors import InvalidRequest, VerificationError
 from core.models import DiskInfo, ExportedFile, ExportResult, VMInfo
+from core.paths import confine
 from hyper2kvm import ova, qemu_img
-from hyper2kvm.detect import detect_format
+from hyper2kvm.chain import confine_chain
+from hyper2kvm.detect import checked_format, claimed_format
 from hyper2kvm.manifest import digest_file, parse_manifest
 from hyper2kvm.ovf import parse_ovf
 from hyper2kvm.qemu_img import DiskSource
@@ -54,7 +57,13 @@ def _check(name: str, actual: str, expected: tuple[str, str]) -> None:
         )
 
 
-def _stage_ova(path: Path, vm: VMInfo) -> StagedVM:
+def _checked_disk(disk: StagedDisk, roots: list[Path]) -> StagedDisk:
+    """`disk` once its chain is confined to `roots`."""
+    confine_chain(disk.source(), roots)
+    return disk
+
+
+def _stage_ova(path: Path, vm: VMInfo, roots: list[Path]) -> StagedVM:
     members = ova.read_members(path)
     descriptor_name = next(name for name in members if name.endswith(".ovf"))
     descriptor = parse_ovf(ova.read_member(path, members[descriptor_name]))
@@ -78,15 +87,16 @@ def _stage_ova(path: Path, vm: VMInfo) -> StagedVM:
             raise VerificationError(f"{disk.file}: {member.size} bytes, the OVF says "
                                     f"{sizes[disk.file]}")
         expected = manifest.get(disk.file)
-        disks.append(StagedDisk(
-            disk=disk, path=path, format=detect_format(path, offset=member.offset),
-            offset=member.offset, size=member.size,
+        fmt = checked_format(path, claimed=claimed_format(disk.file), offset=member.offset,
+                             size=member.size, name=f"{path.name}:{disk.file}")
+        disks.append(_checked_disk(StagedDisk(
+            disk=disk, path=path, format=fmt, offset=member.offset, size=member.size,
             algorithm=expected[0] if expected else None, digest=expected[1] if expected else None,
-        ))
+        ), roots))
     return StagedVM(vm=vm, disks=disks, verified=verified)
 
 
-def _stage_files(export: ExportResult) -> StagedVM:
+def _stage_files(export: ExportResult, roots: list[Path]) -> StagedVM:
     vm = export.vm
     by_name = {f.path.name: f for f in export.files}
     manifest_file = next((f for f in export.files if f.role == "manifest"), None)
@@ -114,17 +124,20 @@ def _stage_files(export: ExportResult) -> StagedVM:
                                     f"{sizes.get(exported.path.name) or exported.size}")
         checksum = manifest.get(exported.path.name) or (
             ("sha256", exported.sha256) if exported.sha256 else None)
-        disks.append(StagedDisk(
-            disk=disk, path=exported.path, format=detect_format(exported.path), size=size,
+        fmt = checked_format(exported.path, claimed=claimed_format(exported.path.name))
+        disks.append(_checked_disk(StagedDisk(
+            disk=disk, path=exported.path, format=fmt, size=size,
             algorithm=checksum[0] if checksum else None, digest=checksum[1] if checksum else None,
-        ))
+        ), roots))
     return StagedVM(vm=vm, disks=disks, verified=verified)
 
 
-def stage_export(export: ExportResult) -> StagedVM:
-    """Stage what an export wrote (an OVA, an OVF with its files, or bare disks)."""
+def stage_export(export: ExportResult, roots: list[Path]) -> StagedVM:
+    """Stage what an export wrote (an OVA, an OVF with its files, or bare disks); every
+    disk must read only files inside `roots`."""
     container = next((f for f in export.files if f.role == "ova"), None)
-    staged = _stage_ova(container.path, export.vm) if container else _stage_files(export)
+    staged = (_stage_ova(container.path, export.vm, roots) if container
+              else _stage_files(export, roots))
     if not staged.disks:
         raise VerificationError(f"{export.vm.name}: the export holds no disk to convert")
     return staged
@@ -144,19 +157,22 @@ def describe_source(source: Path) -> ExportResult:
         vm = parse_ovf(source.read_bytes()).vm
         files = [ExportedFile(path=source, size=source.stat().st_size, role="ovf")]
         for disk in vm.disks:
-            path = source.parent / (disk.file or "")
-            if disk.file and path.is_file():
+            if not disk.file:
+                continue
+            # a file the descriptor names stays in its folder, as a VMDK's extents do
+            path = confine(disk.file, source.parent, what=f"{source.name}: file")
+            if path.is_file():
                 files.append(ExportedFile(path=path, size=path.stat().st_size, role="disk"))
         manifest = source.with_suffix(".mf")
         if manifest.is_file():
             files.append(ExportedFile(path=manifest, size=manifest.stat().st_size,
                                       role="manifest"))
         return ExportResult(vm=vm, directory=source.parent, files=files, method="ovf")
-    if detect_format(source) == "vmdk":
-        capacity, fmt = parse_vmdk(source).capacity_bytes, "vmdk"
+    fmt = checked_format(source, claimed=claimed_format(source.name))
+    if fmt == "vmdk":
+        capacity = parse_vmdk(source).capacity_bytes
     else:
-        facts = qemu_img.info(source)
-        capacity, fmt = facts["virtual-size"], facts["format"]
+        capacity = qemu_img.info(DiskSource(source, fmt))["virtual-size"]
     name = source.stem
     vm = VMInfo(identifier=name, name=name, provider="local",
                 disks=[DiskInfo(name="disk1", capacity_bytes=capacity, format=fmt,

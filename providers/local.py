@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from core.config import LocalProviderConfig
-from core.errors import NotFound
+from core.errors import NotFound, PathNotAllowed
 from core.files import link_or_copy
 from core.models import (
     DiskInfo,
@@ -19,19 +19,19 @@ from core.models import (
     VMInfo,
     VMSummary,
 )
+from core.paths import confine
 from hyper2kvm import ova, qemu_img
+from hyper2kvm.detect import CLAIMED_BY_SUFFIX, checked_format, claimed_format
 from hyper2kvm.ovf import parse_ovf, write_descriptor
 from providers.base import BytesProgress, ExportMethod, Provider
 
-DISK_SUFFIXES = {".vmdk": "vmdk", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw",
-                 ".vhd": "vpc", ".vhdx": "vhdx"}
 # extents and deltas of a VMDK are parts of another disk, not VMs of their own
 _VMDK_PART = re.compile(r"-(flat|delta|s\d{3}|f\d{3})\.vmdk$")
 
 
 def _role(path: Path) -> str:
     return {".ovf": "ovf", ".mf": "manifest", ".ova": "ova"}.get(
-        path.suffix, "disk" if path.suffix in DISK_SUFFIXES else "other"
+        path.suffix, "disk" if path.suffix in CLAIMED_BY_SUFFIX else "other"
     )
 
 
@@ -66,21 +66,34 @@ class LocalProvider(Provider):
                 continue
             if entry.is_dir() and any(entry.glob("*.ovf")):
                 found[entry.name] = entry
-            elif (entry.is_file() and (entry.suffix == ".ova" or entry.suffix in DISK_SUFFIXES)
+            elif (entry.is_file() and (entry.suffix == ".ova" or entry.suffix in CLAIMED_BY_SUFFIX)
                   and not _VMDK_PART.search(entry.name)):
                 found.setdefault(entry.stem, entry)
         return found
 
     def _source(self, identifier: str) -> Path:
+        """The VM's OVA, folder or disk, resolved: a symlink may point anywhere inside the
+        inbox, never outside it (nor may any file of an OVF folder)."""
         source = self._sources().get(identifier)
         if source is None:
             raise NotFound(f"no VM {identifier!r} in {self.root}")
-        return source
+        resolved = confine(source, self.root, what=f"inbox entry {source.name!r}")
+        if resolved.is_dir():
+            for file in resolved.iterdir():
+                confine(file, self.root, what=f"{source.name}/{file.name}")
+        return resolved
+
+    def _usable(self, identifier: str) -> bool:
+        try:
+            self._source(identifier)
+        except PathNotAllowed:
+            return False
+        return True
 
     def list_vms(self, vm_filter: VMFilter) -> list[VMSummary]:
         summaries = [
             VMSummary(identifier=identifier, name=identifier, provider=self.name)
-            for identifier in self._sources()
+            for identifier in self._sources() if self._usable(identifier)
         ]
         return [vm for vm in summaries if vm_filter.matches(vm)]
 
@@ -90,11 +103,12 @@ class LocalProvider(Provider):
         if described:
             vm = described
         else:
-            facts = qemu_img.info(source)
+            fmt = checked_format(source, claimed=claimed_format(source.name))
+            facts = qemu_img.info(qemu_img.DiskSource(source, fmt))
             vm = VMInfo(
                 identifier=identifier, name=identifier, provider=self.name,
                 disks=[DiskInfo(name="disk1", capacity_bytes=facts["virtual-size"],
-                                format=facts["format"], file=source.name)],
+                                format=fmt, file=source.name)],
             )
         return vm.model_copy(update={"identifier": identifier, "provider": self.name})
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from core.models import ExportResult
@@ -11,11 +13,12 @@ from tasks.progress import JobProgress
 
 
 @task(name="transfer", persist_result=True)
-def transfer_files(export: ExportResult) -> StagedVM:
-    """Verify the exported files' structure, sizes and descriptor checksum; stage the disks."""
+def transfer_files(export: ExportResult, roots: list[Path]) -> StagedVM:
+    """Verify the exported files' structure, sizes and descriptor checksum, and that each
+    disk is what it claims and reads nothing outside `roots`; stage the disks."""
     progress = JobProgress.for_current_run(export.vm.name)
     progress.start("transfer", export.total_bytes)
-    staged = stage_export(export)
+    staged = stage_export(export, roots)
     progress.finish()
     get_run_logger().info(
         "staged %d disk(s): %s", len(staged.disks),

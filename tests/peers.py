@@ -45,7 +45,11 @@ def free_port() -> int:
 
 
 PREFECT_PORT = free_port()
+# the session's Prefect server requires a credential, as hypervisord's embedded one does;
+# every client the tests start (daemons, flow runs, watch daemons) inherits it
+PREFECT_AUTH = f"hypersdk:{uuid.uuid4().hex}"
 os.environ.update({
+    "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
     "PREFECT_API_URL": f"http://127.0.0.1:{PREFECT_PORT}/api",
     "PREFECT_HOME": str(SESSION_DIR / "prefect-home"),
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(SESSION_DIR / "prefect-results"),
@@ -91,6 +95,7 @@ def prefect_server() -> Iterator[str]:
     log = (SESSION_DIR / "prefect-server.log").open("wb")
     env = dict(os.environ, PREFECT_API_DATABASE_CONNECTION_URL=(
         f"sqlite+aiosqlite:///{SESSION_DIR / 'prefect.db'}"),
+        PREFECT_SERVER_API_AUTH_STRING=PREFECT_AUTH,
         # schedules made in a test get their runs within seconds, not a minute
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
     process = subprocess.Popen(
@@ -271,11 +276,13 @@ def daemon(prefect_server: str, libvirt_uri: str, vcsim: Any) -> Iterator[Daemon
 
 
 def start_watch_daemon(watch_dir: Path, output_dir: Path, log: Path,
-                       *extra: str) -> subprocess.Popen:
-    """`hyper2kvm daemon` as the seed's systemd unit starts it."""
+                       *extra: str, source_root: Path = EXPORTS) -> subprocess.Popen:
+    """`hyper2kvm daemon` as the seed's systemd unit starts it, reading sources from
+    `source_root` only."""
     return subprocess.Popen(
         [str(BIN / "hyper2kvm"), "daemon", "--watch-dir", str(watch_dir), "--output-dir",
-         str(output_dir), "--format", "qcow2", "--log-level", "info", "--poll", "0.2", *extra],
+         str(output_dir), "--format", "qcow2", "--log-level", "info", "--poll", "0.2",
+         "--source-root", str(source_root), *extra],
         stdout=log.open("ab"), stderr=subprocess.STDOUT, env=dict(os.environ))
 
 

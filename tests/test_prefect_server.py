@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -83,7 +84,16 @@ def test_embedded_prefect_server_migrates_and_stops_with_the_daemon(
             info = wait_for_job(c, job["job_id"])
         assert info["status"] == "completed", info["error"]
         assert domain_defined(name)
-        flow_run = httpx.get(f"http://127.0.0.1:{ui_port}/api/flow_runs/{job['job_id']}").json()
+        # that Prefect asks every client for the credential it generated (root-only)
+        prefect_dir = tmp_path / "db" / "prefect"
+        assert stat.S_IMODE(prefect_dir.stat().st_mode) == 0o700
+        stored = prefect_dir / "auth_string"
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+        user, _, password = stored.read_text().strip().partition(":")
+        run_url = f"http://127.0.0.1:{ui_port}/api/flow_runs/{job['job_id']}"
+        assert httpx.get(run_url).status_code == 401
+        assert httpx.get(run_url, auth=(user, "guess")).status_code == 401
+        flow_run = httpx.get(run_url, auth=(user, password)).json()
         assert flow_run["state"]["type"] == "COMPLETED"  # the job is that Prefect's flow run
     finally:
         daemon.terminate()

@@ -66,7 +66,7 @@ def test_jobs_convert_and_bad_ones_fail_with_a_reason(watch, tmp_path: Path) -> 
         archive.addfile(info)
     (watch_dir / ".half-written.json.tmp").write_text('{"job_id": "never"')
 
-    daemon = start_watch_daemon(watch_dir, output, log, "--workers", "3")
+    daemon = start_watch_daemon(watch_dir, output, log, "--workers", "3", source_root=tmp_path)
     try:
         drop(watch_dir, "good", source_path=str(good))
         drop(watch_dir, "cut", source_path=str(truncated))
@@ -114,7 +114,7 @@ def test_a_job_cut_short_by_kill_runs_again_after_restart_and_only_it(
     small = make_sample_ova(tmp_path / "in", "small-vm", size_mib=16)
     name = unique()
     big = make_random_raw(tmp_path / "in", name, 768)
-    daemon = start_watch_daemon(watch_dir, output, log)
+    daemon = start_watch_daemon(watch_dir, output, log, source_root=tmp_path)
     drop(watch_dir, "first", source_path=str(small))
     first = outcome(watch_dir, "first")
     assert first["status"] == "completed"
@@ -129,7 +129,7 @@ def test_a_job_cut_short_by_kill_runs_again_after_restart_and_only_it(
     daemon.wait()
     assert (watch_dir / "processing" / "big.json").exists()
 
-    daemon = start_watch_daemon(watch_dir, output, log)
+    daemon = start_watch_daemon(watch_dir, output, log, source_root=tmp_path)
     try:
         result = outcome(watch_dir, "big", timeout=300)
         assert result["status"] == "completed", result

@@ -12,9 +12,9 @@ from api.deps import ApiKeyDep, JobsDep, SettingsDep
 from api.schemas import Body, JobSubmitted
 from core.config import Config
 from core.errors import InvalidRequest
-from core.models import ConvertRequest
+from core.models import ConvertRequest, OSPath
 from core.paths import confine_any
-from flows.convert_vm import output_folder, source_file, source_roots
+from flows.convert_vm import output_folder, source_file
 from hyper2kvm import ova
 from hyper2kvm.importing import import_disk
 from hyper2kvm.vmdk import parse_vmdk
@@ -24,7 +24,7 @@ router = APIRouter(tags=["convert"], dependencies=[ApiKeyDep])
 
 class ImportRequest(Body):
     vm_name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    disk_path: str
+    disk_path: OSPath
     memory_mb: int = Field(default=2048, ge=64, le=4 * 1024 * 1024)
     vcpus: int = Field(default=2, ge=1, le=512)
     network: str = "default"
@@ -35,7 +35,7 @@ class ImportRequest(Body):
 
 
 def _parse(settings: Config, path: str) -> dict[str, Any]:
-    file = confine_any(path, source_roots(settings), what="path")
+    file = confine_any(path, settings.source_roots(), what="path")
     if not file.is_file():
         raise InvalidRequest(f"{path} is not a file")
     if file.suffix == ".ova":
@@ -47,10 +47,12 @@ def _parse(settings: Config, path: str) -> dict[str, Any]:
 
 
 def _import(settings: Config, body: ImportRequest) -> dict[str, Any]:
-    disk = confine_any(body.disk_path, source_roots(settings), what="disk_path")
+    roots = settings.source_roots()
+    disk = confine_any(body.disk_path, roots, what="disk_path")
     h2k = settings.hyper2kvm
     registered, fmt = import_disk(
-        h2k.libvirt_uri, disk, name=body.vm_name, memory_mb=body.memory_mb, vcpus=body.vcpus,
+        h2k.libvirt_uri, disk, roots=roots, name=body.vm_name, memory_mb=body.memory_mb,
+        vcpus=body.vcpus,
         network=body.network, firmware=body.firmware,  # type: ignore[arg-type]
         autostart=body.autostart, replace=body.replace, compat=body.compat_mode,
         domain_type=h2k.domain_type)
@@ -59,7 +61,8 @@ def _import(settings: Config, body: ImportRequest) -> dict[str, Any]:
 
 
 def _validate_conversion(settings: Config, body: ConvertRequest) -> None:
-    output_folder(body, settings, source_file(body, settings).stem)
+    output_folder(body, source_file(body, settings.source_roots()).stem,
+                  settings.hyper2kvm.output_dir)
 
 
 @router.post("/convert", response_model=JobSubmitted)
@@ -71,7 +74,7 @@ async def convert_vm(body: ConvertRequest, settings: SettingsDep, jobs: JobsDep)
 
 @router.get("/parse-vmdk")
 async def parse_vmdk_metadata(settings: SettingsDep,
-                              path: Annotated[str, Query(min_length=1)]) -> dict[str, Any]:
+                              path: Annotated[OSPath, Query(min_length=1)]) -> dict[str, Any]:
     """The VMDK's descriptor, sparse header and extents (every VMDK of an OVA)."""
     return await run_in_threadpool(_parse, settings, path)
 
