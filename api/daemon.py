@@ -20,6 +20,7 @@ from pathlib import Path
 from core.config import Config, load_config
 from core.errors import ConfigError, HypersdkError
 from core.files import private_folder
+from core.process import DAEMON_PID
 
 logger = logging.getLogger("hypervisord")
 
@@ -129,10 +130,18 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     """Run the REST API and the flow runner until SIGTERM or SIGINT."""
     import httpx
     import uvicorn
+    from prefect.client.orchestration import get_client
     from prefect.runner import Runner
     from prefect.types.entrypoint import EntrypointType
 
     from api.main import DEPLOYMENT, create_app
+    from api.recovery import (
+        drain,
+        interrupted_runs,
+        keep_export_slots_true,
+        reconcile_export_slots,
+        recover,
+    )
     from flows.backup_policy import backup_policy
     from flows.convert_vm import convert_vm
     from flows.migrate_vm import migrate_vm
@@ -162,6 +171,18 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
             # update Prefect sends leaves them alone (an explicit [] would replace them).
             deployment.__pydantic_fields_set__.discard("schedules")
             await serving.aadd_deployment(deployment)
+    stack = contextlib.AsyncExitStack()
+    client = await stack.enter_async_context(get_client())
+    background: list[asyncio.Task[None]] = []
+    if serve_flows:
+        # flow runs this process starts exit when it dies (core.process); what the last
+        # life of this daemon left running is cleaned up and put back in line
+        os.environ[DAEMON_PID] = str(os.getpid())
+        await recover(client, await interrupted_runs(client, deployment=DEPLOYMENT),
+                      resume=settings.daemon.resume_interrupted)
+        await reconcile_export_slots(client)
+        background.append(asyncio.create_task(keep_export_slots_true(client),
+                                              name="export-slots"))
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -188,14 +209,41 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     done_waiter = asyncio.create_task(stopping.wait())
     finished, _ = await asyncio.wait([*tasks, done_waiter], return_when=asyncio.FIRST_COMPLETED)
     logger.info("shutting down")
+    if serve_flows and done_waiter in finished:
+        await drain(list(runners), client, deployment=DEPLOYMENT,
+                    grace=settings.daemon.shutdown_grace,
+                    resume=settings.daemon.resume_interrupted)
     api.should_exit = True
     for serving in runners:
         if serve_flows and serving.started:
             await serving.astop()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for task in finished:
-        if task is not done_waiter and task.exception():
-            raise task.exception()  # type: ignore[misc]
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*tasks, *background, return_exceptions=True)
+    await stack.aclose()
+    await flush_to_prefect()
+    for ended in finished:
+        if ended is not done_waiter and ended.exception():
+            raise ended.exception()  # type: ignore[misc]
+
+
+async def flush_to_prefect(timeout: float = 10.0) -> None:
+    """Send the logs and events still queued while the server is up, then stop sending:
+    a log written after the embedded server stops would be retried against it for a
+    minute or more before the process could exit."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler, APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(worker.drain_all(timeout=timeout),  # type: ignore[arg-type]
+                                   timeout + 1)
+    loggers = [logging.getLogger(), *(item for item in logging.root.manager.loggerDict.values()
+                                      if isinstance(item, logging.Logger))]
+    for each in loggers:
+        for handler in list(each.handlers):
+            if isinstance(handler, APILogHandler):
+                each.removeHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 from uuid import UUID
 
@@ -65,6 +66,8 @@ class Jobs:
         self.client = client
         self.deployment = deployment  # the deployments' name, e.g. "hypervisord"
         self._deployment_ids: dict[str, UUID] = {}
+        # one small lock per VM and export folder ever submitted here (bounded)
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def _deployment(self, flow_name: str) -> UUID:
         if flow_name not in self._deployment_ids:
@@ -80,10 +83,34 @@ class Jobs:
         return JobSubmitted(job_id=str(run.id), status=job_status(run),
                             created_at=run.created or datetime.now(UTC))
 
-    async def submit(self, job: JobDefinition) -> JobSubmitted:
-        # the tags ride along in Prefect's events: the websocket needs no lookup per run
-        return await self._create("migrate-vm", {"job": job.model_dump(mode="json")},
-                                  [f"provider:{job.provider}", f"vm:{job.vm_identifier}"])
+    async def active_runs(self) -> list[FlowRun]:
+        """Jobs pending (due) or running, newest first (at most 200)."""
+        flows, runs_filter = _due_runs(STATE_TYPES_OF[JobStatus.PENDING]
+                                       + STATE_TYPES_OF[JobStatus.RUNNING]
+                                       + [StateType.CANCELLING])
+        return await self.client.read_flow_runs(flow_filter=flows, flow_run_filter=runs_filter,
+                                                limit=200)
+
+    async def submit(self, job: JobDefinition, *, vm: str, folder: Path,
+                     folder_of: Callable[[dict[str, Any]], Path | None]) -> JobSubmitted:
+        """A migrate-vm run of `job`, unless the VM (tagged `vm`) has a job already or
+        another job writes into its export `folder` (`folder_of` a run's job parameters):
+        Conflict, naming that job. Submissions touching one VM or folder are serialized,
+        so that two at once cannot both pass."""
+        async with contextlib.AsyncExitStack() as locks:
+            for key in sorted({vm, str(folder)}):  # one order: no deadlock
+                await locks.enter_async_context(self._locks.setdefault(key, asyncio.Lock()))
+            for run in await self.active_runs():
+                same_vm = vm in run.tags
+                if same_vm or folder_of(run.parameters.get("job") or {}) == folder:
+                    what = (f"VM {job.vm_identifier!r} already has" if same_vm
+                            else f"export folder {folder} is in use by")
+                    raise Conflict(f"{what} job {run.id} ({job_status(run).value}); one job "
+                                   "per VM and folder at a time: wait for it or cancel it")
+            # the tags ride along in Prefect's events: the websocket needs no lookup
+            return await self._create(
+                "migrate-vm", {"job": job.model_dump(mode="json")},
+                [f"provider:{job.provider}", f"vm:{job.vm_identifier}", vm])
 
     async def submit_conversion(self, request: ConvertRequest) -> JobSubmitted:
         return await self._create("convert-vm", {"request": request.model_dump(mode="json")},

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +26,9 @@ import httpx
 
 from core.errors import ConfigError
 from core.files import private_file, private_folder, write_private
+from core.process import alive, command_line, die_with_parent
+
+logger = logging.getLogger("hypervisord")
 
 Message = dict[str, Any]
 
@@ -148,10 +153,38 @@ class EmbeddedPrefect:
         except httpx.HTTPError:
             return False
 
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "server.pid"
+
+    def _stop_orphan(self) -> bool:
+        """Stop a server of ours a previous hypervisord left running (one that died with
+        SIGKILL before its server learnt to die with it); False if the port's server is
+        not ours."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        argv = command_line(pid)
+        if "api.prefect_server" not in argv or str(self.port) not in argv:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        while self._answers() and time.monotonic() < deadline + 5:
+            time.sleep(0.1)
+        return True
+
     def start(self, timeout: float = 90.0) -> None:
         if self._answers():
-            raise ConfigError(f"port {self.port} is taken by another server; set "
-                              "daemon.prefect_ui_port to a free port")
+            if not self._stop_orphan():
+                raise ConfigError(f"port {self.port} is taken by another server; set "
+                                  "daemon.prefect_ui_port to a free port")
+            logger.warning("replaced the Prefect server a previous hypervisord left on port "
+                           "%d", self.port)
         private_folder(self.data_dir)
         for database in ("prefect.db", "prefect.db-wal", "prefect.db-shm"):
             if (self.data_dir / database).exists():
@@ -172,8 +205,10 @@ class EmbeddedPrefect:
             [sys.executable, "-m", "api.prefect_server", "--host", self.host,
              "--port", str(self.port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True,  # a Ctrl-C on the daemon's terminal is ours to handle
+            preexec_fn=die_with_parent,  # never outlives hypervisord, even a SIGKILLed one
         )
+        write_private(self.pid_file, f"{self.process.pid} {self.port}\n")
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None:
@@ -186,6 +221,7 @@ class EmbeddedPrefect:
             time.sleep(0.25)
 
     def stop(self) -> None:
+        self.pid_file.unlink(missing_ok=True)
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:

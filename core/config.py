@@ -63,6 +63,10 @@ class DaemonConfig(Section):
     prefect_host: str = "127.0.0.1"
     prefect_auth_string: SecretStr | None = None
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)  # larger bodies get 413
+    # SIGTERM: running jobs get this long to finish; the rest resume at the next start
+    shutdown_grace: Duration = 300.0
+    # jobs a dead daemon left running run again at the next start, finished steps kept
+    resume_interrupted: bool = True
     # webhooks: networks a webhook URL may resolve into although loopback or link-local
     # (refused otherwise), and the delivery retry schedule (exponential from base)
     webhook_allowed_networks: list[str] = Field(default_factory=list)

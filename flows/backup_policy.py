@@ -13,7 +13,8 @@ from prefect.states import Completed, Failed, State
 from core.config import Config, config_from_env
 from core.files import make_durable
 from core.models import BackupOutcome, BackupPolicy, BackupReport, JobDefinition, VMSummary
-from core.paths import safe_name
+from core.paths import confine, safe_name
+from core.process import exit_with_daemon
 from flows import DEPLOYMENT
 from providers import get_provider
 from tasks.retention import prune, stamp, write_marker
@@ -80,8 +81,12 @@ def report_markdown(report: BackupReport) -> str:
 @flow(name="backup-policy", persist_result=True)
 async def backup_policy(policy: BackupPolicy) -> State:
     """Back up every matching VM (`policy.concurrency` at once), then apply retention."""
+    exit_with_daemon()  # a SIGKILLed hypervisord leaves no run behind
     settings = config_from_env()
     logger = get_run_logger()
+    # whoever created the run: the policy's folder (which retention deletes in) is
+    # inside export.base_path, symlinks resolved
+    policy_root = confine(policy.name, settings.export.base_path, what="policy folder")
     started = datetime.now(UTC)
     vms = await asyncio.to_thread(resolve_vms, policy)
     logger.info("policy %s: %d VM(s) match: %s", policy.name, len(vms),
@@ -92,8 +97,7 @@ async def backup_policy(policy: BackupPolicy) -> State:
     report = BackupReport(policy=policy.name, started_at=started.isoformat(),
                           backed_up=[o for o in outcomes if o.error is None],
                           failed=[o for o in outcomes if o.error is not None])
-    report.pruned = await asyncio.to_thread(apply_retention, policy,
-                                            settings.export.base_path / policy.name)
+    report.pruned = await asyncio.to_thread(apply_retention, policy, policy_root)
     for path in report.pruned:
         logger.info("retention removed %s", path)
     await create_markdown_artifact(  # type: ignore[misc]

@@ -11,6 +11,7 @@ from core.errors import InvalidRequest
 from core.files import remove_partials
 from core.models import ConvertRequest, MigrationResult
 from core.paths import confine, confine_any, safe_name
+from core.process import exit_with_daemon
 from flows.report import StepTimer, publish_report
 from hyper2kvm.staging import describe_source
 from tasks.convert import convert_disks
@@ -89,6 +90,7 @@ def convert_vm(request: ConvertRequest) -> MigrationResult:
     served deployment: whoever created the run (the REST API, Prefect's API or UI, a
     schedule), the source must be inside the configured roots and the output inside
     hyper2kvm.output_dir, checked here as the REST API checks them."""
+    exit_with_daemon()  # a SIGKILLed hypervisord leaves no run behind
     settings = config_from_env()
     return convert_confined(request, roots=settings.source_roots(),
                             output_root=settings.hyper2kvm.output_dir)

@@ -1,5 +1,6 @@
 """migrate-vm: validate → export → transfer → convert → register → report."""
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ from core.config import Config, config_from_env
 from core.files import remove_partials
 from core.models import JobDefinition, MigrationResult
 from core.paths import confine, safe_name
+from core.process import exit_with_daemon
 from flows.report import StepTimer, publish_report
 from tasks.convert import convert_disks
-from tasks.export import ensure_export_limit, export_vm
+from tasks.export import ensure_export_limit, export_vm, release_export_slot
 from tasks.handoff import await_daemon, write_watch_manifest
 from tasks.progress import LABEL, JobProgress
 from tasks.register import register_domain
@@ -33,7 +35,10 @@ def converts_in_flow(job: JobDefinition) -> bool:
 
 
 def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
-    """On cancel or crash: no half-written file stays where a finished one would be."""
+    """On cancel or crash: no half-written file stays where a finished one would be, and
+    an export slot the run held is free at once."""
+    with contextlib.suppress(Exception):  # a hook must never fail the state change
+        release_export_slot(flow_run.labels or {})
     try:
         job = JobDefinition.model_validate(flow_run.parameters["job"])
         settings = config_from_env()
@@ -56,6 +61,7 @@ def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
 )
 def migrate_vm(job: JobDefinition) -> MigrationResult:
     """Move one VM from its provider to a libvirt domain."""
+    exit_with_daemon()  # a SIGKILLed hypervisord leaves no run behind
     settings = config_from_env()
     logger = get_run_logger()
     progress = JobProgress.for_current_run(job.vm_identifier)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
-import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -15,11 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.errors import ConversionError, InvalidRequest
+from core.process import die_with_parent
 from hyper2kvm.vmdk import SECTOR, parse_header
 
 QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-_PR_SET_PDEATHSIG = 1
 
 ProgressCallback = Callable[[float], None]  # percent done, 0..100
 
@@ -67,12 +65,6 @@ class DiskSource:
                 return parse_header(stream.read(SECTOR)).compressed
         except (OSError, InvalidRequest):
             return False
-
-
-def _die_with_parent() -> None:
-    """Runs in the child: if our process dies (a cancelled flow run), qemu-img dies too."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @cache
@@ -173,7 +165,7 @@ def convert(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,  # a cancelled flow run takes qemu-img along
     )
     try:
         assert proc.stdout is not None

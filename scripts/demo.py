@@ -157,7 +157,8 @@ def main() -> int:
             console.print(subprocess.run(["virsh", "-c", "qemu:///system", "dominfo",
                                           result["domain_name"]], capture_output=True,
                                          text=True).stdout.strip())
-            console.print(f"Prefect UI: http://127.0.0.1:{args.ui_port}/runs/flow-run/{job_id}")
+            console.print(f"Prefect UI: http://127.0.0.1:{args.ui_port}/runs/flow-run/{job_id}"
+                          f" (it asks for the line in {data / 'prefect' / 'auth_string'})")
             if args.keep_running:
                 console.print("hypervisord keeps running; press Ctrl-C to stop")
                 daemon.wait()

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
+
+# the lease-level calls under prefect.concurrency.sync.concurrency (pinned Prefect 3.9)
+from prefect.concurrency._leases import maintain_concurrency_lease
+from prefect.concurrency._sync import (
+    acquire_concurrency_slots_with_lease,
+    release_concurrency_slots_with_lease,
+)
 from prefect.exceptions import ObjectNotFound
 
 from core.config import config_from_env
 from core.errors import is_transient
 from core.models import ExportResult, JobDefinition, VMInfo
 from providers import get_provider
-from tasks.progress import JobProgress
+from tasks.progress import LABEL, JobProgress
 
 EXPORT_LIMIT = "hypersdk-exports"
 
@@ -33,6 +42,36 @@ def ensure_export_limit(limit: int, *, update: bool = False) -> None:
             client.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(name=EXPORT_LIMIT, limit=limit)
             )
+
+
+LEASE_LABEL = "export_lease"  # the slot's lease id, in the flow run's labels
+LEASE_SECONDS = 300
+
+
+@contextmanager
+def export_slot(progress: JobProgress) -> Iterator[None]:
+    """One slot of the export limit, for as long as the export runs. Prefect's own
+    `concurrency()` does the same, but keeps its lease id to itself: here it goes into the
+    run's labels, so that when the run's process is killed its crash hook releases the slot
+    at once (release_export_slot) instead of holding it until the lease expires."""
+    lease = acquire_concurrency_slots_with_lease([EXPORT_LIMIT], 1, strict=True,
+                                                 lease_duration=LEASE_SECONDS)
+    progress.note(**{LEASE_LABEL: str(lease.lease_id)})
+    try:
+        with maintain_concurrency_lease(lease.lease_id, LEASE_SECONDS,
+                                        raise_on_lease_renewal_failure=True):
+            yield
+    finally:
+        release_concurrency_slots_with_lease(lease.lease_id)
+
+
+def release_export_slot(labels: dict[str, Any]) -> None:
+    """Release the export slot a (crashed or cancelled) run's labels name, if it still
+    holds it (releasing a released lease does nothing)."""
+    lease_id = labels.get(f"{LABEL}{LEASE_LABEL}")
+    if lease_id:
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(UUID(str(lease_id)))
 
 
 def only_transient(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -55,7 +94,7 @@ def export_vm(job: JobDefinition, export_path: Path, vm: VMInfo) -> ExportResult
     logger = get_run_logger()
     progress = JobProgress.for_current_run(job.vm_identifier)
     with (
-        concurrency(EXPORT_LIMIT, occupy=1, strict=True),
+        export_slot(progress),
         get_provider(job.provider, settings) as provider,
     ):
         progress.start("export", sum(d.capacity_bytes for d in vm.disks))

@@ -5,23 +5,64 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import StateType
 
 from core.config import config_from_env
-from core.errors import InvalidRequest
+from core.errors import Conflict, InvalidRequest
 from core.models import JobDefinition, VMInfo
 from core.paths import safe_name
 from hyper2kvm.registration import domain_exists
 from providers import get_provider
-from tasks.progress import JobProgress
+from tasks.progress import LABEL, JobProgress, current_flow_run_id
+
+ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+CLAIMED = f"{LABEL}vm_claimed"
+
+
+def vm_tag(provider: str, identifier: str) -> str:
+    """The tag every job of one VM carries (the provider's own id for it, so that two
+    names of one VM are one VM)."""
+    return f"vm-id:{provider}:{identifier}"
+
+
+def claim_vm(tag: str) -> None:
+    """One job per VM at a time, whoever created the run: tag this run, then give way
+    (Conflict) to another active run of the VM that was created earlier or has already
+    claimed it; otherwise claim it. The REST API refuses a second job up front; this
+    covers runs made through Prefect, schedules and backups."""
+    run_id = current_flow_run_id()
+    with get_client(sync_client=True) as client:
+        own = client.read_flow_run(run_id)
+        if tag not in own.tags:
+            client.update_flow_run(run_id, tags=[*own.tags, tag])
+        others = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[tag]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE))), limit=50)
+        mine = (own.created, str(own.id))
+        for other in others:
+            if other.id == run_id:
+                continue
+            if (other.created, str(other.id)) < mine or (other.labels or {}).get(CLAIMED):
+                raise Conflict(f"VM {tag.split(':', 2)[2]!r} already has job {other.id} "
+                               "running; one job per VM at a time")
+        client.update_flow_run_labels(run_id, {CLAIMED: True})
 
 
 @task(name="validate", persist_result=True)
 def validate_job(job: JobDefinition, output_dir: Path, *, converts: bool) -> VMInfo:
-    """The VM exists; when the job converts, neither its domain nor its output exists
-    (unless `replace_existing`)."""
+    """The VM exists and no other job is migrating it; when the job converts, neither
+    its domain nor its output exists (unless `replace_existing`)."""
     settings = config_from_env()
     with get_provider(job.provider, settings) as provider:
         vm = provider.get_vm(job.vm_identifier)
+    claim_vm(vm_tag(job.provider, vm.identifier))
     progress = JobProgress.for_current_run(vm.name)
     progress.start("validate", 0)
     progress.note(vm=vm.name)

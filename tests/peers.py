@@ -217,16 +217,21 @@ database:
 
 def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
                  config_name: str = "config.yaml", host: str = "127.0.0.1",
-                 vsphere: str | None = None) -> Daemon:
-    """Start hypervisord on a free port with a config over the directories under `root`."""
+                 vsphere: str | None = None, embedded: bool = False) -> Daemon:
+    """Start hypervisord on a free port with a config over the directories under `root`;
+    `embedded`: with its own Prefect server (none of the session's PREFECT_ settings)."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = write_config(root, port=port, api_key=api_key, name=config_name, host=host,
                           vsphere=vsphere)
+    env = dict(os.environ)
+    if embedded:
+        config.write_text(config.read_text().replace(
+            "  workers: 4\n", f"  workers: 2\n  prefect_ui_port: {free_port()}\n"))
+        env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
     log = root / f"hypervisord-{port}.log"
     process = subprocess.Popen([str(BIN / "hypervisord"), "--config", str(config), *args],
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                               env=dict(os.environ))
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     daemon = Daemon(url=f"http://127.0.0.1:{port}", api_key=api_key, root=root, config=config,
                     process=process, log=log)
 
@@ -237,7 +242,7 @@ def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
         except (httpx.HTTPError, ValueError, KeyError):
             return False
 
-    wait_until(healthy, timeout=90, what="hypervisord")
+    wait_until(healthy, timeout=120 if embedded else 90, what="hypervisord")
     return daemon
 
 

@@ -269,11 +269,15 @@ def test_exports_take_a_slot_of_the_global_concurrency_limit(daemon: Daemon) -> 
     assert limit.limit == 2
 
 
-def test_job_listing_pages_and_filters(api: httpx.Client, sample_vm: str) -> None:
-    jobs = api.post("/jobs/submit", json=[{"vm_identifier": sample_vm,
-                                           "hyper2kvm_integration": {"enabled": False},
-                                           "export_path": f"{sample_vm}-{i}"}
-                                          for i in range(2)]).json()["jobs"]
+def test_job_listing_pages_and_filters(api: httpx.Client, daemon: Daemon,
+                                      sample_vm: str) -> None:
+    from hyper2kvm.sample import make_sample_ova
+
+    other = unique()
+    make_sample_ova(daemon.inbox, other, size_mib=16)
+    jobs = api.post("/jobs/submit", json=[{"vm_identifier": vm,
+                                           "hyper2kvm_integration": {"enabled": False}}
+                                          for vm in (sample_vm, other)]).json()["jobs"]
     assert len(jobs) == 2
     for job in jobs:
         assert wait_for_job(api, job["job_id"])["status"] == "completed"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import StreamingResponse
@@ -22,19 +23,22 @@ from api.schemas import (
     JobSubmitted,
 )
 from core.config import Config
+from core.errors import Conflict, HypersdkError
 from core.models import JobDefinition, JobStatus
 from flows.migrate_vm import export_dir
 from providers import get_provider
+from tasks.validate import vm_tag
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
 
 
-def validate_job(job: JobDefinition, settings: Config) -> None:
+def validate_job(job: JobDefinition, settings: Config) -> str:
     """Checks that can fail cheaply, before a run exists: the export path stays under
-    export.base_path, the provider is configured and the VM exists."""
+    export.base_path, the provider is configured and the VM exists. Returns the VM's tag."""
     export_dir(job, settings)
     with get_provider(job.provider, settings) as provider:
-        provider.get_vm(job.vm_identifier)
+        vm = provider.get_vm(job.vm_identifier)
+    return vm_tag(job.provider, vm.identifier)
 
 
 @router.post("/submit", response_model=JobSubmitted | JobsSubmitted)
@@ -45,9 +49,23 @@ async def submit_jobs(
 ) -> JobSubmitted | JobsSubmitted:
     """Submit one job, or a list of jobs (all validated before any is created)."""
     batch = body if isinstance(body, list) else [body]
-    for job in batch:
-        await run_in_threadpool(validate_job, job, settings)
-    submitted = [await jobs.submit(job) for job in batch]
+    tags = [await run_in_threadpool(validate_job, job, settings) for job in batch]
+    twice = next((job for i, job in enumerate(batch) if tags[i] in tags[:i]), None)
+    if twice is not None:
+        raise Conflict(f"VM {twice.vm_identifier!r} is in the list twice; one job per VM "
+                       "at a time")
+    folders = [export_dir(job, settings) for job in batch]
+    if len(set(folders)) < len(folders):
+        raise Conflict("two jobs of the list export into the same folder")
+
+    def folder_of(parameters: dict[str, Any]) -> Path | None:
+        try:
+            return export_dir(JobDefinition.model_validate(parameters), settings)
+        except (ValueError, HypersdkError):
+            return None
+
+    submitted = [await jobs.submit(job, vm=tag, folder=folder, folder_of=folder_of)
+                 for job, tag, folder in zip(batch, tags, folders, strict=True)]
     return JobsSubmitted(jobs=submitted) if isinstance(body, list) else submitted[0]
 
 
@@ -56,7 +74,7 @@ async def query_jobs(
     jobs: JobsDep,
     job_id: str | None = None,
     status: JobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobInfo | JobList:
     """One job by `job_id`, or a page of jobs (newest first), optionally by status."""

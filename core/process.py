@@ -1,0 +1,95 @@
+"""Child processes that never outlive the one that started them.
+
+A daemon killed with SIGKILL (or by the OOM killer) runs no clean-up: whatever it started
+must notice by itself. Two ways, one per kind of child:
+
+* a program we exec (qemu-img, the Prefect server) asks the kernel for SIGKILL when its
+  parent dies (`die_with_parent`, run in the child before exec);
+* a flow-run process (spawned by Prefect's runner from whatever thread, where the kernel's
+  parent-death signal would follow that thread, not the daemon) watches its parent and
+  exits once it is gone (`exit_with_daemon`); its own qemu-img children follow it."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+DAEMON_PID = "HYPERSDK_DAEMON_PID"  # set by hypervisord for the flow runs it starts
+_PR_SET_PDEATHSIG = 1
+logger = logging.getLogger("hypersdk.process")
+_watching = False
+
+
+def die_with_parent() -> None:
+    """Runs in a child between fork and exec: SIGKILL it when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def exit_with_daemon(*, poll: float = 0.5) -> None:
+    """In a flow-run process hypervisord started: exit as soon as hypervisord is gone
+    (the next hypervisord finds the run, cleans up after it and runs it again). A no-op
+    in any other process."""
+    global _watching
+    expected = os.environ.get(DAEMON_PID)
+    if _watching or not expected or not expected.isdigit():
+        return
+
+    def orphaned() -> bool:
+        return os.getppid() != int(expected)
+
+    if orphaned():
+        if os.getpid() == int(expected):  # the daemon itself (a flow run in process)
+            return
+        logger.error("hypervisord (pid %s) is gone; stopping this flow run", expected)
+        os._exit(137)
+
+    def watch() -> None:
+        event = threading.Event()
+        while not event.wait(poll):
+            if orphaned():
+                logger.error("hypervisord (pid %s) died; stopping this flow run", expected)
+                os._exit(137)
+
+    threading.Thread(target=watch, name="exit-with-daemon", daemon=True).start()
+    _watching = True
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def command_line(pid: int) -> list[str]:
+    """The process's argv, or [] when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2:].split()
+        if len(fields) > 1 and fields[1] == str(pid):
+            found.append(int(entry.name))
+    return found
