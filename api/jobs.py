@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import hashlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePath
 from typing import Any
@@ -18,6 +20,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterExpectedStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
+    FlowRunFilterTags,
     LogFilter,
     LogFilterFlowRunId,
 )
@@ -32,6 +35,8 @@ from core.models import ConvertRequest, JobDefinition, JobStatus
 from tasks.progress import LABEL
 
 FLOWS = ("migrate-vm", "convert-vm")
+FINISHED_KEPT = 10_000  # finished jobs' answers kept in memory
+PAGE_SECONDS = 1.0  # how long a page of jobs is shared between requests
 STATUS_OF: dict[StateType, JobStatus] = {
     StateType.SCHEDULED: JobStatus.PENDING,
     StateType.PENDING: JobStatus.PENDING,
@@ -46,6 +51,11 @@ STATUS_OF: dict[StateType, JobStatus] = {
 STATE_TYPES_OF: dict[JobStatus, list[StateType]] = {}
 for _type, _status in STATUS_OF.items():
     STATE_TYPES_OF.setdefault(_status, []).append(_type)
+
+
+def export_folder_tag(folder: Path) -> str:
+    """The tag of the jobs exporting into `folder` (resolved): a short digest of it."""
+    return "export-dir:" + hashlib.sha256(str(folder).encode()).hexdigest()[:20]
 
 
 def job_status(run: FlowRun) -> JobStatus:
@@ -66,6 +76,8 @@ class Jobs:
         self.client = client
         self.deployment = deployment  # the deployments' name, e.g. "hypervisord"
         self._deployment_ids: dict[str, UUID] = {}
+        self._finished: OrderedDict[str, JobInfo] = OrderedDict()  # by job id, LRU
+        self._pages: dict[tuple[Any, ...], tuple[float, asyncio.Future[Any]]] = {}
         # one small lock per VM and export folder ever submitted here (bounded)
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -83,34 +95,29 @@ class Jobs:
         return JobSubmitted(job_id=str(run.id), status=job_status(run),
                             created_at=run.created or datetime.now(UTC))
 
-    async def active_runs(self) -> list[FlowRun]:
-        """Jobs pending (due) or running, newest first (at most 200)."""
-        flows, runs_filter = _due_runs(STATE_TYPES_OF[JobStatus.PENDING]
-                                       + STATE_TYPES_OF[JobStatus.RUNNING]
-                                       + [StateType.CANCELLING])
-        return await self.client.read_flow_runs(flow_filter=flows, flow_run_filter=runs_filter,
-                                                limit=200)
-
-    async def submit(self, job: JobDefinition, *, vm: str, folder: Path,
-                     folder_of: Callable[[dict[str, Any]], Path | None]) -> JobSubmitted:
+    async def submit(self, job: JobDefinition, *, vm: str, folder: Path) -> JobSubmitted:
         """A migrate-vm run of `job`, unless the VM (tagged `vm`) has a job already or
-        another job writes into its export `folder` (`folder_of` a run's job parameters):
-        Conflict, naming that job. Submissions touching one VM or folder are serialized,
-        so that two at once cannot both pass."""
+        another job writes into its export `folder`: Conflict, naming that job. Both are
+        tags of the run, so one small query finds a clash; submissions touching one VM or
+        folder are serialized, so that two at once cannot both pass."""
+        folder_tag = export_folder_tag(folder)
         async with contextlib.AsyncExitStack() as locks:
-            for key in sorted({vm, str(folder)}):  # one order: no deadlock
+            for key in sorted({vm, folder_tag}):  # one order: no deadlock
                 await locks.enter_async_context(self._locks.setdefault(key, asyncio.Lock()))
-            for run in await self.active_runs():
-                same_vm = vm in run.tags
-                if same_vm or folder_of(run.parameters.get("job") or {}) == folder:
-                    what = (f"VM {job.vm_identifier!r} already has" if same_vm
-                            else f"export folder {folder} is in use by")
-                    raise Conflict(f"{what} job {run.id} ({job_status(run).value}); one job "
-                                   "per VM and folder at a time: wait for it or cancel it")
+            flows, runs_filter = _due_runs(STATE_TYPES_OF[JobStatus.PENDING]
+                                           + STATE_TYPES_OF[JobStatus.RUNNING]
+                                           + [StateType.CANCELLING])
+            runs_filter.tags = FlowRunFilterTags(any_=[vm, folder_tag])
+            for run in await self.client.read_flow_runs(flow_filter=flows,
+                                                        flow_run_filter=runs_filter, limit=1):
+                what = (f"VM {job.vm_identifier!r} already has" if vm in run.tags
+                        else f"export folder {folder} is in use by")
+                raise Conflict(f"{what} job {run.id} ({job_status(run).value}); one job "
+                               "per VM and folder at a time: wait for it or cancel it")
             # the tags ride along in Prefect's events: the websocket needs no lookup
             return await self._create(
                 "migrate-vm", {"job": job.model_dump(mode="json")},
-                [f"provider:{job.provider}", f"vm:{job.vm_identifier}", vm])
+                [f"provider:{job.provider}", f"vm:{job.vm_identifier}", vm, folder_tag])
 
     async def submit_conversion(self, request: ConvertRequest) -> JobSubmitted:
         return await self._create("convert-vm", {"request": request.model_dump(mode="json")},
@@ -143,20 +150,62 @@ class Jobs:
         )
 
     async def query(self, job_id: str) -> JobInfo:
+        """The job's status, and its result once finished. A finished job's answer does
+        not change (until a retry, or any state change Prefect reports, forgets it), so
+        it is kept: asking again costs no call to Prefect and no read of the result."""
+        cached = self._finished.get(job_id)
+        if cached is not None:
+            self._finished.move_to_end(job_id)
+            return cached.model_copy()
         run = await self.run(job_id)
         info = self.info(run)
         # a failed run may carry a result too (a backup run's report names what failed)
         if info.status in (JobStatus.COMPLETED, JobStatus.FAILED) and run.state is not None:
             info.result = await _result(run)
+        if run.state is not None and run.state.is_final():
+            self._finished[str(run.id)] = info.model_copy()
+            while len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)
         return info
+
+    def forget(self, job_id: str) -> None:
+        """The job's state changed: its kept answer is stale."""
+        self._finished.pop(job_id, None)
+
+    async def on_event(self, event: dict[str, Any]) -> None:
+        """An event listener: any news of a job forgets its kept answer."""
+        if event.get("job_id"):
+            self.forget(str(event["job_id"]))
 
     async def page(self, status: JobStatus | None, *, limit: int, offset: int
                    ) -> tuple[list[JobInfo], int]:
+        """A page of jobs, newest first, and how many there are. Pages are shared for up
+        to PAGE_SECONDS: a dashboard polled by many clients costs Prefect one read per
+        page a second (reading 50 runs is Prefect's slowest common answer, p99 ~75 ms
+        alone and several times that while jobs write their progress)."""
+        key = (status, limit, offset)
+        now = asyncio.get_running_loop().time()
+        cached = self._pages.get(key)
+        if cached is None or cached[0] < now:
+            cached = (now + PAGE_SECONDS, asyncio.ensure_future(self._read_page(*key)))
+            self._pages[key] = cached
+            for stale in [k for k, (until, _) in self._pages.items() if until < now]:
+                del self._pages[stale]
+        try:
+            infos, total = await asyncio.shield(cached[1])
+        except Exception:
+            self._pages.pop(key, None)  # a failed read is not shared
+            raise
+        return [info.model_copy() for info in infos], total
+
+    async def _read_page(self, status: JobStatus | None, limit: int, offset: int
+                         ) -> tuple[list[JobInfo], int]:
         flows, runs_filter = _due_runs(STATE_TYPES_OF[status] if status else None)
-        runs = await self.client.read_flow_runs(
-            flow_filter=flows, flow_run_filter=runs_filter,
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit, offset=offset)
-        total = await self.client.count_flow_runs(flow_filter=flows, flow_run_filter=runs_filter)
+        runs, total = await asyncio.gather(  # two independent reads, side by side
+            self.client.read_flow_runs(
+                flow_filter=flows, flow_run_filter=runs_filter,
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit, offset=offset),
+            self.client.count_flow_runs(flow_filter=flows, flow_run_filter=runs_filter))
         return [self.info(run) for run in runs], total
 
     async def active(self, *, limit: int = 200) -> list[tuple[JobInfo, JobProgress]]:
@@ -224,6 +273,7 @@ class Jobs:
                            "can be retried")
         await self.client.set_flow_run_state(run.id, Scheduled(message="retried by request"),
                                              force=True)
+        self.forget(str(run.id))
         return "pending"
 
     async def cancel(self, job_id: str) -> tuple[str, str]:

@@ -17,6 +17,7 @@ from api.guard import RequestGuard
 from api.jobs import Jobs
 from api.routes import backup_policies, convert, health, jobs, schedules, vms, webhooks, websocket
 from api.schedules import ScheduleBook
+from api.schemas import ERROR_RESPONSES
 from api.webhooks import Dispatcher, WebhookStore
 from core.config import Config
 from flows import DEPLOYMENT  # every flow's deployment has this name
@@ -55,6 +56,7 @@ def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
                                             hub.last_seen.isoformat())
 
             hub.add(dispatcher.on_event, detailed=True)  # webhooks carry the result
+            hub.add(app.state.jobs.on_event)  # a finished job's kept answer goes stale
             hub.add(remember)
             tasks = [asyncio.create_task(hub.run(), name="events"),
                      asyncio.create_task(dispatcher.run(), name="webhooks")]
@@ -76,5 +78,5 @@ def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
     app.add_middleware(RequestGuard, api_key=settings.api_key,
                        max_body_bytes=settings.daemon.max_body_bytes)
     for module in (health, vms, jobs, convert, schedules, backup_policies, webhooks, websocket):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     return app

@@ -33,8 +33,21 @@ logger = logging.getLogger("hypervisord")
 Message = dict[str, Any]
 
 
+_READS = ("/filter", "/count", "/paginate", "/history", "/health")
+
+
+def _writes(scope: Message) -> bool:
+    """Whether an API request writes (Prefect reads with POST .../filter too)."""
+    return scope["method"] in ("POST", "PUT", "PATCH", "DELETE") and not str(
+        scope["path"]).rstrip("/").endswith(_READS)
+
+
 class RetryWhileLocked:
-    """Replays an HTTP request whose answer is 503, up to `attempts` times."""
+    """Lets one API write at a time into SQLite, and replays a request whose answer is
+    503 (the server's own services also write), up to `attempts` times.
+
+    Taking turns beats racing: 50 flow runs created at once took 5.9 s when every writer
+    raced for SQLite's lock and backed off, ~25 ms each when they queue here."""
 
     def __init__(self, app: Any, *, attempts: int = 40, delay: float = 0.02,
                  max_delay: float = 0.25) -> None:
@@ -42,6 +55,7 @@ class RetryWhileLocked:
         self.attempts = attempts
         self.delay = delay
         self.max_delay = max_delay
+        self._one_writer = asyncio.Lock()
 
     async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -53,6 +67,13 @@ class RetryWhileLocked:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        if _writes(scope):
+            async with self._one_writer:
+                await self._replayed(scope, body, receive, send)
+        else:
+            await self._replayed(scope, body, receive, send)
+
+    async def _replayed(self, scope: Message, body: bytes, receive: Any, send: Any) -> None:
         delay = self.delay
         for attempt in range(self.attempts):
             if await self._attempt(scope, body, receive, send,

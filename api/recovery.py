@@ -148,38 +148,49 @@ async def keep_export_slots_true(client: PrefectClient, *, every: float = 60.0) 
             logger.warning("export slot check failed: %s", exc)
 
 
+def flow_processes(daemon_pid: int | None = None) -> list[int]:
+    """A daemon's flow-run processes: the children Prefect's runner started (as
+    `python -m prefect.engine`, or through multiprocessing's spawn)."""
+    return [pid for pid in children(daemon_pid or os.getpid())
+            if any("prefect.engine" in part or "spawn_main" in part
+                   for part in command_line(pid))]
+
+
 async def drain(runners: list[Any], client: PrefectClient, *, deployment: str,
                 grace: float, resume: bool) -> dict[str, list[str]]:
-    """SIGTERM: start no new run, give the running ones `grace` seconds to finish, then
-    stop the rest so that the next start resumes them (they are not cancelled)."""
+    """SIGTERM: start no new run, give this daemon's running ones `grace` seconds to
+    finish, then stop the rest so that the next start resumes them (not cancelled)."""
     for runner in runners:
         runner.stopping = True  # its poller takes no new run from now on
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    running = await _runs(client, [StateType.RUNNING], deployment=deployment)
-    if running:
-        logger.info("waiting up to %.0f s for %d running job(s) to finish", grace, len(running))
-    while running and loop.time() < deadline:
-        await asyncio.sleep(1.0)
-        running = await _runs(client, [StateType.RUNNING], deployment=deployment)
-    if not running:
+    if flow_processes():
+        logger.info("waiting up to %.0f s for %d running job(s) to finish", grace,
+                    len(flow_processes()))
+    # a finished run's process still reports its final state and flushes its logs:
+    # stopping the runner before it exits would cancel the run it just completed
+    while flow_processes() and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    if not flow_processes():
         return {}
-    flow_processes = [pid for pid in children(os.getpid())
-                      if "api.prefect_server" not in command_line(pid)]
+    before = {run.id for run in await _runs(client, [StateType.RUNNING, StateType.PENDING],
+                                            deployment=deployment)}
+    stopped_pids = flow_processes()
     logger.warning("stopping %d job(s) still running after %.0f s; they resume at the next "
-                   "start", len(running), grace)
-    for pid in flow_processes:
+                   "start", len(stopped_pids), grace)
+    for pid in stopped_pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     # the runner sees its processes die, marks their runs crashed and runs their crash
-    # hooks (partial files removed); then they are put back in line
-    ids = {run.id for run in running}
+    # hooks (partial files removed); then they are put back in line. (The runs of these
+    # deployments are this daemon's: one serving hypervisord per Prefect server.)
     settle = loop.time() + 30
+    crashed: list[FlowRun] = []
     while loop.time() < settle:
-        states = [await client.read_flow_run(run_id) for run_id in ids]
-        if all(run.state is None or run.state.is_final() for run in states):
+        runs = [await client.read_flow_run(run_id) for run_id in before]
+        crashed = [run for run in runs
+                   if run.state is not None and run.state.type == StateType.CRASHED]
+        if all(run.state is None or run.state.is_final() for run in runs):
             break
         await asyncio.sleep(0.5)
-    stopped = [run for run in states if run.state is not None and run.state.type in (
-        StateType.CRASHED, StateType.RUNNING, StateType.PENDING, StateType.CANCELLING)]
-    return await recover(client, stopped, resume=resume)
+    return await recover(client, crashed, resume=resume)

@@ -15,9 +15,29 @@ class Body(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Every error answer: its kind, a message that says what is wrong, and for invalid
+    fields one entry per field."""
+
     error: str
     message: str
     detail: list[dict[str, Any]] | None = None
+
+
+# the error answers any operation may give, documented on every one (api/main.py)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": description} for code, description in (
+        (400, "the body is not text a JSON parser can read (e.g. not UTF-8)"),
+        (401, "no API key, or a wrong one"),
+        (404, "no such job, VM, schedule, policy or webhook"),
+        (409, "not possible in the object's current state (e.g. the VM has a job running)"),
+        (413, "request body over daemon.max_body_bytes"),
+        (422, "the request is not valid: the message names the field and the problem"),
+        (500, "an unexpected error (logged by the daemon)"),
+        (501, "the provider cannot do that"),
+        (502, "the provider or libvirt refused (e.g. wrong credentials)"),
+        (503, "the provider or Prefect cannot be reached now; try again"),
+    )
+}
 
 
 class Health(BaseModel):

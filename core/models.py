@@ -15,6 +15,7 @@ PROVIDER_NAMES = ("local", "vsphere", "aws", "azure", "gcp", "hyperv", "oci")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 # a path a user gives: refused with 422 when no OS could open it
 OSPath = Annotated[str, Field(max_length=4095), AfterValidator(within_os_limits)]
+AbsolutePath = Annotated[OSPath, Field(pattern=r"^/")]  # a file on this host
 
 
 class Strict(BaseModel):
@@ -212,7 +213,7 @@ class ConversionOptions(Strict):
 class ConvertRequest(Strict):
     """One conversion: the seed's POST /convert body, the `convert-vm` flow's parameters."""
 
-    source_path: OSPath = Field(min_length=1)
+    source_path: AbsolutePath = Field(min_length=1)
     output_path: OSPath | None = None  # the VM's output folder; default <output_dir>/<vm>
     conversion_options: ConversionOptions = Field(default_factory=ConversionOptions)
     import_to_kvm: bool = False  # also define the libvirt domain

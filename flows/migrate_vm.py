@@ -38,7 +38,7 @@ def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
     """On cancel or crash: no half-written file stays where a finished one would be, and
     an export slot the run held is free at once."""
     with contextlib.suppress(Exception):  # a hook must never fail the state change
-        release_export_slot(flow_run.labels or {})
+        release_export_slot(flow_run.id)
     try:
         job = JobDefinition.model_validate(flow_run.parameters["job"])
         settings = config_from_env()

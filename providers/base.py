@@ -52,6 +52,11 @@ class Provider(ABC):
     ) -> ExportResult:
         """Write the VM under `dest` packaged as `method`."""
 
+    @abstractmethod
+    def check(self) -> None:
+        """Prove, cheaply, that the platform answers and accepts the credentials; raise
+        the provider error saying why not."""
+
     def close(self) -> None:  # noqa: B027 - most drivers hold nothing to release
         """Release connections."""
 

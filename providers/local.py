@@ -90,6 +90,11 @@ class LocalProvider(Provider):
             return False
         return True
 
+    def check(self) -> None:
+        """The inbox is a folder this process can list."""
+        if not self.root.is_dir() or not os.access(self.root, os.R_OK | os.X_OK):
+            raise NotFound(f"the local inbox {self.root} is not a readable folder")
+
     def list_vms(self, vm_filter: VMFilter) -> list[VMSummary]:
         summaries = [
             VMSummary(identifier=identifier, name=identifier, provider=self.name)

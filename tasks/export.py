@@ -65,12 +65,14 @@ def export_slot(progress: JobProgress) -> Iterator[None]:
         release_concurrency_slots_with_lease(lease.lease_id)
 
 
-def release_export_slot(labels: dict[str, Any]) -> None:
+def release_export_slot(flow_run_id: UUID) -> None:
     """Release the export slot a (crashed or cancelled) run's labels name, if it still
-    holds it (releasing a released lease does nothing)."""
-    lease_id = labels.get(f"{LABEL}{LEASE_LABEL}")
-    if lease_id:
-        with get_client(sync_client=True) as client:
+    holds it (releasing a released lease does nothing). The run is read afresh: the
+    copy a crash hook is handed predates its labels."""
+    with get_client(sync_client=True) as client:
+        labels = client.read_flow_run(flow_run_id).labels or {}
+        lease_id = labels.get(f"{LABEL}{LEASE_LABEL}")
+        if lease_id:
             client.release_concurrency_slots_with_lease(UUID(str(lease_id)))
 
 

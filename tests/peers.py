@@ -217,19 +217,27 @@ database:
 
 def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
                  config_name: str = "config.yaml", host: str = "127.0.0.1",
-                 vsphere: str | None = None, embedded: bool = False) -> Daemon:
-    """Start hypervisord on a free port with a config over the directories under `root`;
-    `embedded`: with its own Prefect server (none of the session's PREFECT_ settings)."""
+                 vsphere: str | None = None, embedded: bool = False,
+                 extra_daemon: str = "", config: Path | None = None) -> Daemon:
+    """Start hypervisord on a free port with a config over the directories under `root`
+    (or with an existing `config`, as a restart does); `embedded`: with its own Prefect
+    server (none of the session's PREFECT_ settings); `extra_daemon`: more daemon: keys."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = write_config(root, port=port, api_key=api_key, name=config_name, host=host,
-                          vsphere=vsphere)
+    if config is None:
+        port = free_port()
+        config = write_config(root, port=port, api_key=api_key, name=config_name, host=host,
+                              vsphere=vsphere)
+        daemon_keys = extra_daemon
+        if embedded:
+            daemon_keys += f"  prefect_ui_port: {free_port()}\n"
+        config.write_text(config.read_text().replace("  workers: 4\n",
+                                                     f"  workers: 4\n{daemon_keys}"))
+    else:
+        port = int(config.read_text().split('address: "')[1].split('"')[0].rpartition(":")[2])
     env = dict(os.environ)
     if embedded:
-        config.write_text(config.read_text().replace(
-            "  workers: 4\n", f"  workers: 2\n  prefect_ui_port: {free_port()}\n"))
         env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
-    log = root / f"hypervisord-{port}.log"
+    log = root / f"hypervisord-{port}-{int(time.time() * 1000)}.log"
     process = subprocess.Popen([str(BIN / "hypervisord"), "--config", str(config), *args],
                                stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     daemon = Daemon(url=f"http://127.0.0.1:{port}", api_key=api_key, root=root, config=config,
@@ -252,14 +260,14 @@ def stop_daemon(daemon: Daemon) -> int:
 
 
 @contextlib.contextmanager
-def peers_and_daemon(name: str, *, api_key: str) -> Iterator[Daemon]:
+def peers_and_daemon(name: str, *, api_key: str, extra_daemon: str = "") -> Iterator[Daemon]:
     """For scripts (bench/): the session's peers and a hypervisord, as the tests have them,
     stopped and their files removed on leaving."""
     server = prefect_server.__wrapped__()  # type: ignore[attr-defined]
     next(server)
     uri = libvirt_uri.__wrapped__()  # type: ignore[attr-defined]
     next(uri)
-    daemon = start_daemon(SESSION_DIR / name, api_key=api_key)
+    daemon = start_daemon(SESSION_DIR / name, api_key=api_key, extra_daemon=extra_daemon)
     try:
         yield daemon
     finally:

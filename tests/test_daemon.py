@@ -98,3 +98,19 @@ def test_the_seeds_integration_script_runs_unchanged(open_daemon: Daemon, sample
     # daemon_mode: true in the script: hyper2kvm@vsphere converted and registered it
     assert (open_daemon.watch / "vsphere" / "done" / f"{job_id}.result.json").exists()
     assert domain_defined(sample_vm)
+
+
+def test_capabilities_says_usable_only_after_a_real_check(tmp_path: Path) -> None:
+    """A vSphere whose address answers nothing is configured but not usable."""
+    from tests.peers import free_port
+
+    daemon = start_daemon(tmp_path / "unreachable", api_key="caps-key", args=("--no-serve",),
+                          vsphere=f"127.0.0.1:{free_port()}")
+    try:
+        with daemon.client() as client:
+            caps = client.get("/capabilities").json()["providers"]
+        assert caps["vsphere"]["configured"] is True
+        assert caps["vsphere"]["usable"] is False and caps["vsphere"]["reason"]
+        assert caps["local"]["usable"] is True
+    finally:
+        assert stop_daemon(daemon) == 0

@@ -12,7 +12,7 @@ from api.deps import ApiKeyDep, JobsDep, SettingsDep
 from api.schemas import Body, JobSubmitted
 from core.config import Config
 from core.errors import InvalidRequest
-from core.models import ConvertRequest, OSPath
+from core.models import AbsolutePath, ConvertRequest
 from core.paths import confine_any
 from flows.convert_vm import output_folder, source_file
 from hyper2kvm import ova
@@ -24,7 +24,7 @@ router = APIRouter(tags=["convert"], dependencies=[ApiKeyDep])
 
 class ImportRequest(Body):
     vm_name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    disk_path: OSPath
+    disk_path: AbsolutePath
     memory_mb: int = Field(default=2048, ge=64, le=4 * 1024 * 1024)
     vcpus: int = Field(default=2, ge=1, le=512)
     network: str = "default"
@@ -74,7 +74,7 @@ async def convert_vm(body: ConvertRequest, settings: SettingsDep, jobs: JobsDep)
 
 @router.get("/parse-vmdk")
 async def parse_vmdk_metadata(settings: SettingsDep,
-                              path: Annotated[OSPath, Query(min_length=1)]) -> dict[str, Any]:
+                              path: Annotated[AbsolutePath, Query(min_length=1)]) -> dict[str, Any]:
     """The VMDK's descriptor, sparse header and extents (every VMDK of an OVA)."""
     return await run_in_threadpool(_parse, settings, path)
 

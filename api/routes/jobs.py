@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import StreamingResponse
@@ -23,7 +22,7 @@ from api.schemas import (
     JobSubmitted,
 )
 from core.config import Config
-from core.errors import Conflict, HypersdkError
+from core.errors import Conflict
 from core.models import JobDefinition, JobStatus
 from flows.migrate_vm import export_dir
 from providers import get_provider
@@ -57,14 +56,7 @@ async def submit_jobs(
     folders = [export_dir(job, settings) for job in batch]
     if len(set(folders)) < len(folders):
         raise Conflict("two jobs of the list export into the same folder")
-
-    def folder_of(parameters: dict[str, Any]) -> Path | None:
-        try:
-            return export_dir(JobDefinition.model_validate(parameters), settings)
-        except (ValueError, HypersdkError):
-            return None
-
-    submitted = [await jobs.submit(job, vm=tag, folder=folder, folder_of=folder_of)
+    submitted = [await jobs.submit(job, vm=tag, folder=folder)
                  for job, tag, folder in zip(batch, tags, folders, strict=True)]
     return JobsSubmitted(jobs=submitted) if isinstance(body, list) else submitted[0]
 
@@ -96,7 +88,9 @@ async def read_eta(job_id: str, jobs: JobsDep) -> JobEta:
     return await jobs.eta(job_id)
 
 
-@router.get("/logs/{job_id}", response_model=JobLogs)
+@router.get("/logs/{job_id}", response_model=JobLogs, responses={200: {"content": {
+    "application/x-ndjson": {"schema": {"$ref": "#/components/schemas/LogLine"}}},
+    "description": "the logs; with follow=true one LogLine per line (NDJSON)"}})
 async def read_logs(job_id: str, jobs: JobsDep, follow: bool = False):  # type: ignore[no-untyped-def]
     """The job's Prefect logs; with `follow=true`, streamed (NDJSON) until the job ends."""
     run = await jobs.run(job_id)

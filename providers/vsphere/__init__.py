@@ -17,6 +17,11 @@ class VSphereProvider(Provider):
     name = "vsphere"
     config: VSphereProviderConfig
 
+    def check(self) -> None:
+        """A logged-in session (from the pool, or a fresh login) answers CurrentTime."""
+        with pool_for(self.config).session() as session:
+            session.call(lambda: session.instance.CurrentTime(), f"vSphere {self.config.host}")
+
     def list_vms(self, vm_filter: VMFilter) -> list[VMSummary]:
         with pool_for(self.config).session() as session:
             vms = session.call(lambda: inventory.list_vms(session), f"vSphere {self.config.host}")
