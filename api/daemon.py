@@ -153,6 +153,10 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     except httpx.HTTPError as exc:
         raise ConfigError(f"cannot reach the Prefect server at "
                           f"{os.environ.get('PREFECT_API_URL')}: {exc}") from None
+    if serve_flows:
+        # flow runs this process starts exit when it dies (core.process); set before the
+        # runners exist, which copy the environment their runs get
+        os.environ[DAEMON_PID] = str(os.getpid())
     # Jobs take one of daemon.workers slots. A backup run only starts its VMs' jobs and
     # waits for them: served by its own runner, without a limit, it never holds a slot
     # those jobs need (with workers <= backup runs at once they would wait forever).
@@ -175,9 +179,7 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     client = await stack.enter_async_context(get_client())
     background: list[asyncio.Task[None]] = []
     if serve_flows:
-        # flow runs this process starts exit when it dies (core.process); what the last
-        # life of this daemon left running is cleaned up and put back in line
-        os.environ[DAEMON_PID] = str(os.getpid())
+        # what the last life of this daemon left running is cleaned up and put back in line
         await recover(client, await interrupted_runs(client, deployment=DEPLOYMENT),
                       resume=settings.daemon.resume_interrupted)
         await reconcile_export_slots(client)

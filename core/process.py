@@ -12,15 +12,14 @@ must notice by itself. Two ways, one per kind of child:
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 DAEMON_PID = "HYPERSDK_DAEMON_PID"  # set by hypervisord for the flow runs it starts
 _PR_SET_PDEATHSIG = 1
-logger = logging.getLogger("hypersdk.process")
 _watching = False
 
 
@@ -39,20 +38,18 @@ def exit_with_daemon(*, poll: float = 0.5) -> None:
     if _watching or not expected or not expected.isdigit():
         return
 
-    def orphaned() -> bool:
-        return os.getppid() != int(expected)
-
-    if orphaned():
-        if os.getpid() == int(expected):  # the daemon itself (a flow run in process)
-            return
-        logger.error("hypervisord (pid %s) is gone; stopping this flow run", expected)
-        os._exit(137)
+    daemon_pid = int(expected)
+    if os.getpid() == daemon_pid:  # the daemon itself (a flow run in process)
+        return
+    if os.getppid() != daemon_pid:
+        os._exit(137)  # the daemon is already gone
 
     def watch() -> None:
-        event = threading.Event()
-        while not event.wait(poll):
-            if orphaned():
-                logger.error("hypervisord (pid %s) died; stopping this flow run", expected)
+        # nothing here may block or raise: no logging (its handlers write to the dead
+        # daemon's pipes), just the check and the exit
+        while True:
+            time.sleep(poll)
+            if os.getppid() != daemon_pid:
                 os._exit(137)
 
     threading.Thread(target=watch, name="exit-with-daemon", daemon=True).start()

@@ -143,6 +143,19 @@ def stage_export(export: ExportResult, roots: list[Path]) -> StagedVM:
     return staged
 
 
+def describe_disk(source: Path) -> DiskInfo:
+    """A bare disk image: its format, checked against its name, and its virtual size, read
+    from the file itself for raw and VMDK (no qemu-img process), by qemu-img otherwise."""
+    fmt = checked_format(source, claimed=claimed_format(source.name))
+    if fmt == "raw":
+        capacity = source.stat().st_size
+    elif fmt == "vmdk":
+        capacity = parse_vmdk(source).capacity_bytes
+    else:
+        capacity = qemu_img.info(DiskSource(source, fmt))["virtual-size"]
+    return DiskInfo(name="disk1", capacity_bytes=capacity, format=fmt, file=source.name)
+
+
 def describe_source(source: Path) -> ExportResult:
     """An OVA, an OVF descriptor or a disk image on disk, as if it had just been exported."""
     if not source.is_file():
@@ -168,14 +181,7 @@ def describe_source(source: Path) -> ExportResult:
             files.append(ExportedFile(path=manifest, size=manifest.stat().st_size,
                                       role="manifest"))
         return ExportResult(vm=vm, directory=source.parent, files=files, method="ovf")
-    fmt = checked_format(source, claimed=claimed_format(source.name))
-    if fmt == "vmdk":
-        capacity = parse_vmdk(source).capacity_bytes
-    else:
-        capacity = qemu_img.info(DiskSource(source, fmt))["virtual-size"]
     name = source.stem
-    vm = VMInfo(identifier=name, name=name, provider="local",
-                disks=[DiskInfo(name="disk1", capacity_bytes=capacity, format=fmt,
-                                file=source.name)])
+    vm = VMInfo(identifier=name, name=name, provider="local", disks=[describe_disk(source)])
     files = [ExportedFile(path=source, size=source.stat().st_size, role="disk")]
     return ExportResult(vm=vm, directory=source.parent, files=files, method="vmdk")

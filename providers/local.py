@@ -11,7 +11,6 @@ from core.config import LocalProviderConfig
 from core.errors import NotFound, PathNotAllowed
 from core.files import link_or_copy
 from core.models import (
-    DiskInfo,
     ExportedFile,
     ExportOptions,
     ExportResult,
@@ -21,8 +20,9 @@ from core.models import (
 )
 from core.paths import confine
 from hyper2kvm import ova, qemu_img
-from hyper2kvm.detect import CLAIMED_BY_SUFFIX, checked_format, claimed_format
+from hyper2kvm.detect import CLAIMED_BY_SUFFIX
 from hyper2kvm.ovf import parse_ovf, write_descriptor
+from hyper2kvm.staging import describe_disk
 from providers.base import BytesProgress, ExportMethod, Provider
 
 # extents and deltas of a VMDK are parts of another disk, not VMs of their own
@@ -108,13 +108,8 @@ class LocalProvider(Provider):
         if described:
             vm = described
         else:
-            fmt = checked_format(source, claimed=claimed_format(source.name))
-            facts = qemu_img.info(qemu_img.DiskSource(source, fmt))
-            vm = VMInfo(
-                identifier=identifier, name=identifier, provider=self.name,
-                disks=[DiskInfo(name="disk1", capacity_bytes=facts["virtual-size"],
-                                format=fmt, file=source.name)],
-            )
+            vm = VMInfo(identifier=identifier, name=identifier, provider=self.name,
+                        disks=[describe_disk(source)])
         return vm.model_copy(update={"identifier": identifier, "provider": self.name})
 
     def export(

@@ -171,5 +171,16 @@ def main() -> int:
             daemon.wait(timeout=60)
 
 
+def run() -> int:
+    """main(), with anything that goes wrong said in one line, not a traceback."""
+    from core.errors import HypersdkError
+
+    try:
+        return main()
+    except (HypersdkError, httpx.HTTPError, OSError, subprocess.SubprocessError) as exc:
+        console.print(f"[red]demo failed: {type(exc).__name__}: {exc}")
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

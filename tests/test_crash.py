@@ -35,6 +35,22 @@ def wait_for_phase(client: httpx.Client, job_id: str, phase: str) -> dict:
     return wait_until(reached, timeout=120, interval=0.05, what=f"phase {phase}")
 
 
+def job_in_phase(daemon: Daemon, prefix: str, mib: int, phase: str) -> tuple[str, str]:
+    """A job for a new VM of `mib` MiB of random data, once it has reached `phase`;
+    returns the VM's name and the job id."""
+    name = unique(prefix)
+    make_random_raw(daemon.inbox, name, mib)
+    with daemon.client() as client:
+        job_id = client.post("/jobs/submit", json={"vm_identifier": name}).json()["job_id"]
+        wait_for_phase(client, job_id, phase)
+    return name, job_id
+
+
+def stop(daemon: Daemon) -> None:
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=120) == 0
+
+
 def prefect_port(daemon: Daemon) -> int:
     text = daemon.config.read_text()
     return int(text.split("prefect_ui_port: ")[1].split()[0])
@@ -102,11 +118,7 @@ def own_daemon(daemons: Daemons) -> Daemon:
 
 def test_a_daemon_killed_with_sigkill_starts_again_and_its_job_resumes_without_redoing_steps(
         daemons: Daemons, own_daemon: Daemon) -> None:
-    name = unique("big")
-    make_random_raw(own_daemon.inbox, name, 768)
-    with own_daemon.client() as client:
-        job_id = client.post("/jobs/submit", json={"vm_identifier": name}).json()["job_id"]
-        wait_for_phase(client, job_id, "convert")
+    name, job_id = job_in_phase(own_daemon, "big", 768, "convert")
     port = prefect_port(own_daemon)
     flow_pids = flow_processes(own_daemon.process.pid)
     assert flow_pids, "the job's flow-run process is the daemon's child"
@@ -130,17 +142,12 @@ def test_a_daemon_killed_with_sigkill_starts_again_and_its_job_resumes_without_r
     assert not list(folder.glob(".*.partial"))
     assert [p.name for p in folder.iterdir()] == [f"{name}-disk1.qcow2"]
     assert export_slots(again) == 0
-    again.process.send_signal(signal.SIGTERM)
-    assert again.process.wait(timeout=120) == 0
+    stop(again)
 
 
 def test_a_daemon_killed_mid_export_leaks_no_export_slot(daemons: Daemons,
                                                          own_daemon: Daemon) -> None:
-    name = unique("slot")
-    make_random_raw(own_daemon.inbox, name, 512)
-    with own_daemon.client() as client:
-        job_id = client.post("/jobs/submit", json={"vm_identifier": name}).json()["job_id"]
-        wait_for_phase(client, job_id, "export")
+    _name, job_id = job_in_phase(own_daemon, "slot", 512, "export")
     assert export_slots(own_daemon) == 1
     own_daemon.process.kill()
     own_daemon.process.wait()
@@ -150,16 +157,12 @@ def test_a_daemon_killed_mid_export_leaks_no_export_slot(daemons: Daemons,
         assert info["status"] == "completed", info["error"]
     # without reconciliation the slot the dead run held would stay taken for good
     assert export_slots(again) == 0
-    again.process.send_signal(signal.SIGTERM)
-    assert again.process.wait(timeout=120) == 0
+    stop(again)
 
 
 def test_a_flow_run_killed_mid_export_frees_its_slot_at_once(own_daemon: Daemon) -> None:
-    name = unique("killed")
-    make_random_raw(own_daemon.inbox, name, 512)
+    name, job_id = job_in_phase(own_daemon, "killed", 512, "export")
     with own_daemon.client() as client:
-        job_id = client.post("/jobs/submit", json={"vm_identifier": name}).json()["job_id"]
-        wait_for_phase(client, job_id, "export")
         assert export_slots(own_daemon) == 1
         for pid in flow_processes(own_daemon.process.pid):
             os.kill(pid, signal.SIGKILL)
@@ -177,11 +180,7 @@ def test_a_flow_run_killed_mid_export_frees_its_slot_at_once(own_daemon: Daemon)
 def test_sigterm_lets_a_short_job_finish_and_stops_a_long_one_to_resume_later(
         daemons: Daemons) -> None:
     daemon = daemons.start(extra_daemon="  shutdown_grace: 3s\n")
-    name = unique("long")
-    make_random_raw(daemon.inbox, name, 768)
-    with daemon.client() as client:
-        job_id = client.post("/jobs/submit", json={"vm_identifier": name}).json()["job_id"]
-        wait_for_phase(client, job_id, "export")
+    _name, job_id = job_in_phase(daemon, "long", 768, "export")
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(timeout=90) == 0  # the grace, then a clean exit
     daemon.config.write_text(daemon.config.read_text().replace(
@@ -202,8 +201,7 @@ def test_sigterm_lets_a_short_job_finish_and_stops_a_long_one_to_resume_later(
     with final.client() as client:
         assert client.get("/jobs/query", params={"job_id": short_job}).json()[
             "status"] == "completed"
-    final.process.send_signal(signal.SIGTERM)
-    assert final.process.wait(timeout=120) == 0
+    stop(final)
 
 
 def test_one_job_per_vm_and_export_folder(own_daemon: Daemon) -> None:
