@@ -147,6 +147,13 @@ def server_credential(data_dir: Path, configured: str | None = None) -> str:
     return credential
 
 
+def _server_child() -> None:
+    """In the server's process before exec: it never outlives hypervisord (even a
+    SIGKILLed one), and what it creates (its database, results) is its owner's alone."""
+    die_with_parent()
+    os.umask(0o077)
+
+
 class EmbeddedPrefect:
     """The server as a child process of hypervisord."""
 
@@ -227,7 +234,7 @@ class EmbeddedPrefect:
              "--port", str(self.port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C on the daemon's terminal is ours to handle
-            preexec_fn=die_with_parent,  # never outlives hypervisord, even a SIGKILLed one
+            preexec_fn=_server_child,
         )
         write_private(self.pid_file, f"{self.process.pid} {self.port}\n")
         deadline = time.monotonic() + timeout

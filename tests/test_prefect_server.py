@@ -89,6 +89,7 @@ def test_embedded_prefect_server_migrates_and_stops_with_the_daemon(
         assert stat.S_IMODE(prefect_dir.stat().st_mode) == 0o700
         stored = prefect_dir / "auth_string"
         assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+        assert stat.S_IMODE((prefect_dir / "prefect.db").stat().st_mode) == 0o600
         user, _, password = stored.read_text().strip().partition(":")
         run_url = f"http://127.0.0.1:{ui_port}/api/flow_runs/{job['job_id']}"
         assert httpx.get(run_url).status_code == 401
