@@ -248,6 +248,23 @@ async def flush_to_prefect(timeout: float = 10.0) -> None:
                 each.removeHandler(handler)
 
 
+def check_host(settings: Config) -> int:
+    """`--check`: the config is valid; and qemu can reach the output folder."""
+    from hyper2kvm.access import blocking_folder, qemu_user
+
+    print("configuration is valid")
+    output = settings.hyper2kvm.output_dir
+    user = qemu_user(settings.hyper2kvm.libvirt_uri)
+    folder = blocking_folder(output / "x", user[1], user[2]) if user and output.exists() \
+        else None
+    if user and folder is not None:
+        print(f"hyper2kvm.output_dir {output}: qemu runs as {user[0]!r} and cannot pass "
+              f"through {folder}; let it through with 'setfacl -m u:{user[0]}:x {folder}' "
+              "(or 'chmod o+x'), or choose another output_dir")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hypervisord", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="config.yaml (default: built-in defaults)")
@@ -264,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.check:
-        print("configuration is valid")
-        return 0
+        return check_host(settings)
     try:
         data_dir = prepare_environment(settings, args.config)
         warn_if_readable(args.config)

@@ -13,6 +13,7 @@ from xml.sax.saxutils import escape
 import libvirt
 
 from core.errors import DomainExists, RegistrationError
+from hyper2kvm.access import check_qemu_reaches
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,10 @@ def domain_exists(uri: str, name: str) -> bool:
 
 def define_domain(uri: str, xml: str, *, name: str, autostart: bool, replace: bool) -> Registered:
     """Define (persistently) the domain; refuse to overwrite one of the same name unless
-    `replace`."""
+    `replace`, or a domain whose disks qemu could not reach (hyper2kvm.access)."""
+    check_qemu_reaches(uri, [Path(source.get("file", "")) for source in
+                             ElementTree.fromstring(xml).findall("devices/disk/source")
+                             if source.get("file")])
     with connect(uri) as conn:
         try:
             existing = conn.lookupByName(name)

@@ -6,9 +6,11 @@ from tests.peers import (  # noqa: F401 - fixtures
     daemon,
     libvirt_uri,
     prefect_server,
+    qemu_reaches_tmp_path,
     sample_cache,
     sample_vm,
     session_files,
+    tmp_path,
     watch_daemon,
 )
 from tests.vsphere_sim import si, vcsim, vcsim_upstream  # noqa: F401,E402 - fixtures

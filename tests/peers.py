@@ -71,6 +71,22 @@ def wait_until(check, *, timeout: float, interval: float = 0.25, what: str = "co
 
 
 @pytest.fixture(scope="session", autouse=True)
+def qemu_reaches_tmp_path(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """pytest's temp folders are 0700: qemu (libvirt-qemu) may pass through them, as an
+    operator lets it reach hyper2kvm.output_dir (registration refuses disks it cannot)."""
+    base = tmp_path_factory.getbasetemp()
+    for folder in (base.parent, base):
+        folder.chmod(folder.stat().st_mode | 0o011)
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Path:
+    """pytest's own, which qemu may pass through too (qemu_reaches_tmp_path)."""
+    tmp_path.chmod(tmp_path.stat().st_mode | 0o011)
+    return tmp_path
+
+
+@pytest.fixture(scope="session", autouse=True)
 def session_files() -> Iterator[Path]:
     """Set up first, torn down last: the session's directory and the export folders the
     session created are removed once every peer has stopped (a session writes gigabytes).

@@ -10,6 +10,7 @@ import pytest
 
 from core.errors import RegistrationError
 from core.models import DiskInfo, NicInfo, VMInfo
+from hyper2kvm import qemu_img
 from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml
 from hyper2kvm.registration import define_domain, undefine_domain
 from tests.peers import unique
@@ -131,3 +132,54 @@ def test_a_pool_follows_its_vm_to_a_new_folder(libvirt_uri: str, tmp_path: Path)
         assert ET.fromstring(pool.XMLDesc(0)).findtext("target/path") == str(second)
         assert pool.isActive() and pool.autostart()
     assert (second / "second.qcow2").is_file()  # nothing of the VM was deleted
+
+
+def test_a_disk_qemu_cannot_reach_is_refused_naming_the_folder_and_the_fix(
+        libvirt_uri: str, tmp_path: Path) -> None:
+    """qemu runs as libvirt-qemu: a disk under a 0700 folder would be defined, then fail
+    to start with 'Permission denied'; it is refused up front, the folder named."""
+    from tests.helpers import start_and_stop
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    disk = private / "vm" / "disk.qcow2"
+    disk.parent.mkdir()
+    qemu_img.convert(qemu_img.DiskSource(make_zero_raw(tmp_path / "zero.raw"), "raw"), disk,
+                     output_format="qcow2")
+    name = unique()
+    xml = domain_xml(_vm(name, "bios"), [DomainDisk(disk, "qcow2")], domain_type="qemu",
+                     networks=NetworkMap(default="user"))
+    with pytest.raises(RegistrationError, match=f"cannot pass through {private} "
+                                                r"\(mode 0700\).*chmod o\+x"):
+        define_domain(libvirt_uri, xml, name=name, autostart=False, replace=False)
+    private.chmod(0o711)  # the fix the message gives: now the domain defines and starts
+    define_domain(libvirt_uri, xml, name=name, autostart=False, replace=False)
+    try:
+        assert start_and_stop(name)
+    finally:
+        undefine_domain(libvirt_uri, name)
+
+
+def test_hypervisord_check_says_when_qemu_cannot_reach_the_output_folder(
+        tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.peers import BIN
+
+    private = tmp_path / "locked"
+    private.mkdir(mode=0o700)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"hyper2kvm:\n  output_dir: \"{private / 'images'}\"\n")
+    (private / "images").mkdir()
+    done = subprocess.run([str(BIN / "hypervisord"), "--check", "--config", str(config)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and f"cannot pass through {private}" in done.stdout
+    private.chmod(0o711)
+    again = subprocess.run([str(BIN / "hypervisord"), "--check", "--config", str(config)],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout
+
+
+def make_zero_raw(path: Path) -> Path:
+    path.write_bytes(bytes(2**20))
+    return path
