@@ -52,10 +52,8 @@ def protect_data_dir(settings: Config) -> Path:
     reach the disks. The database's own files are made 0600 by WebhookStore."""
     data_dir = settings.database.path.parent
     data_real = Path(os.path.realpath(data_dir))
-    roots = [settings.export.base_path, settings.hyper2kvm.output_dir]
-    if settings.providers.local:
-        roots.append(settings.providers.local.path)
-    shared = any(data_real in Path(os.path.realpath(root)).parents for root in roots)
+    shared = any(data_real in Path(os.path.realpath(root)).parents
+                 for root in settings.source_roots())
     private_folder(data_dir, 0o711 if shared else 0o700)
     return data_dir
 
@@ -250,17 +248,15 @@ async def flush_to_prefect(timeout: float = 10.0) -> None:
 
 def check_host(settings: Config) -> int:
     """`--check`: the config is valid; and qemu can reach the output folder."""
-    from hyper2kvm.access import blocking_folder, qemu_user
+    from hyper2kvm.access import check_qemu_reaches
 
     print("configuration is valid")
     output = settings.hyper2kvm.output_dir
-    user = qemu_user(settings.hyper2kvm.libvirt_uri)
-    folder = blocking_folder(output / "x", user[1], user[2]) if user and output.exists() \
-        else None
-    if user and folder is not None:
-        print(f"hyper2kvm.output_dir {output}: qemu runs as {user[0]!r} and cannot pass "
-              f"through {folder}; let it through with 'setfacl -m u:{user[0]}:x {folder}' "
-              "(or 'chmod o+x'), or choose another output_dir")
+    try:
+        if output.exists():  # a disk in it is as reachable as anything inside it
+            check_qemu_reaches(settings.hyper2kvm.libvirt_uri, [output / "disk"])
+    except HypersdkError as exc:
+        print(f"hyper2kvm.output_dir {output}: {exc}")
         return 1
     return 0
 

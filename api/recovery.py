@@ -87,7 +87,8 @@ async def recover(client: PrefectClient, runs: list[FlowRun], *,
     """Clean up after `runs`, whose processes are gone, and reschedule (or crash or
     cancel) them; returns the job ids by what was done with them."""
     done: dict[str, list[str]] = {"resumed": [], "crashed": [], "cancelled": []}
-    flows = {run.flow_id: (await client.read_flow(run.flow_id)).name for run in runs}
+    flows = {flow_id: (await client.read_flow(flow_id)).name
+             for flow_id in {run.flow_id for run in runs}}
     for run in runs:
         flow_name = flows[run.flow_id]
         hook = _crash_hook(flow_name)
@@ -118,32 +119,38 @@ async def exporting_runs(client: PrefectClient) -> int:
     return sum(1 for run in running if (run.labels or {}).get(f"{LABEL}phase") == "export")
 
 
-async def reconcile_export_slots(client: PrefectClient, *, only_lower: bool = False) -> int:
-    """Set the export limit's taken slots to the runs really exporting (never raising it
-    with `only_lower`); returns the slots taken afterwards."""
+async def _export_slots(client: PrefectClient) -> tuple[int, int]:
+    """The export limit's taken slots, and the runs really exporting."""
     limit = await client.read_global_concurrency_limit_by_name(EXPORT_LIMIT)
-    actual = await exporting_runs(client)
-    if limit.active_slots != actual and not (only_lower and actual > limit.active_slots):
-        logger.warning("export limit: %d slot(s) taken, %d run(s) exporting; reconciled",
-                       limit.active_slots, actual)
-        await client.update_global_concurrency_limit(
-            EXPORT_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=actual))
-        return actual
-    return limit.active_slots
+    return limit.active_slots, await exporting_runs(client)
+
+
+async def _set_export_slots(client: PrefectClient, taken: int, actual: int) -> None:
+    logger.warning("export limit: %d slot(s) taken, %d run(s) exporting; reconciled",
+                   taken, actual)
+    await client.update_global_concurrency_limit(
+        EXPORT_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=actual))
+
+
+async def reconcile_export_slots(client: PrefectClient) -> None:
+    """Set the export limit's taken slots to the runs really exporting."""
+    taken, actual = await _export_slots(client)
+    if taken != actual:
+        await _set_export_slots(client, taken, actual)
 
 
 async def keep_export_slots_true(client: PrefectClient, *, every: float = 60.0) -> None:
-    """Every `every` seconds, free slots that no exporting run holds. An excess must be
-    seen twice in a row: a run that just took its slot labels itself a moment later."""
+    """Every `every` seconds, free slots that no exporting run holds (never take any). An
+    excess must be seen twice in a row: a run that just took its slot labels itself a
+    moment later."""
     excess_seen = False
     while True:
         await asyncio.sleep(every)
         try:
-            limit = await client.read_global_concurrency_limit_by_name(EXPORT_LIMIT)
-            excess = limit.active_slots > await exporting_runs(client)
-            if excess and excess_seen:
-                await reconcile_export_slots(client, only_lower=True)
-            excess_seen = excess
+            taken, actual = await _export_slots(client)
+            if taken > actual and excess_seen:
+                await _set_export_slots(client, taken, actual)
+            excess_seen = taken > actual
         except Exception as exc:  # noqa: BLE001 - a check that failed is tried again
             logger.warning("export slot check failed: %s", exc)
 
@@ -164,18 +171,20 @@ async def drain(runners: list[Any], client: PrefectClient, *, deployment: str,
         runner.stopping = True  # its poller takes no new run from now on
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    if flow_processes():
+    running = flow_processes()
+    if running:
         logger.info("waiting up to %.0f s for %d running job(s) to finish", grace,
-                    len(flow_processes()))
+                    len(running))
     # a finished run's process still reports its final state and flushes its logs:
     # stopping the runner before it exits would cancel the run it just completed
-    while flow_processes() and loop.time() < deadline:
+    while running and loop.time() < deadline:
         await asyncio.sleep(0.2)
-    if not flow_processes():
+        running = flow_processes()
+    if not running:
         return {}
     before = {run.id for run in await _runs(client, [StateType.RUNNING, StateType.PENDING],
                                             deployment=deployment)}
-    stopped_pids = flow_processes()
+    stopped_pids = running
     logger.warning("stopping %d job(s) still running after %.0f s; they resume at the next "
                    "start", len(stopped_pids), grace)
     for pid in stopped_pids:

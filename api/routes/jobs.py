@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query
@@ -31,13 +32,14 @@ from tasks.validate import vm_tag
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
 
 
-def validate_job(job: JobDefinition, settings: Config) -> str:
+def validate_job(job: JobDefinition, settings: Config) -> tuple[str, Path]:
     """Checks that can fail cheaply, before a run exists: the export path stays under
-    export.base_path, the provider is configured and the VM exists. Returns the VM's tag."""
-    export_dir(job, settings)
+    export.base_path, the provider is configured and the VM exists. Returns the VM's tag
+    and the export folder."""
+    folder = export_dir(job, settings)
     with get_provider(job.provider, settings) as provider:
         vm = provider.get_vm(job.vm_identifier)
-    return vm_tag(job.provider, vm.identifier)
+    return vm_tag(job.provider, vm.identifier), folder
 
 
 @router.post("/submit", response_model=JobSubmitted | JobsSubmitted)
@@ -48,12 +50,12 @@ async def submit_jobs(
 ) -> JobSubmitted | JobsSubmitted:
     """Submit one job, or a list of jobs (all validated before any is created)."""
     batch = body if isinstance(body, list) else [body]
-    tags = [await run_in_threadpool(validate_job, job, settings) for job in batch]
+    checked = [await run_in_threadpool(validate_job, job, settings) for job in batch]
+    tags, folders = [tag for tag, _ in checked], [folder for _, folder in checked]
     twice = next((job for i, job in enumerate(batch) if tags[i] in tags[:i]), None)
     if twice is not None:
         raise Conflict(f"VM {twice.vm_identifier!r} is in the list twice; one job per VM "
                        "at a time")
-    folders = [export_dir(job, settings) for job in batch]
     if len(set(folders)) < len(folders):
         raise Conflict("two jobs of the list export into the same folder")
     submitted = [await jobs.submit(job, vm=tag, folder=folder)
