@@ -315,6 +315,7 @@ def progress_of(run: FlowRun) -> JobProgress:
     return JobProgress(
         job_id=str(run.id), status=status,
         phase=str(label("phase", "pending" if status == JobStatus.PENDING else "starting")),
+        step=str(label("step", "")) or None,
         percentage=percentage,
         bytes_done=int(label("bytes_done")), bytes_total=int(label("bytes_total")),
         rate_bps=float(label("rate_bps")),

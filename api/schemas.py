@@ -94,6 +94,8 @@ class JobProgress(BaseModel):
     job_id: str
     status: JobStatus
     phase: str
+    step: str | None = Field(default=None, description="what the phase is doing, where it "
+                             "counts no bytes (guest conversion, boot check)")
     percentage: float
     bytes_done: int
     bytes_total: int

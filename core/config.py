@@ -195,6 +195,12 @@ class Hyper2kvmConfig(Section):
     network_map: dict[str, str] = Field(default_factory=dict)  # source network → libvirt
     storage_pools: bool = True  # each VM's output folder becomes pool hypersdk-<vm>
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
+    # guest conversion (virt-v2v-in-place) for jobs that do not say; None: where installed
+    convert_guest: bool | None = None
+    guest_timeout: Duration = 3600.0
+    virtio_win: Path | None = None  # a virtio-win ISO or folder: drivers for Windows guests
+    verify_boot: Literal["off", "warn", "require"] = "warn"  # for jobs that do not say
+    boot_timeout: Duration = 600.0
 
 
 class ExportConfig(Section):

@@ -125,7 +125,25 @@ class Hyper2kvmIntegration(Strict):
     instance: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     autostart: bool = False
     replace_existing: bool = False
-    compat_mode: bool | None = None  # SATA + e1000; None: on for Windows guests
+    compat_mode: bool | None = None  # SATA + e1000; None: as the guest's drivers allow
+    convert_guest: bool | None = None  # virt-v2v-in-place; None: hyper2kvm.convert_guest
+    # boot check; None: hyper2kvm.verify_boot and hyper2kvm.boot_timeout (warn, 600 s)
+    verify_boot: Literal["off", "warn", "require"] | None = None
+    boot_timeout: float | None = Field(default=None, gt=0, le=86400)
+    boot_pattern: str | None = Field(
+        default=None, max_length=500,
+        description="a regular expression the console shows once the guest is up "
+                    "(default: a login prompt)")
+
+    @field_validator("boot_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"boot_pattern is not a regular expression: {exc}") from None
+        return value
 
 
 class JobDefinition(Strict):
@@ -169,6 +187,34 @@ class ConvertedDisk(Strict):
     sha256: str | None = None  # of the output, when asked for
 
 
+class GuestReport(Strict):
+    """What guest conversion (virt-v2v-in-place) found in the guest and changed in it."""
+
+    os_type: str | None = None  # linux, windows
+    distribution: str | None = None  # debian, rhel, ...
+    version: str | None = None
+    product: str | None = None
+    arch: str | None = None
+    firmware: Literal["bios", "efi"] | None = None
+    kernels: list[str] = Field(default_factory=list)  # versions installed
+    virtio: bool = False  # the guest can boot from virtio disks now
+    removed: list[str] = Field(default_factory=list)  # packages uninstalled
+    changes: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    accelerator: Literal["kvm", "tcg"] = "tcg"
+    seconds: float = 0.0
+
+
+class BootCheck(Strict):
+    """The migrated VM booted once on a throwaway overlay: did it come up?"""
+
+    verified: bool
+    mode: Literal["warn", "require"]
+    seconds: float
+    reason: str  # what showed it booted, or why it is thought not to
+    console: list[str] = Field(default_factory=list)  # the console's last lines
+
+
 class MigrationResult(Strict):
     """What a finished migration reports."""
 
@@ -179,6 +225,9 @@ class MigrationResult(Strict):
     domain_uuid: str | None = None
     libvirt_uri: str | None = None
     storage_pool: str | None = None
+    guest: GuestReport | None = None
+    boot: BootCheck | None = None
+    warnings: list[str] = Field(default_factory=list)
     step_seconds: dict[str, float] = Field(default_factory=dict)
 
 

@@ -1,4 +1,5 @@
-"""migrate-vm: validate → export → transfer → convert → register → report."""
+"""migrate-vm: validate → export → transfer → convert → guest → register → boot check →
+report."""
 
 import contextlib
 from pathlib import Path
@@ -14,8 +15,11 @@ from core.models import JobDefinition, MigrationResult
 from core.paths import confine, safe_name
 from core.process import exit_with_daemon
 from flows.report import StepTimer, publish_report
+from hyper2kvm.boot import stop_boot_check
+from tasks.boot import check_boot
 from tasks.convert import convert_disks
 from tasks.export import ensure_export_limit, export_vm, release_export_slot
+from tasks.guest import convert_guest_os, converts_guest
 from tasks.handoff import await_daemon, write_watch_manifest
 from tasks.progress import LABEL, JobProgress
 from tasks.register import register_domain
@@ -46,6 +50,8 @@ def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
         vm_name = (flow_run.labels or {}).get(f"{LABEL}vm")
         if vm_name:
             folders.append(settings.hyper2kvm.output_dir / safe_name(str(vm_name)))
+            with contextlib.suppress(Exception):
+                stop_boot_check(settings.hyper2kvm.libvirt_uri, safe_name(str(vm_name)))
     except Exception:  # noqa: BLE001 - a hook must never fail the state change
         return
     for folder in folders:
@@ -89,13 +95,28 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
         disks = timed("convert", lambda: convert_disks(
             staged, h2k.output_dir / safe_name(staged.vm.name), h2k.default_format,
             h2k.compression))
+        guest = (timed("guest", lambda: convert_guest_os(staged.vm, disks, h2k))
+                 if converts_guest(integration, h2k) else None)
+        compat = integration.compat_mode
+        if compat is None and guest is not None:
+            compat = not guest.virtio  # virtio only where the guest has the drivers
         registered = timed("register", lambda: register_domain(
             staged.vm, disks, h2k, autostart=integration.autostart,
-            replace=integration.replace_existing, compat=integration.compat_mode))
+            replace=integration.replace_existing, compat=compat))
+        boot = None
+        mode = integration.verify_boot or h2k.verify_boot
+        if mode != "off":
+            boot = timed("boot", lambda: check_boot(
+                registered, mode=mode, timeout=integration.boot_timeout or h2k.boot_timeout,
+                pattern=integration.boot_pattern))
+        warnings = [f"guest conversion: {warning}" for warning in (guest.warnings if guest
+                                                                   else [])]
+        if boot is not None and not boot.verified:
+            warnings.append(f"boot check: the VM did not boot: {boot.reason}")
         result = result.model_copy(update={
             "disks": disks, "domain_name": registered.name, "domain_uuid": registered.uuid,
-            "storage_pool": registered.pool,
-            "libvirt_uri": registered.uri})
+            "storage_pool": registered.pool, "libvirt_uri": registered.uri,
+            "guest": guest, "boot": boot, "warnings": warnings})
     result = result.model_copy(update={"step_seconds": timed.seconds})
     progress.complete()
     source = (f"provider `{job.provider}`, VM `{job.vm_identifier}`, export `{job.export_method}`"

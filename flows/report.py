@@ -45,6 +45,20 @@ def report_markdown(result: MigrationResult, *, title: str, source: str,
                      f"`{result.libvirt_uri}`")
     if handoff:
         lines.append(f"* Handed to the hyper2kvm daemon: `{handoff}`")
+    if result.guest:
+        guest = result.guest
+        lines.append(f"* Guest: {guest.distribution or guest.os_type or 'unknown OS'} "
+                     f"{guest.version or ''} ({guest.arch or '?'}, {guest.firmware or '?'}), "
+                     f"kernels {', '.join(guest.kernels) or '-'}; virtio drivers: "
+                     f"{'yes' if guest.virtio else 'no (compat mode)'}; converted in "
+                     f"{guest.seconds} s ({guest.accelerator})")
+        lines += [f"  * changed: {change}" for change in guest.changes]
+    if result.boot:
+        boot = result.boot
+        lines.append(f"* Boot check ({boot.mode}): "
+                     f"{'booted' if boot.verified else 'DID NOT BOOT'} in {boot.seconds} s "
+                     f"— {boot.reason}")
+    lines += [f"* **Warning:** {warning}" for warning in result.warnings]
     lines += ["", "| exported file | bytes | SHA-256 |", "|---|---:|---|"]
     lines += [f"| {f.path.name} | {f.size:,} | {f.sha256 or '-'} |" for f in result.export.files]
     if result.disks:
@@ -53,6 +67,8 @@ def report_markdown(result: MigrationResult, *, title: str, source: str,
         lines += [f"| {d.source} | `{d.path}` | {d.format} | {d.virtual_size:,} | "
                   f"{d.actual_size:,} | {d.seconds} | {d.verified or '-'} | {d.sha256 or '-'} |"
                   for d in result.disks]
+    if result.boot and result.boot.console:
+        lines += ["", "Console's last lines:", "", "```", *result.boot.console[-15:], "```"]
     lines += ["", "| step | seconds |", "|---|---:|"]
     lines += [f"| {step} | {seconds} |" for step, seconds in result.step_seconds.items()]
     return "\n".join(lines)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Literal
 
 from core.models import VMInfo
+from hyper2kvm.cpu import CpuChoice
 
 
 @dataclass(frozen=True)
@@ -27,21 +26,6 @@ class NetworkMap:
 
     def target(self, source: str | None) -> str:
         return self.by_source.get(source or "", self.default)
-
-
-@cache
-def _amd_host() -> bool:
-    try:
-        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def pick_domain_type(requested: str) -> Literal["kvm", "qemu"]:
-    """kvm where /dev/kvm is usable, plain qemu (TCG) otherwise."""
-    if requested in ("kvm", "qemu"):
-        return requested  # type: ignore[return-value]
-    return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
 
 
 def needs_compat(vm: VMInfo) -> bool:
@@ -66,10 +50,12 @@ def domain_xml(
     domain_type: Literal["kvm", "qemu"] = "qemu",
     networks: NetworkMap | None = None,
     compat: bool | None = None,
+    cpu: CpuChoice | None = None,
 ) -> str:
     """The domain definition for `vm` with its converted `disks`, in boot order. In
     compatibility mode (default: for Windows guests) disks are SATA and NICs e1000, which
-    guests without virtio drivers can use."""
+    guests without virtio drivers can use. `cpu` comes from hyper2kvm.cpu.choose_cpu;
+    without it QEMU's baseline CPU."""
     networks = networks or NetworkMap()
     compat = needs_compat(vm) if compat is None else compat
     bus, prefix, nic_model = ("sata", "sd", "e1000") if compat else ("virtio", "vd", "virtio")
@@ -100,13 +86,9 @@ def domain_xml(
     ET.SubElement(features, "apic")
     if vm.secure_boot:
         ET.SubElement(features, "smm", state="on")
-    if domain_type == "kvm":
-        cpu = ET.SubElement(domain, "cpu", mode="host-passthrough")
-        if _amd_host():
-            # KVM on AMD advertises arch-capabilities (an Intel MSR) that a nested
-            # hypervisor then refuses to set: "failed to set MSR 0x10a"; the guest
-            # needs no such MSR on AMD hardware
-            ET.SubElement(cpu, "feature", policy="disable", name="arch-capabilities")
+    cpu_element = cpu.element() if cpu else None
+    if cpu_element is not None:
+        domain.append(cpu_element)
     ET.SubElement(domain, "clock", offset="utc")
     ET.SubElement(domain, "on_poweroff").text = "destroy"
     ET.SubElement(domain, "on_reboot").text = "restart"

@@ -9,8 +9,9 @@ from core.errors import InvalidRequest
 from core.models import NicInfo, VMInfo
 from core.paths import safe_name
 from hyper2kvm.chain import confine_chain
+from hyper2kvm.cpu import domain_type_and_cpu
 from hyper2kvm.detect import checked_format, claimed_format
-from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml, pick_domain_type
+from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml
 from hyper2kvm.qemu_img import DiskSource
 from hyper2kvm.registration import Registered, define_domain
 
@@ -43,8 +44,9 @@ def import_disk(
     domain_name = safe_name(name)
     vm = VMInfo(identifier=domain_name, name=domain_name, provider="local", cpus=vcpus,
                 memory_mb=memory_mb, firmware=firmware, nics=[NicInfo(network=network)])
+    kind, cpu = domain_type_and_cpu(domain_type, uri)
     xml = domain_xml(vm, [DomainDisk(disk, fmt)], name=domain_name,  # type: ignore[arg-type]
-                     domain_type=pick_domain_type(domain_type),
+                     domain_type=kind, cpu=cpu,
                      networks=NetworkMap(default=network), compat=compat)
     registered = define_domain(uri, xml, name=domain_name, autostart=autostart, replace=replace)
     return registered, fmt

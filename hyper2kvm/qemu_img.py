@@ -208,3 +208,14 @@ def compare(first: Path, second: Path) -> bool:
         return done.returncode == 0
     raise ConversionError(f"qemu-img compare failed: {done.stderr.decode(errors='replace')}")
 
+
+
+def create_overlay(overlay: Path, backing: Path, backing_format: str) -> None:
+    """A qcow2 that reads from `backing` and takes every write itself."""
+    done = subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b",
+         str(backing.resolve()), str(overlay)],
+        capture_output=True, text=True, preexec_fn=die_with_parent)
+    if done.returncode != 0:
+        raise ConversionError(f"qemu-img could not make an overlay of {backing.name}: "
+                              f"{done.stderr.strip()}")

@@ -49,17 +49,23 @@ def make_sample_ova(
     memory_mb: int = 512,
     firmware: str = "bios",
     mac: str = "52:54:00:12:34:56",
+    guest_disk: Path | None = None,
 ) -> Path:
-    """Write `directory/<name>.ova` and return its path."""
+    """Write `directory/<name>.ova` and return its path. Its disk is a fresh data disk,
+    or the raw `guest_disk` (a bootable guest, scripts/build-guest.sh), read only."""
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as work:
         staging = Path(work)
-        raw = staging / "disk.raw"
-        make_disk(raw, size_mib=size_mib, random_mib=random_mib, hostname=name)
+        raw = guest_disk or staging / "disk.raw"
+        if guest_disk is None:
+            make_disk(raw, size_mib=size_mib, random_mib=random_mib, hostname=name)
+        else:
+            size_mib = -(-raw.stat().st_size // MIB)
         vmdk = staging / f"{name}-disk1.vmdk"
         qemu_img.convert(qemu_img.DiskSource(raw, "raw"), vmdk, output_format="vmdk",
                          subformat="streamOptimized")
-        raw.unlink()
+        if guest_disk is None:
+            raw.unlink()
         vm = VMInfo(
             identifier=name, name=name, provider="local", cpus=cpus, memory_mb=memory_mb,
             firmware=firmware,  # type: ignore[arg-type]

@@ -20,8 +20,10 @@ PHASES: dict[str, tuple[float, float]] = {
     "validate": (0.0, 1.0),
     "export": (1.0, 40.0),
     "transfer": (40.0, 45.0),
-    "convert": (45.0, 97.0),
-    "register": (97.0, 99.0),
+    "convert": (45.0, 80.0),
+    "guest": (80.0, 93.0),
+    "register": (93.0, 94.0),
+    "boot": (94.0, 99.0),
     "completed": (100.0, 100.0),
 }
 LABEL = "hypersdk."
@@ -106,6 +108,7 @@ class JobProgress:
         self._started = time.monotonic()
         self._last_write = 0.0
         self._notes: dict[str, str] = {}
+        self._fraction = 0.0
 
     @classmethod
     def for_current_run(cls, vm_name: str | None = None) -> JobProgress:
@@ -119,6 +122,8 @@ class JobProgress:
     def start(self, phase: str, total_bytes: int) -> None:
         with self._lock:
             self.phase, self.done, self.total = phase, 0, max(0, total_bytes)
+            self._fraction = 0.0
+            self._notes[f"{LABEL}step"] = ""
             self._started = time.monotonic()
             self._write(force=True)
 
@@ -126,6 +131,14 @@ class JobProgress:
         """Facts about the job kept with its progress (e.g. the VM's name)."""
         with self._lock:
             self._notes.update({f"{LABEL}{key}": value for key, value in facts.items()})
+            self._write(force=True)
+
+    def step(self, text: str, fraction: float) -> None:
+        """Where a phase without bytes to count is (virt-v2v's stages, the boot check):
+        `text` as the job's `step`, `fraction` of the phase done."""
+        with self._lock:
+            self._fraction = min(max(fraction, 0.0), 0.99)
+            self._notes[f"{LABEL}step"] = text[:200]
             self._write(force=True)
 
     def advance(self, nbytes: int) -> None:
@@ -149,7 +162,7 @@ class JobProgress:
         low, high = PHASES.get(self.phase, (0.0, 100.0))
         if phase_done:
             return high
-        fraction = min(self.done / self.total, 0.99) if self.total else 0.0
+        fraction = min(self.done / self.total, 0.99) if self.total else self._fraction
         return round(low + (high - low) * fraction, 2)
 
     def _write(self, *, force: bool, phase_done: bool = False) -> None:

@@ -9,7 +9,8 @@ from prefect import get_run_logger, task
 from core.config import Hyper2kvmConfig
 from core.models import ConvertedDisk, VMInfo
 from core.paths import safe_name
-from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml, pick_domain_type
+from hyper2kvm.cpu import domain_type_and_cpu
+from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml
 from hyper2kvm.registration import Registered, define_domain, place_in_pool
 from tasks.progress import JobProgress
 
@@ -28,11 +29,13 @@ def register_domain(
     progress = JobProgress.for_current_run(vm.name)
     progress.start("register", 0)
     name = safe_name(vm.name)
+    domain_type, cpu = domain_type_and_cpu(settings.domain_type, settings.libvirt_uri)
     xml = domain_xml(
         vm,
         [DomainDisk(d.path, d.format) for d in disks],
         name=name,
-        domain_type=pick_domain_type(settings.domain_type),
+        domain_type=domain_type,
+        cpu=cpu,
         networks=NetworkMap(default=settings.network, by_source=settings.network_map),
         compat=compat,
     )

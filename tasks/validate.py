@@ -20,6 +20,7 @@ from core.models import JobDefinition, VMInfo
 from core.paths import safe_name
 from hyper2kvm.registration import domain_exists
 from providers import get_provider
+from tasks.guest import converts_guest
 from tasks.progress import LABEL, JobProgress, current_flow_run_id
 
 ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
@@ -68,6 +69,8 @@ def validate_job(job: JobDefinition, output_dir: Path, *, converts: bool) -> VMI
     progress.note(vm=vm.name)
     name = safe_name(vm.name)
     replace = job.hyper2kvm_integration.replace_existing
+    if converts:
+        converts_guest(job.hyper2kvm_integration, settings.hyper2kvm)  # or say why not
     if converts and not replace:
         uri = settings.hyper2kvm.libvirt_uri
         if domain_exists(uri, name):

@@ -221,6 +221,9 @@ daemon:
   network: user
   poll_interval: "0.5s"
   job_timeout: "5m"
+  # the sample VMs are data disks, not guests: tests/test_guest.py asks for both per job
+  convert_guest: false
+  verify_boot: "off"
 export:
   base_path: "{EXPORTS}"
   concurrent_exports: 2
@@ -347,6 +350,16 @@ def sample_vm(daemon: Daemon) -> str:
     make_sample_ova(daemon.inbox, name, size_mib=32, cpus=2, memory_mb=256,
                     mac="52:54:00:ab:cd:ef")
     return name
+
+
+@pytest.fixture(scope="session")
+def guest_disk() -> Path:
+    """A real Debian guest as VMware leaves one (scripts/build-guest.sh), built once per
+    machine and cached outside the checkout."""
+    built = subprocess.run([str(ROOT / "scripts" / "build-guest.sh")], capture_output=True,
+                           text=True, timeout=1800)
+    assert built.returncode == 0, built.stderr
+    return Path(built.stdout.strip().splitlines()[-1])
 
 
 def wait_for_job(client: httpx.Client, job_id: str, *, timeout: float = 120,

@@ -1,0 +1,73 @@
+"""Watching a running domain's serial console through libvirt (local or remote URIs)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+
+import libvirt
+
+_ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[()][A-Za-z0-9]|c)")
+
+
+class ConsoleWatch:
+    """Reads the domain's console in a thread; `wait_for` finds a pattern in what it
+    printed. Keeps the last `keep` lines."""
+
+    def __init__(self, conn: libvirt.virConnect, domain: libvirt.virDomain, *,
+                 keep: int = 40) -> None:
+        self._stream = conn.newStream(0)
+        domain.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        self._raw = ""
+        self._text = ""
+        self._keep = keep
+        self._changed = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._read, name="console", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._stream.recv(4096)
+            except libvirt.libvirtError:
+                break
+            if not isinstance(data, bytes) or not data:
+                break  # -2 (would block) cannot happen on a blocking stream; 0: EOF
+            with self._changed:
+                # escape sequences may be split between reads: clean the whole tail
+                self._raw = (self._raw + data.decode(errors="replace"))[-65536:]
+                self._text = _ANSI.sub("", self._raw).replace("\r", "")
+                self._changed.notify_all()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def wait_for(self, patterns: dict[str, re.Pattern[str]], timeout: float) -> str | None:
+        """The name of the first pattern found in the console's output within `timeout`
+        seconds, or None."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for name, pattern in patterns.items():
+                    if pattern.search(self._text):
+                        return name
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    return None
+                self._changed.wait(min(remaining, 1.0))
+
+    def match(self, pattern: re.Pattern[str]) -> str | None:
+        with self._changed:
+            found = pattern.search(self._text)
+        return found.group(0) if found else None
+
+    def last_lines(self) -> list[str]:
+        with self._changed:
+            lines = [line for line in self._text.split("\n") if line.strip()]
+        return lines[-self._keep:]
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()

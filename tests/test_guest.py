@@ -1,0 +1,189 @@
+"""The migrated VM boots: guest conversion (virt-v2v-in-place) and the boot check, with a
+real Debian guest built the way VMware leaves one (scripts/build-guest.sh: no virtio
+drivers in its initramfs, /dev/sda1 in fstab, open-vm-tools installed)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import httpx
+import libvirt
+import pytest
+
+from core.config import Hyper2kvmConfig
+from core.errors import InvalidRequest
+from core.models import Hyper2kvmIntegration, VMInfo
+from hyper2kvm import qemu_img
+from hyper2kvm.boot import verify_boot
+from hyper2kvm.cpu import domain_type_and_cpu
+from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml
+from hyper2kvm.registration import define_domain, undefine_domain
+from hyper2kvm.sample import make_sample_ova
+from tasks.guest import converts_guest
+from tests.helpers import domain_defined
+from tests.peers import LIBVIRT_URI, Daemon, unique, wait_for_job, wait_until
+
+BOOT_TIMEOUT = 600  # seconds; a TCG boot of the guest takes ~40 s here
+
+
+def _guest_vm(daemon: Daemon, guest_disk: Path) -> str:
+    name = unique("guest")
+    make_sample_ova(daemon.inbox, name, guest_disk=guest_disk, cpus=1, memory_mb=1024,
+                    mac="52:54:00:5e:00:01")
+    return name
+
+
+def _submit(api: httpx.Client, name: str, **integration: object) -> str:
+    answer = api.post("/jobs/submit", json={
+        "vm_identifier": name, "export_method": "ova",
+        "hyper2kvm_integration": {"boot_timeout": BOOT_TIMEOUT, **integration}})
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["job_id"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _disk_buses(name: str) -> set[str]:
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        xml = ET.fromstring(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    finally:
+        conn.close()
+    return {target.get("bus", "") for target in xml.iterfind("devices/disk/target")}
+
+
+def test_vmware_guest_boots_only_after_guest_conversion(
+    api: httpx.Client, daemon: Daemon, guest_disk: Path
+) -> None:
+    plain = _guest_vm(daemon, guest_disk)
+    job = wait_for_job(api, _submit(api, plain, convert_guest=False, verify_boot="warn"),
+                       timeout=BOOT_TIMEOUT + 300)
+    assert job["status"] == "completed", job
+    boot = job["result"]["boot"]
+    assert boot["verified"] is False and "no root file system" in boot["reason"], boot
+    assert any("Gave up waiting for root" in line for line in boot["console"]), boot
+    assert any("did not boot" in warning for warning in job["result"]["warnings"])
+    assert job["result"]["guest"] is None
+
+    converted = _guest_vm(daemon, guest_disk)
+    job = wait_for_job(api, _submit(api, converted, convert_guest=True, verify_boot="require"),
+                       timeout=3600)
+    assert job["status"] == "completed", job
+    result = job["result"]
+    guest = result["guest"]
+    assert (guest["os_type"], guest["distribution"], guest["arch"], guest["firmware"]) == (
+        "linux", "debian", "x86_64", "bios")
+    assert guest["version"].startswith("12") and guest["kernels"], guest
+    assert guest["virtio"] is True and "open-vm-tools" in guest["removed"], guest
+    assert any("initramfs" in change for change in guest["changes"]), guest
+    assert result["boot"]["verified"] is True, result["boot"]
+    assert "login:" in result["boot"]["reason"], result["boot"]
+    assert _disk_buses(converted) == {"virtio"}
+    disk = Path(result["disks"][0]["path"])
+    assert qemu_img.info(disk).get("backing-filename") is None
+    assert sorted(p.name for p in disk.parent.iterdir() if p.name.startswith(".")) == []
+    logs = api.get(f"/jobs/logs/{job['job_id']}").text
+    assert "virt-v2v: Converting" in logs and "boot check:" in logs
+
+
+def test_failed_guest_conversion_fails_the_job_with_the_reason_and_no_domain(
+    api: httpx.Client, daemon: Daemon, sample_vm: str
+) -> None:
+    job = wait_for_job(api, _submit(api, sample_vm, convert_guest=True, verify_boot="off"),
+                       timeout=900)
+    assert job["status"] == "failed", job
+    assert "virt-v2v-in-place" in job["error"], job
+    assert not domain_defined(sample_vm)
+    folder = daemon.images / sample_vm
+    disks = sorted(p.name for p in folder.glob("*disk*")) if folder.exists() else []
+    assert disks == [], disks
+
+
+def test_cancel_during_guest_conversion_kills_it_and_leaves_nothing(
+    api: httpx.Client, daemon: Daemon, guest_disk: Path
+) -> None:
+    name = _guest_vm(daemon, guest_disk)
+    job_id = _submit(api, name, convert_guest=True, verify_boot="off")
+
+    def converting() -> bool:
+        progress = api.get(f"/jobs/progress/{job_id}").json()
+        assert progress["status"] in ("pending", "running"), progress
+        return progress["phase"] == "guest" and _v2v_running()
+
+    wait_until(converting, timeout=600, interval=0.5, what="virt-v2v-in-place to run")
+    assert api.post("/jobs/cancel", json={"job_id": job_id}).status_code == 200
+    assert wait_for_job(api, job_id, timeout=120)["status"] == "cancelled"
+    wait_until(lambda: not _v2v_running(), timeout=60, what="virt-v2v-in-place to die")
+    folder = daemon.images / name
+    disks = sorted(p.name for p in folder.glob("*disk*")) if folder.exists() else []
+    assert disks == [], disks
+    assert not domain_defined(name)
+
+
+def _v2v_running() -> bool:
+    found = subprocess.run(["pgrep", "-f", "virt-v2v-in-place"], capture_output=True)
+    return found.returncode == 0
+
+
+def test_require_fails_the_job_of_a_vm_that_does_not_boot(
+    api: httpx.Client, daemon: Daemon, sample_vm: str
+) -> None:
+    job = wait_for_job(api, _submit(api, sample_vm, convert_guest=False, verify_boot="require",
+                                    boot_timeout=30), timeout=600)
+    assert job["status"] == "failed", job
+    assert "boot check failed" in job["error"] and "not up within 30 s" in job["error"], job
+    assert not domain_defined(sample_vm)
+
+
+def test_boot_check_times_out_on_a_disk_that_never_boots_and_writes_nothing(
+    libvirt_uri: str, tmp_path: Path
+) -> None:
+    disk = tmp_path / "spin.raw"
+    with disk.open("wb") as stream:  # a boot sector that loops forever: jmp $
+        stream.truncate(1 << 20)
+        stream.write(b"\xeb\xfe")
+        stream.seek(510)
+        stream.write(b"\x55\xaa")
+    before = _sha256(disk)
+    name = unique("spin")
+    domain_type, cpu = domain_type_and_cpu("auto", libvirt_uri)
+    vm = VMInfo(identifier=name, name=name, provider="local", memory_mb=256)
+    define_domain(libvirt_uri, domain_xml(vm, [DomainDisk(disk, "raw")], domain_type=domain_type,
+                                          cpu=cpu, networks=NetworkMap(default="user")),
+                  name=name, autostart=False, replace=False)
+    try:
+        outcome = verify_boot(libvirt_uri, name, timeout=20)
+    finally:
+        undefine_domain(libvirt_uri, name)
+    assert outcome.booted is False
+    assert outcome.reason.startswith("not up within 20 s"), outcome
+    assert outcome.seconds >= 20
+    assert _sha256(disk) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spin.raw"]
+    conn = libvirt.open(libvirt_uri)
+    try:
+        assert all(not d.name().startswith(name) for d in conn.listAllDomains())
+    finally:
+        conn.close()
+
+
+def test_asking_for_guest_conversion_without_the_tool_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    settings = Hyper2kvmConfig()
+    assert converts_guest(Hyper2kvmIntegration(), settings) is False  # default: if installed
+    with pytest.raises(InvalidRequest, match="virt-v2v-in-place, which is not installed"):
+        converts_guest(Hyper2kvmIntegration(convert_guest=True), settings)
+    monkeypatch.setenv("PATH", os.environ["PATH"] + ":/usr/bin")
+    assert converts_guest(Hyper2kvmIntegration(), settings) is True
