@@ -118,16 +118,12 @@ class ExportOptions(Strict):
     transport: Literal["auto", "nfc", "datastore"] = "auto"
 
 
-class Hyper2kvmIntegration(Strict):
-    enabled: bool = True
-    auto_convert: bool = True
-    daemon_mode: bool = False
-    instance: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    autostart: bool = False
-    replace_existing: bool = False
+class GuestOptions(Strict):
+    """What makes a converted VM boot on KVM: guest conversion, the domain's buses, and
+    the boot check. None: the config's hyper2kvm defaults."""
+
     compat_mode: bool | None = None  # SATA + e1000; None: as the guest's drivers allow
     convert_guest: bool | None = None  # virt-v2v-in-place; None: hyper2kvm.convert_guest
-    # boot check; None: hyper2kvm.verify_boot and hyper2kvm.boot_timeout (warn, 600 s)
     verify_boot: Literal["off", "warn", "require"] | None = None
     boot_timeout: float | None = Field(default=None, gt=0, le=86400)
     boot_pattern: str | None = Field(
@@ -144,6 +140,15 @@ class Hyper2kvmIntegration(Strict):
             except re.error as exc:
                 raise ValueError(f"boot_pattern is not a regular expression: {exc}") from None
         return value
+
+
+class Hyper2kvmIntegration(GuestOptions):
+    enabled: bool = True
+    auto_convert: bool = True
+    daemon_mode: bool = False
+    instance: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    autostart: bool = False
+    replace_existing: bool = False
 
 
 class JobDefinition(Strict):
@@ -259,13 +264,13 @@ class ConversionOptions(Strict):
     checksum: bool = False  # SHA-256 of each output (one more read of it)
 
 
-class ConvertRequest(Strict):
+class ConvertRequest(GuestOptions):
     """One conversion: the seed's POST /convert body, the `convert-vm` flow's parameters."""
 
     source_path: AbsolutePath = Field(min_length=1)
     output_path: OSPath | None = None  # the VM's output folder; default <output_dir>/<vm>
     conversion_options: ConversionOptions = Field(default_factory=ConversionOptions)
-    import_to_kvm: bool = False  # also define the libvirt domain
+    import_to_kvm: bool = False  # also define the libvirt domain (and check it boots)
     autostart: bool = False
     replace: bool = False
 

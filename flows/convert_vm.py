@@ -12,11 +12,11 @@ from core.files import remove_partials
 from core.models import ConvertRequest, MigrationResult
 from core.paths import confine, confine_any, safe_name
 from core.process import exit_with_daemon
+from flows.bootable import make_bootable
 from flows.report import StepTimer, publish_report
 from hyper2kvm.staging import describe_source
 from tasks.convert import convert_disks
 from tasks.progress import JobProgress
-from tasks.register import register_domain
 from tasks.transfer import transfer_files
 
 
@@ -62,14 +62,9 @@ def convert_confined(request: ConvertRequest, *, roots: list[Path],
         h2k.compression if request.conversion_options.compression is None
         else request.conversion_options.compression,
         request.conversion_options.preallocation, request.conversion_options.checksum))
-    result = MigrationResult(vm=export.vm.name, export=export, disks=disks)
-    if request.import_to_kvm:
-        registered = timed("register", lambda: register_domain(
-            staged.vm, disks, h2k, autostart=request.autostart, replace=request.replace))
-        result = result.model_copy(update={
-            "domain_name": registered.name, "domain_uuid": registered.uuid,
-            "storage_pool": registered.pool,
-            "libvirt_uri": registered.uri})
+    result = MigrationResult(vm=export.vm.name, export=export, disks=disks, **make_bootable(
+        staged.vm, disks, h2k, request, register=request.import_to_kvm,
+        autostart=request.autostart, replace=request.replace, timed=timed))
     result = result.model_copy(update={"step_seconds": timed.seconds})
     progress.complete()
     publish_report(result, title=f"Conversion of `{export.vm.name}`",

@@ -14,15 +14,13 @@ from core.files import remove_partials
 from core.models import JobDefinition, MigrationResult
 from core.paths import confine, safe_name
 from core.process import exit_with_daemon
+from flows.bootable import make_bootable
 from flows.report import StepTimer, publish_report
 from hyper2kvm.boot import stop_boot_check
-from tasks.boot import check_boot
 from tasks.convert import convert_disks
 from tasks.export import ensure_export_limit, export_vm, release_export_slot
-from tasks.guest import convert_guest_os, converts_guest
 from tasks.handoff import await_daemon, write_watch_manifest
 from tasks.progress import LABEL, JobProgress
-from tasks.register import register_domain
 from tasks.transfer import transfer_files
 from tasks.validate import validate_job
 
@@ -86,37 +84,19 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
         handoff = timed("handoff", lambda: write_watch_manifest(
             job, export, settings.hyper2kvm, job_id))
         converted = timed("convert", lambda: await_daemon(handoff, job_id, settings.hyper2kvm))
-        result = result.model_copy(update={
-            "disks": converted.disks, "domain_name": converted.domain_name,
-            "domain_uuid": converted.domain_uuid, "libvirt_uri": converted.libvirt_uri})
+        result = result.model_copy(update={field: getattr(converted, field) for field in (
+            "disks", "domain_name", "domain_uuid", "libvirt_uri", "storage_pool", "guest",
+            "boot", "warnings")})
     elif converts_in_flow(job):
         h2k = settings.hyper2kvm
         staged = timed("transfer", lambda: transfer_files(export, settings.source_roots()))
         disks = timed("convert", lambda: convert_disks(
             staged, h2k.output_dir / safe_name(staged.vm.name), h2k.default_format,
             h2k.compression))
-        guest = (timed("guest", lambda: convert_guest_os(staged.vm, disks, h2k))
-                 if converts_guest(integration, h2k) else None)
-        compat = integration.compat_mode
-        if compat is None and guest is not None:
-            compat = not guest.virtio  # virtio only where the guest has the drivers
-        registered = timed("register", lambda: register_domain(
-            staged.vm, disks, h2k, autostart=integration.autostart,
-            replace=integration.replace_existing, compat=compat))
-        boot = None
-        mode = integration.verify_boot or h2k.verify_boot
-        if mode != "off":
-            boot = timed("boot", lambda: check_boot(
-                registered, mode=mode, timeout=integration.boot_timeout or h2k.boot_timeout,
-                pattern=integration.boot_pattern))
-        warnings = [f"guest conversion: {warning}" for warning in (guest.warnings if guest
-                                                                   else [])]
-        if boot is not None and not boot.verified:
-            warnings.append(f"boot check: the VM did not boot: {boot.reason}")
-        result = result.model_copy(update={
-            "disks": disks, "domain_name": registered.name, "domain_uuid": registered.uuid,
-            "storage_pool": registered.pool, "libvirt_uri": registered.uri,
-            "guest": guest, "boot": boot, "warnings": warnings})
+        result = result.model_copy(update={"disks": disks, **make_bootable(
+            staged.vm, disks, h2k, integration, register=True,
+            autostart=integration.autostart, replace=integration.replace_existing,
+            timed=timed)})
     result = result.model_copy(update={"step_seconds": timed.seconds})
     progress.complete()
     source = (f"provider `{job.provider}`, VM `{job.vm_identifier}`, export `{job.export_method}`"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian 12 machine for hypersdk: system packages (qemu-img, libvirt,
-# OVMF, partitioning and ext4 tools), the virtualenv at .venv, and a running libvirtd.
+# OVMF, partitioning and ext4 tools; virt-v2v and libguestfs for guest conversion, with a
+# kernel for libguestfs's appliance; mmdebstrap for the sample guest), the virtualenv
+# at .venv, and a running libvirtd.
 # With --tests also the test peers that are built here: Go and govmomi's sources, and the
 # vCenter simulators (tests/vcsim/build.sh → tests/vcsim/bin).
 # Safe to run again: it installs only what is missing.
@@ -12,6 +14,7 @@ tests=false
 packages=(qemu-utils qemu-system-x86 libvirt-daemon libvirt-daemon-system libvirt-clients
           libvirt-daemon-driver-qemu libvirt-dev pkg-config ovmf e2fsprogs fdisk jq curl gcc
           iproute2 procps
+          virt-v2v libguestfs-tools linux-image-amd64 nbdkit libnbd-bin mmdebstrap
           python3-venv python3-dev)
 $tests && packages+=(golang-go golang-github-vmware-govmomi-dev)
 missing=()

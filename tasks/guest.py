@@ -9,15 +9,15 @@ from prefect import get_run_logger, task
 from core.config import Hyper2kvmConfig
 from core.errors import InvalidRequest
 from core.files import partial_path
-from core.models import ConvertedDisk, GuestReport, Hyper2kvmIntegration, VMInfo
+from core.models import ConvertedDisk, GuestOptions, GuestReport, VMInfo
 from hyper2kvm import guest
 from tasks.progress import JobProgress
 
 
-def converts_guest(integration: Hyper2kvmIntegration, settings: Hyper2kvmConfig) -> bool:
+def converts_guest(options: GuestOptions, settings: Hyper2kvmConfig) -> bool:
     """The job's choice, else the config's, else: wherever virt-v2v-in-place is installed.
     Asking for it where it is missing is an error, not a silent skip."""
-    wanted = integration.convert_guest
+    wanted = options.convert_guest
     if wanted is None:
         wanted = settings.convert_guest
     if wanted is None:
@@ -27,6 +27,15 @@ def converts_guest(integration: Hyper2kvmIntegration, settings: Hyper2kvmConfig)
                              "on this host (Debian: apt install virt-v2v); or set "
                              "hyper2kvm_integration.convert_guest to false")
     return wanted
+
+
+def resolved(options: GuestOptions, settings: Hyper2kvmConfig) -> GuestOptions:
+    """`options` with the config's defaults filled in: what another process (the watch
+    daemon, with its own config) must do for this job."""
+    return options.model_copy(update={
+        "convert_guest": converts_guest(options, settings),
+        "verify_boot": options.verify_boot or settings.verify_boot,
+        "boot_timeout": options.boot_timeout or settings.boot_timeout})
 
 
 @task(name="guest", persist_result=True)

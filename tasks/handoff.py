@@ -11,8 +11,9 @@ from prefect import get_run_logger, task
 
 from core.config import Hyper2kvmConfig
 from core.errors import ConversionError
-from core.models import ExportResult, JobDefinition, MigrationResult, WatchJob
+from core.models import ExportResult, GuestOptions, JobDefinition, MigrationResult, WatchJob
 from hyper2kvm.watch import WatchDirectory, result_path, write_json_atomically
+from tasks.guest import resolved
 from tasks.progress import JobProgress
 
 
@@ -32,10 +33,11 @@ def write_watch_manifest(
     """Write `<watch_dir>/<instance>/<job_id>.json` atomically: the daemon only ever takes
     `*.json`, so it never sees a half-written manifest."""
     folder = WatchDirectory(settings.watch_dir / job.hyper2kvm_integration.instance).root
+    integration = job.hyper2kvm_integration
     manifest = WatchJob(
         job_id=job_id, source_path=str(primary_file(export)), import_to_kvm=True,
-        autostart=job.hyper2kvm_integration.autostart,
-        replace=job.hyper2kvm_integration.replace_existing)
+        autostart=integration.autostart, replace=integration.replace_existing,
+        **resolved(integration, settings).model_dump(include=set(GuestOptions.model_fields)))
     target = folder / f"{job_id}.json"
     write_json_atomically(target, manifest.model_dump(mode="json"))
     get_run_logger().info("handed %s to the hyper2kvm daemon: %s", export.vm.name, target)

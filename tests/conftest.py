@@ -4,6 +4,7 @@ directories are chosen once); pytest finds them through this import."""
 from tests.peers import (  # noqa: F401 - fixtures
     api,
     daemon,
+    guest_disk,
     libvirt_uri,
     prefect_server,
     qemu_reaches_tmp_path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from core.models import DiskInfo, NicInfo, VMInfo
 from hyper2kvm import qemu_img
 from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml
 from hyper2kvm.registration import define_domain, undefine_domain
+from tests.helpers import start_and_stop
 from tests.peers import unique
 
 
@@ -183,3 +185,70 @@ def test_hypervisord_check_says_when_qemu_cannot_reach_the_output_folder(
 def make_zero_raw(path: Path) -> Path:
     path.write_bytes(bytes(2**20))
     return path
+
+
+@pytest.mark.parametrize("domain_type", ["kvm", "qemu"])
+def test_the_chosen_cpu_runs_a_kernel_on_this_host(libvirt_uri: str, domain_type: str) -> None:
+    """With KVM (where libvirt has it) and with TCG, the chosen CPU starts a domain and
+    boots the host's kernel to its first panic: guest code really runs."""
+    from hyper2kvm.cpu import (
+        CpuChoice,
+        _refused_by_host,
+        choose_cpu,
+        kernel_boots,
+        supported_modes,
+    )
+
+    if domain_type == "kvm" and "host-passthrough" not in _kvm_modes(libvirt_uri):
+        pytest.skip("libvirt has no usable KVM on this machine")
+    cpu = choose_cpu(libvirt_uri, domain_type)  # type: ignore[arg-type]
+    if domain_type == "qemu":
+        assert cpu.mode in ("maximum", "default")  # host-passthrough needs KVM
+        assert kernel_boots(libvirt_uri, "qemu", cpu) is True
+        return
+    plain_refused = _refused_by_host(libvirt_uri, "kvm", CpuChoice("host-passthrough"))
+    # features are turned off exactly where the plain host CPU is refused (nested AMD)
+    assert bool(cpu.disabled) == (plain_refused is not None), (cpu, plain_refused)
+    assert _refused_by_host(libvirt_uri, "kvm", cpu) is None
+    assert "host-passthrough" in supported_modes(libvirt_uri, "kvm")
+
+
+def _kvm_modes(uri: str) -> set[str]:
+    from core.errors import RegistrationError
+    from hyper2kvm.cpu import supported_modes
+
+    try:
+        return supported_modes(uri, "kvm")
+    except RegistrationError:
+        return set()
+
+
+def test_domains_run_as_kvm_only_where_a_kernel_boots_under_it(
+    libvirt_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto: KVM where the host's kernel boots under it (not merely where a domain
+    starts: nested KVM may start one that never runs), TCG otherwise; the verdict is
+    cached per host boot, and a domain defined with it starts."""
+    import json
+
+    from hyper2kvm.cpu import choose_cpu, domain_type_and_cpu, kernel_boots
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    domain_type, cpu = domain_type_and_cpu("auto", libvirt_uri)
+    cached = json.loads((tmp_path / "hypersdk" / "domain-type.json").read_text())
+    assert list(cached.values()) == [domain_type]
+    if "host-passthrough" in _kvm_modes(libvirt_uri):
+        kvm_runs = kernel_boots(libvirt_uri, "kvm", choose_cpu(libvirt_uri, "kvm"))
+        assert domain_type == ("kvm" if kvm_runs is not False else "qemu")
+    else:
+        assert domain_type == "qemu"
+    name = unique()
+    disk = tmp_path / "boot.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    xml = domain_xml(_vm(name, "bios").model_copy(update={"nics": []}),
+                     [DomainDisk(disk, "qcow2")], domain_type=domain_type, cpu=cpu)
+    define_domain(libvirt_uri, xml, name=name, autostart=False, replace=False)
+    try:
+        assert start_and_stop(name)
+    finally:
+        undefine_domain(libvirt_uri, name)
