@@ -247,17 +247,32 @@ async def flush_to_prefect(timeout: float = 10.0) -> None:
 
 
 def check_host(settings: Config) -> int:
-    """`--check`: the config is valid; and qemu can reach the output folder."""
+    """`--check`: the config is valid; qemu can reach the output folder; how domains will
+    run here (KVM or TCG, which CPU); whether guest conversion is possible."""
+    from hyper2kvm import guest
     from hyper2kvm.access import check_qemu_reaches
+    from hyper2kvm.cpu import domain_type_and_cpu
 
     print("configuration is valid")
-    output = settings.hyper2kvm.output_dir
+    h2k = settings.hyper2kvm
+    output = h2k.output_dir
     try:
         if output.exists():  # a disk in it is as reachable as anything inside it
-            check_qemu_reaches(settings.hyper2kvm.libvirt_uri, [output / "disk"])
+            check_qemu_reaches(h2k.libvirt_uri, [output / "disk"])
+        domain_type, cpu = domain_type_and_cpu(h2k.domain_type, h2k.libvirt_uri)
     except HypersdkError as exc:
-        print(f"hyper2kvm.output_dir {output}: {exc}")
+        print(f"hyper2kvm ({h2k.libvirt_uri}, {output}): {exc}")
         return 1
+    print(f"domains run as {domain_type} with CPU {cpu.describe()} on {h2k.libvirt_uri}")
+    if guest.available():
+        print(f"guest conversion: {guest.TOOL} (libguestfs with "
+              f"{guest.accelerator(h2k.libvirt_uri)[0]})")
+    elif h2k.convert_guest:
+        print(f"hyper2kvm.convert_guest is on but {guest.TOOL} is not installed "
+              "(Debian: apt install virt-v2v)")
+        return 1
+    else:
+        print(f"guest conversion: off ({guest.TOOL} is not installed)")
     return 0
 
 

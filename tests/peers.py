@@ -134,27 +134,34 @@ def prefect_server() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def libvirt_uri() -> Iterator[str]:
-    """qemu:///system, started if needed. Domains tests define start with 't-'."""
+    """qemu:///system, started if needed. The domains and pools named after what
+    `unique()` made are removed at the end."""
     subprocess.run([str(ROOT / "scripts" / "start-libvirt.sh")], check=True)
     yield LIBVIRT_URI
     import libvirt
 
     conn = libvirt.open(LIBVIRT_URI)
     for domain in conn.listAllDomains():
-        if domain.name().startswith("t-"):
+        if domain.name().removesuffix("-boot-check") in MADE:
             if domain.isActive():
                 domain.destroy()
-            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            if domain.isPersistent():
+                domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
     for pool in conn.listAllStoragePools():
-        if pool.name().startswith("hypersdk-t-"):
+        if pool.name().removeprefix("hypersdk-") in MADE:
             if pool.isActive():
                 pool.destroy()
             pool.undefine()
     conn.close()
 
 
+MADE: set[str] = set()  # every name unique() gave: the session's domains are among them
+
+
 def unique(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    MADE.add(name)
+    return name
 
 
 @dataclass

@@ -180,6 +180,8 @@ def test_hypervisord_check_says_when_qemu_cannot_reach_the_output_folder(
     again = subprocess.run([str(BIN / "hypervisord"), "--check", "--config", str(config)],
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stdout
+    assert "domains run as " in again.stdout and "guest conversion: virt-v2v-in-place" \
+        in again.stdout, again.stdout
 
 
 def make_zero_raw(path: Path) -> Path:

@@ -123,10 +123,15 @@ def test_cancel_during_guest_conversion_kills_it_and_leaves_nothing(
     wait_until(converting, timeout=600, interval=0.5, what="virt-v2v-in-place to run")
     assert api.post("/jobs/cancel", json={"job_id": job_id}).status_code == 200
     assert wait_for_job(api, job_id, timeout=120)["status"] == "cancelled"
+    wait_until(lambda: api.get("/jobs/query", params={"job_id": job_id}).json()["state"]
+               == "Cancelled", timeout=60, what="Cancelling to end in Cancelled")
     wait_until(lambda: not _v2v_running(), timeout=60, what="virt-v2v-in-place to die")
     folder = daemon.images / name
-    disks = sorted(p.name for p in folder.glob("*disk*")) if folder.exists() else []
-    assert disks == [], disks
+
+    def disks() -> list[str]:
+        return sorted(p.name for p in folder.glob("*disk*")) if folder.exists() else []
+
+    wait_until(lambda: disks() == [], timeout=30, what="no disk left in the output folder")
     assert not domain_defined(name)
 
 
@@ -175,6 +180,23 @@ def test_boot_check_times_out_on_a_disk_that_never_boots_and_writes_nothing(
         assert all(not d.name().startswith(name) for d in conn.listAllDomains())
     finally:
         conn.close()
+
+
+def test_guest_conversion_is_bounded_by_its_timeout(libvirt_uri: str, tmp_path: Path) -> None:
+    from core.errors import ConversionError
+    from core.models import ConvertedDisk
+    from hyper2kvm.guest import convert_guest
+    from hyper2kvm.sample import make_disk
+
+    raw = tmp_path / "data.raw"
+    make_disk(raw, size_mib=16)
+    disk = ConvertedDisk(source="data", path=raw, format="raw", virtual_size=16 << 20,
+                         actual_size=0, seconds=0)
+    vm = VMInfo(identifier="data", name="data", provider="local")
+    with pytest.raises(ConversionError, match="did not finish within 3 s and was stopped"):
+        convert_guest(vm, [disk], uri=libvirt_uri, log_file=tmp_path / "v2v.log", timeout=3)
+    assert not _v2v_running()
+    assert "virt-v2v-in-place" in (tmp_path / "v2v.log").read_text()
 
 
 def test_asking_for_guest_conversion_without_the_tool_is_an_error(

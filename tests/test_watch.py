@@ -28,7 +28,10 @@ def watch(prefect_server: str, tmp_path: Path) -> Iterator[tuple[Path, Path, Pat
 
 
 def drop(watch_dir: Path, job_id: str, **fields: object) -> None:
-    write_json_atomically(watch_dir / f"{job_id}.json", {"job_id": job_id, **fields})
+    """A manifest; the samples are data disks, not guests: no guest conversion or boot
+    check (tests/test_guest.py has those)."""
+    write_json_atomically(watch_dir / f"{job_id}.json", {
+        "job_id": job_id, "convert_guest": False, "verify_boot": "off", **fields})
 
 
 def outcome(watch_dir: Path, job_id: str, timeout: float = 120) -> dict:
