@@ -207,8 +207,9 @@ def failure(messages: list[str], returncode: int | None, timeout: float) -> str:
     return f"{TOOL} exited with status {returncode}: {last}"
 
 
-_FACT = re.compile(r"^(i_[a-z_]+|gcaps_[a-z_]+) = (.*)$")
-_KERNEL = re.compile(r"^\* \S+ (?P<version>\S+) \((?P<arch>[^)]+)\)$")
+# searched anywhere in a line: libguestfs's debug output (stderr) may be cut into it
+_FACT = re.compile(r"\b(i_[a-z_]+|gcaps_[a-z_]+) = (.*)$")
+_KERNEL = re.compile(r"\* (?:kernel|linux-image)\S* (?P<version>\S+) \((?P<arch>[^)]+)\)$")
 _REMOVED = re.compile(r"^commandrvf: (?:dpkg --purge|rpm -e(?: --allmatches)?|"
                       r"(?:yum|dnf|zypper) -y remove|apt-get -y (?:remove|purge)) (?P<names>.+)$")
 _DEVICE_MAP = re.compile(r"^\t(?P<old>[a-z]+)\t-> (?P<new>[a-z]+)$")
@@ -223,23 +224,17 @@ def parse_report(log: str, messages: list[str]) -> GuestReport:
     kernels: list[str] = []
     removed: list[str] = []
     changes: list[str] = []
-    in_kernels = False
     device_map: list[str] = []
     for line in log.splitlines():
-        fact = _FACT.match(line)
+        fact = _FACT.search(line)
         if fact:
             facts.setdefault(fact.group(1), fact.group(2).strip())
             continue
-        if line.startswith("installed kernel packages in this guest"):
-            in_kernels = True
-            continue
-        if in_kernels:
-            kernel = _KERNEL.match(line)
-            if kernel:
-                kernels.append(kernel.group("version"))
-            elif not line.startswith("\t"):
-                in_kernels = False
-        if (gone := _REMOVED.match(line)) is not None:
+        # virt-v2v lists the kernels ("* <package> <version> (<arch>)") twice: installed
+        # ones, and those the boot loader offers; libguestfs's debug lines may come between
+        if (kernel := _KERNEL.search(line)) is not None:
+            kernels.append(kernel.group("version"))
+        elif (gone := _REMOVED.match(line)) is not None:
             removed.extend(gone.group("names").split())
         elif (mapped := _DEVICE_MAP.match(line)) is not None:
             device_map.append(f"{mapped.group('old')} → {mapped.group('new')}")

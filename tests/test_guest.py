@@ -209,3 +209,31 @@ def test_asking_for_guest_conversion_without_the_tool_is_an_error(
         converts_guest(Hyper2kvmIntegration(convert_guest=True), settings)
     monkeypatch.setenv("PATH", os.environ["PATH"] + ":/usr/bin")
     assert converts_guest(Hyper2kvmIntegration(), settings) is True
+
+
+def test_guest_report_reads_virt_v2v_facts_even_with_debug_lines_cut_into_them() -> None:
+    from hyper2kvm.guest import parse_report
+
+    log = "\n".join([  # as virt-v2v 2.2 -v writes them (stdout and stderr in one pipe)
+        "i_root = /dev/sda1", "i_type = linux", "i_distro = debian", "i_major_version = 12",
+        "i_minor_version = 4", "i_arch = x86_64", "i_product_name = 12.4", "i_firmware = BIOS",
+        "guestfsd: => command_lines (0x33) took 0.6installed kernel packages in this guest:",
+        "* linux-image-6.1.0-18-amd64 6.1.0-18-amd64 (x86_64)",
+        "\t/boot/vmlinuz-6.1.0-18-amd64",
+        "commandrvf: dpkg --purge open-vm-tools",
+        "block device map:", "\tsda\t-> vda",
+        "commandrvf: /usr/sbin/update-initramfs -v -c -k 6.1.0-18-amd64",
+        "guestfsd: <= aug_match (0x18)gcaps_block_bus = virtio-blk",
+    ])
+    messages = ["Converting 12.4 to run on KVM",
+                "virt-v2v-in-place: warning: could not determine a way to update Grub2",
+                "virt-v2v-in-place: This guest has virtio drivers installed."]
+    report = parse_report(log, messages)
+    assert (report.os_type, report.distribution, report.version, report.firmware) == (
+        "linux", "debian", "12.4", "bios")
+    assert report.kernels == ["6.1.0-18-amd64"] and report.virtio
+    assert report.removed == ["open-vm-tools"]
+    assert report.changes[:3] == [
+        "device names in fstab and boot loader remapped: sda → vda",
+        "rebuilt the initramfs of kernel 6.1.0-18-amd64", "removed open-vm-tools"]
+    assert report.warnings == ["could not determine a way to update Grub2"]
