@@ -21,10 +21,11 @@ import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import libvirt
 
@@ -34,6 +35,7 @@ from hyper2kvm.console import ConsoleWatch
 from hyper2kvm.registration import connect, version
 
 DomainType = Literal["kvm", "qemu"]
+T = TypeVar("T")
 
 # MSRs that nested hypervisors are known to refuse, and the CPU feature that makes
 # QEMU set them
@@ -69,19 +71,31 @@ class CpuChoice:
 def usable_domain_type(uri: str) -> DomainType:
     """kvm where libvirt can use it (its qemu user opens /dev/kvm) and a kernel boots
     under it; qemu (TCG) otherwise."""
-    key = f"{uri}|{version(uri)}|{_boot_id()}"
+    return _remembered(uri, "type", lambda: _probe_domain_type(uri),
+                       load=lambda value: value if value in ("kvm", "qemu") else None,
+                       dump=lambda verdict: verdict)
+
+
+def _remembered(uri: str, name: str, probe: Callable[[], T], *,
+                load: Callable[[Any], T | None], dump: Callable[[T], Any]) -> T:
+    """`probe()`'s answer about `uri`, kept in the cache file for this host boot and
+    libvirt version."""
+    key = f"{name}|{uri}|{version(uri)}|{_boot_id()}"
     cache = _cache_file()
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
-    if isinstance(known, dict) and known.get(key) in ("kvm", "qemu"):
-        return known[key]  # type: ignore[no-any-return]
-    verdict = _probe_domain_type(uri)
+    known = known if isinstance(known, dict) else {}
+    if key in known and (found := load(known[key])) is not None:
+        return found
+    answer = probe()
+    known = {k: v for k, v in known.items() if k.endswith(f"|{_boot_id()}")}
+    known[key] = dump(answer)
     with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
-        write_private(cache, json.dumps({key: verdict}))
-    return verdict
+        write_private(cache, json.dumps(known))
+    return answer
 
 
 def _probe_domain_type(uri: str) -> DomainType:
@@ -180,6 +194,23 @@ def supported_modes(uri: str, domain_type: DomainType) -> set[str]:
 def choose_cpu(uri: str, domain_type: DomainType) -> CpuChoice:
     """The first candidate that starts: host-passthrough, then host-model, then QEMU's
     baseline with KVM; QEMU's `max` CPU, then its baseline, with TCG."""
+    return _remembered(uri, f"cpu-{domain_type}", lambda: _probe_cpu(uri, domain_type),
+                       load=_cpu_from_json, dump=lambda choice: [choice.mode,
+                                                                 list(choice.disabled)])
+
+
+def _cpu_from_json(value: Any) -> CpuChoice | None:
+    try:
+        mode, disabled = value
+        features = tuple(str(name) for name in disabled)
+    except (TypeError, ValueError):
+        return None
+    if mode not in ("host-passthrough", "host-model", "maximum", "default"):
+        return None
+    return CpuChoice(mode, features)
+
+
+def _probe_cpu(uri: str, domain_type: DomainType) -> CpuChoice:
     supported = supported_modes(uri, domain_type)
     preferred = ("host-passthrough", "host-model") if domain_type == "kvm" else ("maximum",)
     candidates = [CpuChoice(mode) for mode in preferred if mode in supported]  # type: ignore[arg-type]

@@ -236,9 +236,13 @@ def test_domains_run_as_kvm_only_where_a_kernel_boots_under_it(
     from hyper2kvm.cpu import choose_cpu, domain_type_and_cpu, kernel_boots
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    choose_cpu.cache_clear()  # probe afresh into this empty cache
     domain_type, cpu = domain_type_and_cpu("auto", libvirt_uri)
     cached = json.loads((tmp_path / "hypersdk" / "domain-type.json").read_text())
-    assert list(cached.values()) == [domain_type]
+    assert [verdict for key, verdict in cached.items() if key.startswith("type|")] == [
+        domain_type]
+    assert [choice for key, choice in cached.items() if key.startswith(f"cpu-{domain_type}|")
+            ] == [[cpu.mode, list(cpu.disabled)]]
     if "host-passthrough" in _kvm_modes(libvirt_uri):
         kvm_runs = kernel_boots(libvirt_uri, "kvm", choose_cpu(libvirt_uri, "kvm"))
         assert domain_type == ("kvm" if kvm_runs is not False else "qemu")
