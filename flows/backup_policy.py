@@ -4,10 +4,13 @@ run into `<export base>/<policy>/<vm>/<stamp>/`, then retention prunes old backu
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
+from uuid import UUID
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
+from prefect.runtime import flow_run as current_run
 from prefect.states import Completed, Failed, State
 
 from core.config import Config, config_from_env
@@ -17,7 +20,7 @@ from core.paths import confine, safe_name
 from core.process import exit_with_daemon
 from flows import DEPLOYMENT
 from providers import get_provider
-from tasks.retention import prune, stamp, write_marker
+from tasks.retention import prune, read_backups, stamp, write_marker
 
 
 @task(name="resolve-vms")
@@ -27,12 +30,37 @@ def resolve_vms(policy: BackupPolicy) -> list[VMSummary]:
         return provider.list_vms(policy.vm_filter)
 
 
+def ended_runs(run_ids: set[str]) -> frozenset[str]:
+    """Those of `run_ids` that Prefect has in a final state, or has not at all."""
+    ids = {UUID(run_id) for run_id in run_ids if _is_uuid(run_id)}
+    if not ids:
+        return frozenset(run_ids)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=sorted(ids))), limit=len(ids))
+    active = {str(run.id) for run in runs if run.state is None or not run.state.is_final()}
+    return frozenset(run_ids - active)
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
 @task(name="retention")
 def apply_retention(policy: BackupPolicy, root: Path) -> list[str]:
     now = datetime.now(UTC)
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    running = {backup.run_id for folder in folders for backup in read_backups(folder)
+               if backup.status == "running" and backup.run_id
+               and backup.run_id != str(current_run.id)}
+    ended = ended_runs(running)
     pruned: list[Path] = []
-    for vm_folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        pruned += prune(vm_folder, policy.retention, now)
+    for vm_folder in folders:
+        pruned += prune(vm_folder, policy.retention, now, ended_runs=ended)
     return [str(p) for p in pruned]
 
 
@@ -43,7 +71,7 @@ async def back_up(vm: VMSummary, policy: BackupPolicy, settings: Config, taken: 
         folder = settings.export.base_path / relative
         folder.mkdir(parents=True, exist_ok=True)
         write_marker(folder, status="running", vm=vm.identifier,
-                     started_at=datetime.now(UTC).isoformat())
+                     policy_run=str(current_run.id), started_at=datetime.now(UTC).isoformat())
         options = policy.export_options
         job = JobDefinition(vm_identifier=vm.identifier, provider=policy.provider,
                             export_method=options.export_method, export_path=relative,

@@ -3,13 +3,14 @@ a marker saying whether it is running, completed or failed.
 
 Only completed backups count towards `retention.count`, the newest completed one is never
 deleted, running (or unmarked) backups are never touched, and failed ones go once they are
-older than `retention.age_days`."""
+older than `retention.age_days`. A backup still marked running whose policy run has ended
+(the run crashed or was killed before it could say) counts as failed."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class Backup:
     path: Path
     taken_at: datetime
     status: str  # running, completed, failed; unknown when the marker is missing
+    run_id: str | None = None  # the backup-policy flow run that writes it
 
 
 def stamp(moment: datetime) -> str:
@@ -49,19 +51,25 @@ def read_backups(vm_folder: Path) -> list[Backup]:
             taken = datetime.strptime(child.name, STAMP).replace(tzinfo=UTC)
         except ValueError:
             continue  # not one of ours
-        status = "unknown"
+        status, run_id = "unknown", None
         marker = child / MARKER
         if child.is_dir() and marker.is_file():
             try:
-                status = str(json.loads(marker.read_text()).get("status", "unknown"))
-            except ValueError:
+                facts = json.loads(marker.read_text())
+                status = str(facts.get("status", "unknown"))
+                run_id = str(facts["policy_run"]) if facts.get("policy_run") else None
+            except (ValueError, AttributeError):
                 status = "unknown"
-        backups.append(Backup(path=child, taken_at=taken, status=status))
+        backups.append(Backup(path=child, taken_at=taken, status=status, run_id=run_id))
     return backups
 
 
-def plan_pruning(backups: list[Backup], retention: Retention, now: datetime) -> list[Backup]:
-    """The backups retention removes (see the module's docstring)."""
+def plan_pruning(backups: list[Backup], retention: Retention, now: datetime, *,
+                 ended_runs: frozenset[str] = frozenset()) -> list[Backup]:
+    """The backups retention removes (see the module's docstring); `ended_runs`: policy
+    runs that are over, so their backups still marked running were interrupted."""
+    backups = [replace(b, status="failed") if b.status == "running" and b.run_id in ended_runs
+               else b for b in backups]
     max_age = timedelta(days=retention.age_days) if retention.age_days else None
     completed = sorted((b for b in backups if b.status == "completed"),
                        key=lambda b: b.taken_at, reverse=True)
@@ -73,11 +81,12 @@ def plan_pruning(backups: list[Backup], retention: Retention, now: datetime) -> 
     return sorted(doomed, key=lambda b: b.taken_at)
 
 
-def prune(vm_folder: Path, retention: Retention, now: datetime) -> list[Path]:
+def prune(vm_folder: Path, retention: Retention, now: datetime, *,
+          ended_runs: frozenset[str] = frozenset()) -> list[Path]:
     """Apply retention to one VM's backups; returns what was deleted."""
     deleted = []
     root = vm_folder.resolve()
-    for backup in plan_pruning(read_backups(vm_folder), retention, now):
+    for backup in plan_pruning(read_backups(vm_folder), retention, now, ended_runs=ended_runs):
         target = backup.path.resolve()
         if target.parent != root:  # a link pointing elsewhere: never follow it
             continue

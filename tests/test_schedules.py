@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.schedules import CronSchedule
 from websockets.sync.client import ClientConnection, connect
@@ -166,6 +167,40 @@ def test_retention_keeps_counts_and_ages_and_never_touches_running_ones(tmp_path
     assert [b.path for b in plan_pruning(read_backups(old_only), Retention(count=5, age_days=30),
                                          now)] == [older]
     assert newest.exists()
+
+
+def test_a_backup_left_running_by_a_policy_run_that_ended_is_pruned_as_failed(
+        tmp_path: Path, prefect_server: str) -> None:
+    """A policy run killed mid-backup never writes "failed": once Prefect has that run in
+    a final state (or has it not at all) its "running" backup counts as failed."""
+    import uuid
+
+    from prefect import get_client
+    from prefect.states import Crashed, Running
+
+    from flows.backup_policy import ended_runs
+
+    with get_client(sync_client=True) as client:
+        crashed = client.create_flow_run(_probe_flow, state=Running())
+        client.set_flow_run_state(crashed.id, Crashed(message="killed"), force=True)
+        live = client.create_flow_run(_probe_flow, state=Running())
+    gone = str(uuid.uuid4())
+    assert ended_runs({str(crashed.id), str(live.id), gone}) == {str(crashed.id), gone}
+    now = datetime.now(UTC)
+    marked = {}
+    for name, run_id in (("crashed", crashed.id), ("live", live.id), ("gone", gone)):
+        folder = tmp_path / stamp(now - timedelta(days=len(marked) + 5))
+        folder.mkdir()
+        write_marker(folder, status="running", policy_run=str(run_id))
+        marked[name] = folder
+    doomed = plan_pruning(read_backups(tmp_path), Retention(count=3, age_days=3),
+                          now, ended_runs=ended_runs({str(crashed.id), str(live.id), gone}))
+    assert sorted(b.path for b in doomed) == sorted([marked["crashed"], marked["gone"]])
+
+
+@flow(name="hand-made-runs")
+def _probe_flow() -> None:
+    """A flow for runs created by hand."""
 
 
 def test_a_completed_marker_is_written_only_after_the_backup_is_on_disk(
