@@ -141,7 +141,7 @@ def _boot_and_watch(uri: str, xml: str, *, timeout: float, pattern: str | None,
             return BootOutcome(False, f"the domain does not start: {exc}", 0.0)
         console: ConsoleWatch | None = None
         try:
-            console = ConsoleWatch(conn, domain, keep=keep)
+            console = ConsoleWatch(uri, domain.name(), keep=keep)
             domain.resume()
             watched = {"up": up, **DEAD_ENDS}
             while True:
@@ -166,10 +166,10 @@ def _boot_and_watch(uri: str, xml: str, *, timeout: float, pattern: str | None,
             lines = console.last_lines() if console else []
             return BootOutcome(False, f"the domain failed: {exc}", _since(started), lines)
         finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.destroy()  # first: that ends the console's stream
             if console is not None:
                 console.close()
-            with contextlib.suppress(libvirt.libvirtError):
-                domain.destroy()
 
 
 def _agent_answers(domain: libvirt.virDomain) -> bool:

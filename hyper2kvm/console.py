@@ -14,18 +14,22 @@ _ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[()][A-Za-z0-9]|c)")
 
 class ConsoleWatch:
     """Reads the domain's console in a thread; `wait_for` finds a pattern in what it
-    printed. Keeps the last `keep` lines."""
+    printed. Keeps the last `keep` lines. Stop the domain before `close()`."""
 
-    def __init__(self, conn: libvirt.virConnect, domain: libvirt.virDomain, *,
-                 keep: int = 40) -> None:
-        self._stream = conn.newStream(0)
-        domain.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+    def __init__(self, uri: str, name: str, *, keep: int = 40) -> None:
+        # a connection of its own: a blocking recv() holds its connection, and a call on
+        # the same one (destroying the domain, say) would wait for the guest to print
+        self._conn = libvirt.open(uri)
+        self._stream = self._conn.newStream(0)
+        self._conn.lookupByName(name).openConsole(None, self._stream,
+                                                  libvirt.VIR_DOMAIN_CONSOLE_FORCE)
         self._raw = ""
         self._text = ""
         self._keep = keep
         self._changed = threading.Condition()
         self._closed = False
-        threading.Thread(target=self._read, name="console", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="console", daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         while True:
@@ -68,6 +72,13 @@ class ConsoleWatch:
             lines = [line for line in self._text.split("\n") if line.strip()]
         return lines[-self._keep:]
 
-    def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
-            self._stream.abort()
+    def close(self, *, timeout: float = 5.0) -> None:
+        """Call once the domain is stopped (that ends the stream): waits for the reader,
+        then lets the stream go. Aborting a stream whose reader still waits inside recv()
+        would block both."""
+        self._reader.join(timeout)
+        if not self._reader.is_alive():
+            with contextlib.suppress(libvirt.libvirtError):
+                self._stream.abort()
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()

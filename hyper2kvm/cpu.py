@@ -155,17 +155,19 @@ def kernel_boots(uri: str, domain_type: DomainType, cpu: CpuChoice) -> bool | No
                                        libvirt.VIR_DOMAIN_START_PAUSED)
             except libvirt.libvirtError:
                 return False
+            console: ConsoleWatch | None = None
             try:
-                console = ConsoleWatch(conn, probe)
+                console = ConsoleWatch(uri, probe.name())
                 probe.resume()
                 found = console.wait_for({"panic": _KERNEL_PANIC}, _KERNEL_BOOT_SECONDS)
-                console.close()
                 return found is not None
             except libvirt.libvirtError:
                 return False
             finally:
                 with contextlib.suppress(libvirt.libvirtError):
-                    probe.destroy()
+                    probe.destroy()  # first: that ends the console's stream
+                if console is not None:
+                    console.close()
 
 
 def pick_domain_type(requested: str, uri: str) -> DomainType:

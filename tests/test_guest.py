@@ -92,8 +92,9 @@ def test_vmware_guest_boots_only_after_guest_conversion(
     disk = Path(result["disks"][0]["path"])
     assert qemu_img.info(disk).get("backing-filename") is None
     assert sorted(p.name for p in disk.parent.iterdir() if p.name.startswith(".")) == []
-    logs = api.get(f"/jobs/logs/{job['job_id']}").text
-    assert "virt-v2v: Converting" in logs and "boot check:" in logs
+    # Prefect takes logs in batches, a few seconds after they are written
+    wait_until(lambda: all(line in api.get(f"/jobs/logs/{job['job_id']}").text for line in (
+        "virt-v2v: Converting", "boot check: ")), timeout=60, what="the steps' logs")
 
 
 def test_failed_guest_conversion_fails_the_job_with_the_reason_and_no_domain(
