@@ -155,6 +155,7 @@ class JobProgress:
         """The whole job is done: 100%, and every update sent before the run ends."""
         with self._lock:
             self.phase, self.done, self.total = "completed", 0, 0
+            self._notes[f"{LABEL}step"] = ""
             self._write(force=True, phase_done=True)
         self._writer.flush()
 
