@@ -62,8 +62,9 @@ def accelerator(uri: str) -> tuple[Literal["kvm", "tcg"], CpuChoice | None]:
 
 
 def _qemu_wrapper(folder: Path, disabled: tuple[str, ...]) -> Path:
-    """libguestfs runs QEMU with `-cpu host`; this wrapper (LIBGUESTFS_HV) turns off the
-    features the host refuses, as libvirt does for our domains."""
+    """libguestfs runs QEMU with `-cpu max,la57=off` (older ones with `-cpu host`); this
+    wrapper (LIBGUESTFS_HV) runs it with the host's CPU minus the features the host
+    refuses, the CPU the probe found to start (hyper2kvm.cpu)."""
     features = "".join(f",{name}=off" for name in disabled)
     script = folder / "qemu-system-x86_64"
     script.write_text(
@@ -71,7 +72,9 @@ def _qemu_wrapper(folder: Path, disabled: tuple[str, ...]) -> Path:
         "prev=\n"
         "for arg; do\n"
         "  shift\n"
-        f'  if [ "$prev" = -cpu ] && [ "$arg" = host ]; then arg="host{features}"; fi\n'
+        '  if [ "$prev" = -cpu ]; then\n'
+        f'    case "$arg" in host*|max*) arg="host{features}";; esac\n'
+        "  fi\n"
         '  set -- "$@" "$arg"\n'
         '  prev=$arg\n'
         "done\n"

@@ -238,3 +238,17 @@ def test_guest_report_reads_virt_v2v_facts_even_with_debug_lines_cut_into_them()
         "device names in fstab and boot loader remapped: sda → vda",
         "rebuilt the initramfs of kernel 6.1.0-18-amd64", "removed open-vm-tools"]
     assert report.warnings == ["could not determine a way to update Grub2"]
+
+
+def test_libguestfs_qemu_gets_the_host_cpu_without_refused_features(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hyper2kvm import guest
+
+    monkeypatch.setattr(guest, "QEMU", "/bin/echo")  # shows the arguments QEMU would get
+    wrapper = guest._qemu_wrapper(tmp_path, ("arch-capabilities",))
+    for given in ("max,la57=off", "host"):
+        ran = subprocess.run([str(wrapper), "-m", "1280", "-cpu", given, "-smp", "2"],
+                             capture_output=True, text=True, check=True)
+        assert ran.stdout.split() == ["-m", "1280", "-cpu", "host,arch-capabilities=off",
+                                      "-smp", "2"]
