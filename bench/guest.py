@@ -33,10 +33,9 @@ from hyper2kvm.cpu import domain_type_and_cpu  # noqa: E402
 from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml  # noqa: E402
 from hyper2kvm.guest import accelerator, convert_guest  # noqa: E402
 from hyper2kvm.registration import define_domain, undefine_domain  # noqa: E402
-from hyper2kvm.sample import make_sample_ova  # noqa: E402
+from hyper2kvm.sample import build_guest_disk, make_sample_ova  # noqa: E402
 from hyper2kvm.staging import describe_source, stage_export  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 URI = "qemu:///system"
 
 
@@ -86,9 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    built = subprocess.run([str(ROOT / "scripts" / "build-guest.sh")], capture_output=True,
-                           text=True, check=True)
-    guest_disk = Path(built.stdout.strip().splitlines()[-1])
+    guest_disk = build_guest_disk()
     with tempfile.TemporaryDirectory(prefix="bench-guest-", dir="/var/tmp") as scratch:
         work = Path(scratch)
         work.chmod(0o755)  # qemu (libvirt-qemu) reads the disks in here

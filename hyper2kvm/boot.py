@@ -57,19 +57,17 @@ def verify_boot(uri: str, name: str, *, timeout: float, pattern: str | None = No
             source = ET.fromstring(defined.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
         except libvirt.libvirtError as exc:
             raise RegistrationError(f"boot check: no domain {name!r}: {exc}") from None
-    disks = [(element, element.find("source"), element.find("driver"))
-             for element in source.iterfind("devices/disk[@device='disk']")]
+    disks = [(disk_source, driver) for element in source.iterfind("devices/disk[@device='disk']")
+             if (disk_source := element.find("source")) is not None and disk_source.get("file")
+             and (driver := element.find("driver")) is not None]
     if not disks:
         return BootOutcome(False, "the domain has no disk to boot from", 0.0)
     stop_boot_check(uri, name)  # one a killed process left running
-    first = Path(disks[0][1].get("file", "")) if disks[0][1] is not None else Path()
     # a partial name: whoever cleans up after a killed job removes it (core.files)
-    work = first.parent / f".boot-check-{uuid.uuid4().hex[:8]}.partial"
+    work = Path(disks[0][0].get("file", "")).parent / f".boot-check-{uuid.uuid4().hex[:8]}.partial"
     work.mkdir(mode=0o711)  # the qemu user opens the overlays inside
     try:
-        for index, (_element, disk_source, driver) in enumerate(disks):
-            if disk_source is None or driver is None or not disk_source.get("file"):
-                continue
+        for index, (disk_source, driver) in enumerate(disks):
             overlay = work / f"disk{index}.qcow2"
             qemu_img.create_overlay(overlay, Path(disk_source.get("file", "")),
                                     driver.get("type", "raw"))

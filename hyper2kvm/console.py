@@ -20,9 +20,13 @@ class ConsoleWatch:
         # a connection of its own: a blocking recv() holds its connection, and a call on
         # the same one (destroying the domain, say) would wait for the guest to print
         self._conn = libvirt.open(uri)
-        self._stream = self._conn.newStream(0)
-        self._conn.lookupByName(name).openConsole(None, self._stream,
-                                                  libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        try:
+            self._stream = self._conn.newStream(0)
+            self._conn.lookupByName(name).openConsole(None, self._stream,
+                                                      libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        except libvirt.libvirtError:
+            self._conn.close()
+            raise
         self._raw = ""
         self._text = ""
         self._keep = keep

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import libvirt
 
@@ -35,6 +35,7 @@ from hyper2kvm.console import ConsoleWatch
 from hyper2kvm.registration import connect, version
 
 DomainType = Literal["kvm", "qemu"]
+CpuMode = Literal["host-passthrough", "host-model", "maximum", "default"]
 T = TypeVar("T")
 
 # MSRs that nested hypervisors are known to refuse, and the CPU feature that makes
@@ -50,7 +51,7 @@ _KERNEL_PANIC = re.compile(r"Kernel panic - not syncing")
 class CpuChoice:
     """`mode` as libvirt names it; `default` means no <cpu> element (QEMU's baseline)."""
 
-    mode: Literal["host-passthrough", "host-model", "maximum", "default"]
+    mode: CpuMode
     disabled: tuple[str, ...] = ()
 
     def element(self) -> ET.Element | None:
@@ -80,7 +81,8 @@ def _remembered(uri: str, name: str, probe: Callable[[], T], *,
                 load: Callable[[Any], T | None], dump: Callable[[T], Any]) -> T:
     """`probe()`'s answer about `uri`, kept in the cache file for this host boot and
     libvirt version."""
-    key = f"{name}|{uri}|{version(uri)}|{_boot_id()}"
+    boot = _boot_id()
+    key = f"{name}|{uri}|{version(uri)}|{boot}"
     cache = _cache_file()
     try:
         known = json.loads(cache.read_text())
@@ -90,7 +92,7 @@ def _remembered(uri: str, name: str, probe: Callable[[], T], *,
     if key in known and (found := load(known[key])) is not None:
         return found
     answer = probe()
-    known = {k: v for k, v in known.items() if k.endswith(f"|{_boot_id()}")}
+    known = {k: v for k, v in known.items() if k.endswith(f"|{boot}")}
     known[key] = dump(answer)
     with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -100,12 +102,7 @@ def _remembered(uri: str, name: str, probe: Callable[[], T], *,
 
 def _probe_domain_type(uri: str) -> DomainType:
     try:
-        with connect(uri) as conn:
-            conn.getDomainCapabilities(None, "x86_64", "q35", "kvm", 0)
-    except (RegistrationError, libvirt.libvirtError):
-        return "qemu"
-    try:
-        cpu = choose_cpu(uri, "kvm")
+        cpu = choose_cpu(uri, "kvm")  # RegistrationError where libvirt has no KVM at all
     except RegistrationError:
         return "qemu"
     return "qemu" if kernel_boots(uri, "kvm", cpu) is False else "kvm"
@@ -207,7 +204,7 @@ def _cpu_from_json(value: Any) -> CpuChoice | None:
         features = tuple(str(name) for name in disabled)
     except (TypeError, ValueError):
         return None
-    if mode not in ("host-passthrough", "host-model", "maximum", "default"):
+    if mode not in get_args(CpuMode):
         return None
     return CpuChoice(mode, features)
 

@@ -33,7 +33,8 @@ def needs_compat(vm: VMInfo) -> bool:
     return (vm.guest_os or "").lower().startswith("win")
 
 
-def _disk_target(index: int, prefix: str) -> str:
+def disk_target(index: int, prefix: str) -> str:
+    """The guest's name of disk `index`: vda…vdz, vdaa… (or sd…)."""
     letters = ""
     index += 1
     while index:
@@ -99,7 +100,7 @@ def domain_xml(
         element = ET.SubElement(devices, "disk", type="file", device="disk")
         ET.SubElement(element, "driver", name="qemu", type=disk.format, discard="unmap")
         ET.SubElement(element, "source", file=str(disk.path))
-        ET.SubElement(element, "target", dev=_disk_target(index, prefix), bus=bus)
+        ET.SubElement(element, "target", dev=disk_target(index, prefix), bus=bus)
     for nic in vm.nics:
         target = networks.target(nic.network)
         if target == "user":

@@ -27,6 +27,7 @@ from core.errors import ConversionError
 from core.models import ConvertedDisk, GuestReport, VMInfo
 from core.process import die_with_parent
 from hyper2kvm.cpu import CpuChoice, choose_cpu, usable_domain_type
+from hyper2kvm.domain import disk_target
 
 TOOL = "virt-v2v-in-place"
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -99,7 +100,7 @@ def _source_xml(vm: VMInfo, disks: list[ConvertedDisk]) -> str:
         element = ET.SubElement(devices, "disk", type="file", device="disk")
         ET.SubElement(element, "driver", name="qemu", type=disk.format)
         ET.SubElement(element, "source", file=str(disk.path))
-        ET.SubElement(element, "target", dev=f"sd{chr(ord('a') + index)}", bus="scsi")
+        ET.SubElement(element, "target", dev=disk_target(index, "sd"), bus="scsi")
     return ET.tostring(domain, encoding="unicode")
 
 

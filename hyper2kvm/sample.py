@@ -8,11 +8,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from core.errors import ConversionError
 from core.models import DiskInfo, NicInfo, VMInfo
 from hyper2kvm import ova, qemu_img
 from hyper2kvm.ovf import write_descriptor
 
 MIB = 1024 * 1024
+GUEST_BUILDER = Path(__file__).resolve().parents[1] / "scripts" / "build-guest.sh"
 
 
 def _run(*cmd: str, stdin: str | None = None) -> None:
@@ -37,6 +39,18 @@ def make_disk(raw: Path, *, size_mib: int, random_mib: int = 0, hostname: str = 
         fs_kib = (size_mib - 2) * 1024  # 1 MiB before the partition, GPT backup after
         _run("mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={MIB}", "-d", content,
              str(raw), f"{fs_kib}k")
+
+
+def build_guest_disk(*, timeout: float | None = None) -> Path:
+    """The raw disk of a real Debian guest as VMware leaves one (scripts/build-guest.sh),
+    built once per machine and cached outside the checkout."""
+    built = subprocess.run([str(GUEST_BUILDER)], capture_output=True, text=True,
+                           timeout=timeout)
+    if built.returncode != 0:
+        said = [line for line in built.stderr.splitlines() if line.strip()][-5:]
+        raise ConversionError(f"{GUEST_BUILDER.name} could not build the guest: "
+                              + ("; ".join(said) or f"exit status {built.returncode}"))
+    return Path(built.stdout.strip().splitlines()[-1])
 
 
 def make_sample_ova(

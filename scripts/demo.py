@@ -103,20 +103,15 @@ def main() -> int:
     config = write_config(data, api_port=args.api_port, ui_port=args.ui_port, api_key=api_key)
 
     from hyper2kvm import registration
-    from hyper2kvm.sample import make_sample_ova
+    from hyper2kvm.sample import build_guest_disk, make_sample_ova
 
     name = "debian-vm"
     sample = data / "inbox" / f"{name}.ova"
     if not sample.exists():
         console.print("building the sample guest (Debian 12 as VMware leaves it; once per "
                       "machine, a few minutes)")
-        built = subprocess.run([str(ROOT / "scripts" / "build-guest.sh")], text=True,
-                               stdout=subprocess.PIPE)
-        if built.returncode != 0:
-            console.print("[red]demo failed: scripts/build-guest.sh could not build the guest")
-            return 1
-        guest_disk = Path(built.stdout.strip().splitlines()[-1])
-        make_sample_ova(data / "inbox", name, guest_disk=guest_disk, cpus=1, memory_mb=1024)
+        make_sample_ova(data / "inbox", name, guest_disk=build_guest_disk(), cpus=1,
+                        memory_mb=1024)
         console.print(f"sample VM {sample} (a streamOptimized VMDK in an OVA)")
     replace = registration.domain_exists("qemu:///system", name)
 

@@ -363,10 +363,9 @@ def sample_vm(daemon: Daemon) -> str:
 def guest_disk() -> Path:
     """A real Debian guest as VMware leaves one (scripts/build-guest.sh), built once per
     machine and cached outside the checkout."""
-    built = subprocess.run([str(ROOT / "scripts" / "build-guest.sh")], capture_output=True,
-                           text=True, timeout=1800)
-    assert built.returncode == 0, built.stderr
-    return Path(built.stdout.strip().splitlines()[-1])
+    from hyper2kvm.sample import build_guest_disk
+
+    return build_guest_disk(timeout=1800)
 
 
 def wait_for_job(client: httpx.Client, job_id: str, *, timeout: float = 120,
