@@ -81,6 +81,9 @@ def prepare_environment(settings: Config, config_path: str | None) -> Path:
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(data_dir / "prefect" / "results"),
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
         "PREFECT_LOGGING_LEVEL": settings.daemon.log_level.upper(),
+        # what providers log in a run (snapshot ids, retried blocks) is in the job's logs
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "providers",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -129,11 +130,25 @@ class VSphereProviderConfig(ProviderConfig):
 
 
 class AWSProviderConfig(ProviderConfig):
+    """Credentials: the access key pair, else `profile`, else boto3's standard chain
+    (environment, shared files, instance role); `role_arn` is then assumed."""
+
     region: str = "us-east-1"
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
-    endpoint_url: str | None = None
-    s3_bucket: str | None = None
+    session_token: SecretStr | None = None
+    profile: str | None = None
+    role_arn: str | None = None
+    endpoint_url: str | None = None  # one endpoint for EC2, EBS, S3 and STS (compatible clouds)
+    ca_file: Path | None = None  # CA bundle for the endpoints' TLS
+    export_bucket: str | None = None  # S3 bucket of the export-task transport
+
+    @field_validator("secret_access_key")
+    @classmethod
+    def _pair(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if (value is None) != (info.data.get("access_key_id") is None):
+            raise ValueError("access_key_id and secret_access_key go together")
+        return value
 
 
 class AzureProviderConfig(ProviderConfig):
@@ -209,6 +224,9 @@ class ExportConfig(Section):
     max_retries: int = Field(default=3, ge=0, le=20)
     concurrent_exports: int = Field(default=2, ge=1, le=256)
     disk_concurrency: int = Field(default=2, ge=1, le=64)  # disks of one VM at once
+    # parallel reads within one disk (EBS blocks, object ranges) for ranged transports
+    part_concurrency: int = Field(default=8, ge=1, le=128)
+    part_retries: int = Field(default=5, ge=0, le=20)  # per part (block, range), with backoff
 
 
 class DatabaseConfig(Section):

@@ -46,6 +46,7 @@ class NicInfo(Strict):
     mac: str | None = None
     network: str | None = None
     adapter: str = "virtio"
+    ip_address: str | None = None
 
     @field_validator("mac")
     @classmethod
@@ -78,6 +79,7 @@ class VMInfo(VMSummary):
     firmware: Literal["bios", "efi"] = "bios"
     secure_boot: bool = False
     guest_os: str | None = None
+    architecture: str | None = None  # x86_64, arm64, ... where the platform says
     disks: list[DiskInfo] = Field(default_factory=list)
     nics: list[NicInfo] = Field(default_factory=list)
     cdroms: int = 0
@@ -99,7 +101,8 @@ class ExportResult(Strict):
     vm: VMInfo
     directory: Path
     files: list[ExportedFile]
-    method: Literal["ova", "ovf", "vmdk"]
+    # "disks": for a job that converts, the disks in the form cheapest to convert, unpackaged
+    method: Literal["ova", "ovf", "vmdk", "disks"]
     linked: bool = False  # hard links, no bytes copied
 
     @property
@@ -113,9 +116,11 @@ class ExportOptions(Strict):
     restore_power_state: bool = False  # power the VM on again after the export
     remove_cdrom: bool = True  # from the exported descriptor; the source is never changed
     compress: bool = False
-    # how disks leave vSphere: nfc (ExportVm lease), datastore (HTTP /folder), auto
-    # (nfc, falling back to datastore when the server has no ExportVm)
-    transport: Literal["auto", "nfc", "datastore"] = "auto"
+    # how disks leave the platform. vSphere: nfc (ExportVm lease), datastore (HTTP /folder),
+    # auto (nfc, falling back to datastore when the server has no ExportVm). AWS: ebs
+    # (snapshots read through the EBS direct APIs; auto), export-task (an export to S3)
+    transport: Literal["auto", "nfc", "datastore", "ebs", "export-task"] = "auto"
+    keep_snapshots: bool = False  # leave the snapshots/images made in the source account
 
 
 class GuestOptions(Strict):

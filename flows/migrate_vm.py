@@ -2,6 +2,7 @@
 report."""
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,15 @@ from core.process import exit_with_daemon
 from flows.bootable import make_bootable
 from flows.report import StepTimer, publish_report
 from hyper2kvm.boot import stop_boot_check
+from providers import get_provider
 from tasks.convert import convert_disks
 from tasks.export import ensure_export_limit, export_vm, release_export_slot
 from tasks.handoff import await_daemon, write_watch_manifest
 from tasks.progress import LABEL, JobProgress
 from tasks.transfer import transfer_files
 from tasks.validate import validate_job
+
+hook_log = logging.getLogger("hypersdk.cleanup")
 
 
 def export_dir(job: JobDefinition, settings: Config) -> Path:
@@ -36,6 +40,20 @@ def converts_in_flow(job: JobDefinition) -> bool:
     return integration.enabled and integration.auto_convert and not integration.daemon_mode
 
 
+def discard_exports(job: JobDefinition, settings: Config, job_id: str) -> None:
+    """What the run's export made in the source account (snapshots, export objects)
+    and could not remove itself, removed now."""
+    try:
+        with get_provider(job.provider, settings) as provider:
+            removed = provider.discard(job_id)
+        if removed:
+            hook_log.info("job %s: removed %s from %s", job_id, ", ".join(removed),
+                          job.provider)
+    except Exception as exc:  # noqa: BLE001 - a hook must never fail the state change
+        hook_log.warning("job %s: could not remove its export leftovers from %s: %s",
+                         job_id, job.provider, exc)
+
+
 def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
     """On cancel or crash: no half-written file stays where a finished one would be, and
     an export slot the run held is free at once."""
@@ -44,6 +62,7 @@ def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
     try:
         job = JobDefinition.model_validate(flow_run.parameters["job"])
         settings = config_from_env()
+        discard_exports(job, settings, str(flow_run.id))
         folders = [export_dir(job, settings)]
         vm_name = (flow_run.labels or {}).get(f"{LABEL}vm")
         if vm_name:
@@ -75,7 +94,8 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
                                                 converts=converts_in_flow(job)))
     ensure_export_limit(settings.export.concurrent_exports)
     export = timed("export", lambda: export_vm.with_options(
-        retries=settings.export.max_retries)(job, destination, vm))
+        retries=settings.export.max_retries)(job, destination, vm,
+                                             converts=converts_in_flow(job)))
     result = MigrationResult(vm=export.vm.name, export=export)
     handoff: Path | None = None
     integration = job.hyper2kvm_integration
@@ -99,7 +119,7 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
             timed=timed)})
     result = result.model_copy(update={"step_seconds": timed.seconds})
     progress.complete()
-    source = (f"provider `{job.provider}`, VM `{job.vm_identifier}`, export `{job.export_method}`"
+    source = (f"provider `{job.provider}`, VM `{job.vm_identifier}`, export `{export.method}`"
               f" into `{result.export.directory}`"
               f"{' (hard-linked)' if result.export.linked else ''}")
     publish_report(result, title=f"Migration of `{export.vm.name}`", source=source,

@@ -14,12 +14,15 @@ from core.errors import InvalidRequest, Unsupported
 from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
 
 BytesProgress = Callable[[int], None]  # called with bytes just moved
-ExportMethod = Literal["ova", "ovf", "vmdk"]
+# "disks": asked by a job that converts; the disks in whatever form is cheapest to hand to
+# conversion (no packaging the job would throw away)
+ExportMethod = Literal["ova", "ovf", "vmdk", "disks"]
 
 # name → (driver class path, what to install when its SDK is missing)
 _DRIVERS: dict[str, tuple[str, str | None]] = {
     "local": ("providers.local:LocalProvider", None),
     "vsphere": ("providers.vsphere:VSphereProvider", "pip install 'hypersdk[vsphere]'"),
+    "aws": ("providers.aws:AWSProvider", "pip install 'hypersdk[aws]'"),
 }
 
 
@@ -49,8 +52,23 @@ class Provider(ABC):
         method: ExportMethod,
         options: ExportOptions,
         progress: BytesProgress | None = None,
+        job: str | None = None,
     ) -> ExportResult:
-        """Write the VM under `dest` packaged as `method`."""
+        """Write the VM under `dest` packaged as `method`. Whatever the export creates in
+        the source account (snapshots, export objects) is tagged with `job`, so that
+        `discard(job)` finds it after a cancel or a crash."""
+
+    def check_export(self, vm: VMInfo, options: ExportOptions, *,  # noqa: B027
+                     converts: bool) -> None:
+        """Raise InvalidRequest, before a job is queued, for an export of `vm` that cannot
+        work on this platform (a transport it lacks, a documented limit). Platforms with
+        no such limits have nothing to check."""
+
+    def discard(self, job: str) -> list[str]:
+        """Remove what exports of `job` created in the source account and left behind
+        (a cancelled or crashed run's snapshots); returns what was removed. Platforms
+        whose exports create nothing there have nothing to remove."""
+        return []
 
     @abstractmethod
     def check(self) -> None:

@@ -120,6 +120,7 @@ class LocalProvider(Provider):
         method: ExportMethod,
         options: ExportOptions,
         progress: BytesProgress | None = None,
+        job: str | None = None,
     ) -> ExportResult:
         source = self._source(identifier)
         vm = self.get_vm(identifier)
@@ -153,6 +154,8 @@ class LocalProvider(Provider):
         written: list[Path],
     ) -> bool:
         """Fill `dest`, appending each finished file to `written`; True if all linked."""
+        if method == "disks":  # as the source already is: linked, nothing repackaged
+            method = "ova" if source.suffix == ".ova" else "ovf" if source.is_dir() else "vmdk"
         if source.suffix == ".ova":
             if method == "ova":
                 target = dest / source.name

@@ -24,7 +24,8 @@ from core.config import config_from_env
 from core.errors import is_transient
 from core.models import ExportResult, JobDefinition, VMInfo
 from providers import get_provider
-from tasks.progress import LABEL, JobProgress
+from providers.base import ExportMethod
+from tasks.progress import LABEL, JobProgress, current_flow_run_id
 
 EXPORT_LIMIT = "hypersdk-exports"
 
@@ -89,9 +90,11 @@ def only_transient(_task: Any, _task_run: Any, state: Any) -> bool:
 
 @task(name="export", persist_result=True, retry_condition_fn=only_transient,
       retry_delay_seconds=[2, 10, 30])
-def export_vm(job: JobDefinition, export_path: Path, vm: VMInfo) -> ExportResult:
+def export_vm(job: JobDefinition, export_path: Path, vm: VMInfo, *,
+              converts: bool = False) -> ExportResult:
     """Export the VM from its provider into `export_path`; `vm` is what validation found
-    (its disks size the progress without asking the provider again)."""
+    (its disks size the progress without asking the provider again). A job that
+    `converts` gets the disks unpackaged: an OVA it would not keep is not built."""
     settings = config_from_env()
     logger = get_run_logger()
     progress = JobProgress.for_current_run(job.vm_identifier)
@@ -100,11 +103,12 @@ def export_vm(job: JobDefinition, export_path: Path, vm: VMInfo) -> ExportResult
         get_provider(job.provider, settings) as provider,
     ):
         progress.start("export", sum(d.capacity_bytes for d in vm.disks))
+        method: ExportMethod = "disks" if converts else job.export_method
         logger.info("exporting %s from %s as %s into %s", vm.name, job.provider,
-                    job.export_method, export_path)
+                    method, export_path)
         result = provider.export(
-            job.vm_identifier, export_path, method=job.export_method, options=job.options,
-            progress=progress.advance,
+            job.vm_identifier, export_path, method=method, options=job.options,
+            progress=progress.advance, job=str(current_flow_run_id()),
         )
     progress.finish()
     logger.info("exported %d file(s), %d bytes%s", len(result.files), result.total_bytes,

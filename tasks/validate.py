@@ -63,6 +63,7 @@ def validate_job(job: JobDefinition, output_dir: Path, *, converts: bool) -> VMI
     settings = config_from_env()
     with get_provider(job.provider, settings) as provider:
         vm = provider.get_vm(job.vm_identifier)
+        provider.check_export(vm, job.options, converts=converts)
     claim_vm(vm_tag(job.provider, vm.identifier))
     progress = JobProgress.for_current_run(vm.name)
     progress.start("validate", 0)

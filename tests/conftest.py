@@ -1,6 +1,7 @@
 """Fixtures live in tests/peers.py (one module, imported once, so the session's ports and
 directories are chosen once); pytest finds them through this import."""
 
+from tests.aws_sim import moto  # noqa: F401,E402 - fixtures
 from tests.peers import (  # noqa: F401 - fixtures
     api,
     daemon,

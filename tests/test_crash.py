@@ -35,13 +35,17 @@ def wait_for_phase(client: httpx.Client, job_id: str, phase: str) -> dict:
     return wait_until(reached, timeout=120, interval=0.05, what=f"phase {phase}")
 
 
-def job_in_phase(daemon: Daemon, prefix: str, mib: int, phase: str) -> tuple[str, str]:
+def job_in_phase(daemon: Daemon, prefix: str, mib: int, phase: str, *,
+                 converts: bool = True) -> tuple[str, str]:
     """A job for a new VM of `mib` MiB of random data, once it has reached `phase`;
-    returns the VM's name and the job id."""
+    returns the VM's name and the job id. A job that converts exports in no time (the
+    local disk is hard-linked); one that does not packages an OVA, which takes a while."""
     name = unique(prefix)
     make_random_raw(daemon.inbox, name, mib)
     with daemon.client() as client:
-        job_id = client.post("/jobs/submit", json={"vm_identifier": name}).json()["job_id"]
+        job_id = client.post("/jobs/submit", json={
+            "vm_identifier": name, "hyper2kvm_integration": {"enabled": converts},
+        }).json()["job_id"]
         wait_for_phase(client, job_id, phase)
     return name, job_id
 
@@ -119,6 +123,10 @@ def own_daemon(daemons: Daemons) -> Daemon:
 def test_a_daemon_killed_with_sigkill_starts_again_and_its_job_resumes_without_redoing_steps(
         daemons: Daemons, own_daemon: Daemon) -> None:
     name, job_id = job_in_phase(own_daemon, "big", 768, "convert")
+    with own_daemon.client() as client:  # Prefect sends logs in batches: wait for this one
+        wait_until(lambda: any(line.startswith(f"exporting {name}")
+                               for line in job_logs(client, job_id)),
+                   timeout=30, what="the export's log line")
     port = prefect_port(own_daemon)
     flow_pids = flow_processes(own_daemon.process.pid)
     assert flow_pids, "the job's flow-run process is the daemon's child"
@@ -147,7 +155,7 @@ def test_a_daemon_killed_with_sigkill_starts_again_and_its_job_resumes_without_r
 
 def test_a_daemon_killed_mid_export_leaks_no_export_slot(daemons: Daemons,
                                                          own_daemon: Daemon) -> None:
-    _name, job_id = job_in_phase(own_daemon, "slot", 512, "export")
+    _name, job_id = job_in_phase(own_daemon, "slot", 512, "export", converts=False)
     assert export_slots(own_daemon) == 1
     own_daemon.process.kill()
     own_daemon.process.wait()
@@ -161,7 +169,7 @@ def test_a_daemon_killed_mid_export_leaks_no_export_slot(daemons: Daemons,
 
 
 def test_a_flow_run_killed_mid_export_frees_its_slot_at_once(own_daemon: Daemon) -> None:
-    name, job_id = job_in_phase(own_daemon, "killed", 512, "export")
+    name, job_id = job_in_phase(own_daemon, "killed", 512, "export", converts=False)
     with own_daemon.client() as client:
         assert export_slots(own_daemon) == 1
         for pid in flow_processes(own_daemon.process.pid):

@@ -123,7 +123,7 @@ def test_list_filters_and_info(api: httpx.Client, sample_vm: str) -> None:
     assert missing.status_code == 404 and "no-such-vm" in missing.json()["message"]
 
 
-def test_bare_disk_is_packaged_as_an_ova_and_migrated(
+def test_bare_disk_is_packaged_as_an_ova_or_migrated_without_one(
     api: httpx.Client, daemon: Daemon, tmp_path: Path
 ) -> None:
     name = unique()
@@ -134,13 +134,22 @@ def test_bare_disk_is_packaged_as_an_ova_and_migrated(
     info = api.get("/vms/info", params={"identifier": name}).json()
     assert info["disks"][0]["format"] == "qcow2"
     assert info["disks"][0]["capacity_bytes"] == 24 * 2**20
-    job_id = submit(api, vm_identifier=name, export_method="ova")
+    job_id = submit(api, vm_identifier=name, export_method="ova", export_path=f"{name}-ova",
+                    hyper2kvm_integration={"enabled": False})
     info = wait_for_job(api, job_id)
     assert info["status"] == "completed", info["error"]
-    packaged = daemon.exports / name / f"{name}.ova"
+    packaged = daemon.exports / f"{name}-ova" / f"{name}.ova"
     members = ova.read_members(packaged)
     assert list(members) == [f"{name}.ovf", f"{name}-disk1.vmdk", f"{name}.mf"]
     assert detect_format(packaged, offset=members[f"{name}-disk1.vmdk"].offset) == "vmdk"
+    # a migration converts the disk as it is: no OVA packaged only to be unpacked
+    job_id = submit(api, vm_identifier=name, export_method="ova")
+    info = wait_for_job(api, job_id)
+    assert info["status"] == "completed", info["error"]
+    assert info["result"]["export"]["method"] == "disks"
+    assert [Path(f["path"]).name for f in info["result"]["export"]["files"]] == [
+        f"{name}.qcow2"]
+    assert not (daemon.exports / name / f"{name}.ova").exists()
     assert qemu_img.compare(raw, Path(info["result"]["disks"][0]["path"]))
 
 
@@ -201,7 +210,9 @@ def test_cancel_kills_qemu_img_and_removes_partial_output(
 ) -> None:
     name = unique()
     source = make_random_raw(daemon.inbox, name, 640)
-    job_id = submit(api, vm_identifier=name, export_method="ova")
+    # an export-only job packages the OVA (with qemu-img); a migration would not
+    job_id = submit(api, vm_identifier=name, export_method="ova",
+                    hyper2kvm_integration={"enabled": False})
 
     def converting() -> bool:
         progress = api.get(f"/jobs/progress/{job_id}").json()
@@ -296,7 +307,7 @@ def test_job_listing_pages_and_filters(api: httpx.Client, daemon: Daemon,
         ({"provider": "local"}, 422, "vm_identifier: field required"),
         ({"vm_identifier": "x", "export_method": "zip"}, 422, "export_method"),
         ({"vm_identifier": "x", "colour": "red"}, 422, "colour: unknown field"),
-        ({"vm_identifier": "x", "provider": "aws"}, 422, "not configured"),
+        ({"vm_identifier": "x", "provider": "azure"}, 422, "not configured"),
         ({"vm_identifier": "no-such-vm"}, 404, "no VM 'no-such-vm'"),
     ],
 )

@@ -25,7 +25,7 @@ from api.schemas import (
 from core.config import Config
 from core.errors import Conflict
 from core.models import JobDefinition, JobStatus
-from flows.migrate_vm import export_dir
+from flows.migrate_vm import converts_in_flow, export_dir
 from providers import get_provider
 from tasks.validate import vm_tag
 
@@ -34,11 +34,13 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
 
 def validate_job(job: JobDefinition, settings: Config) -> tuple[str, Path]:
     """Checks that can fail cheaply, before a run exists: the export path stays under
-    export.base_path, the provider is configured and the VM exists. Returns the VM's tag
+    export.base_path, the provider is configured, the VM exists and the provider can
+    export it as asked. Returns the VM's tag
     and the export folder."""
     folder = export_dir(job, settings)
     with get_provider(job.provider, settings) as provider:
         vm = provider.get_vm(job.vm_identifier)
+        provider.check_export(vm, job.options, converts=converts_in_flow(job))
     return vm_tag(job.provider, vm.identifier), folder
 
 

@@ -41,6 +41,7 @@ class VSphereProvider(Provider):
         method: ExportMethod,
         options: ExportOptions,
         progress: BytesProgress | None = None,
+        job: str | None = None,
     ) -> ExportResult:
         export = self.settings.export
         with pool_for(self.config).session() as session:

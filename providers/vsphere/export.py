@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -19,30 +18,14 @@ from pyVim.task import WaitForTask
 from pyVmomi import vim
 
 from core.errors import HypersdkError, InvalidRequest, ProviderError, Unsupported
-from core.files import partial_path
 from core.models import ExportedFile, ExportOptions, PowerState, VMInfo
-from hyper2kvm import ova, qemu_img
-from hyper2kvm.manifest import digest_file, render_manifest
-from hyper2kvm.ovf import render_ovf, vmdk_format_uri
 from hyper2kvm.vmdk import extent_path, parse_vmdk
-from providers.vsphere.download import Downloaded, HttpSource, download
+from providers.packaging import FetchedDisk, File, package
+from providers.vsphere.download import HttpSource, download
 from providers.vsphere.session import Session, map_fault, split_host, tls_context
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
-
-
-@dataclass
-class FetchedDisk:
-    """One disk as it arrived: its main file (what qemu-img opens) and any extents."""
-
-    main: Downloaded
-    create_type: str  # of the main file, as its descriptor says
-    extents: list[Downloaded] = field(default_factory=list)
-
-    @property
-    def single_file(self) -> bool:
-        return not self.extents
 
 
 @dataclass
@@ -56,7 +39,7 @@ class Transfer:
     progress: Progress | None
     written: list[Path]  # finished files, removed again if the export fails
 
-    def fetch(self, url: str, target: Path) -> Downloaded:
+    def fetch(self, url: str, target: Path) -> File:
         if target.exists() or target in self.written:
             raise ProviderError(f"two files of the VM are named {target.name}")
         self.written.append(target)
@@ -230,79 +213,8 @@ def fetch_nfc(session: Session, vm: Any, info: VMInfo, dest: Path, transfer: Tra
 # ---- packaging --------------------------------------------------------------------------
 
 
-def _exported(path: Path, sha256: str, role: str) -> ExportedFile:
-    return ExportedFile(path=path, size=path.stat().st_size, sha256=sha256,
-                        role=role)  # type: ignore[arg-type]
-
-
 def _create_type(path: Path) -> str:
     return parse_vmdk(path, check_extents=False).create_type
-
-
-def _stream_optimized(disk: FetchedDisk) -> Downloaded:
-    """The disk as one stream-optimized (compressed) VMDK, vSphere's OVF disk format,
-    in place of the files it was fetched as."""
-    final = disk.main.path
-    partial = partial_path(final.with_name(f"{final.stem}-stream.vmdk"))
-    try:
-        qemu_img.convert(qemu_img.DiskSource(final, "vmdk"), partial,
-                         output_format="vmdk", subformat="streamOptimized")
-        for old in (disk.main, *disk.extents):
-            old.path.unlink()
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
-    return Downloaded(path=final, size=final.stat().st_size, sha256=digest_file(final),
-                      resumed=0)
-
-
-def package(vm: VMInfo, fetched: list[FetchedDisk], dest: Path, *, method: str,
-            options: ExportOptions, written: list[Path]) -> tuple[VMInfo, list[ExportedFile]]:
-    """Lay the fetched disks out as `method` asks: bare VMDKs, an OVF folder (descriptor +
-    manifest beside the disks) or one OVA. `compress`, and an OVA's need for one file per
-    disk, turn disks into stream-optimized VMDKs (what vSphere's own exports hold)."""
-    disks: list[Downloaded] = []
-    create_types: list[str] = []
-    others: list[Downloaded] = []
-    for disk in fetched:
-        stream = disk.create_type.lower() == "streamoptimized"
-        if (options.compress and not stream) or (method == "ova" and not disk.single_file):
-            disks.append(_stream_optimized(disk))
-            create_types.append("streamOptimized")
-        else:
-            disks.append(disk.main)
-            create_types.append(disk.create_type)
-            others.extend(disk.extents)
-    exported = vm.model_copy(update={"disks": [
-        d.model_copy(update={"file": f.path.name, "format": "vmdk"})
-        for d, f in zip(vm.disks, disks, strict=True)]})
-    if method == "vmdk":
-        return exported, ([_exported(d.path, d.sha256, "disk") for d in disks]
-                          + [_exported(e.path, e.sha256, "other") for e in others])
-
-    descriptor = dest / f"{vm.name}.ovf"
-    written.append(descriptor)
-    descriptor.write_text(render_ovf(
-        exported, [(d.path.name, d.size) for d in disks],
-        include_cdrom=not options.remove_cdrom,
-        formats=[vmdk_format_uri(kind) for kind in create_types]))
-    ovf_digest = digest_file(descriptor)
-    manifest = dest / f"{vm.name}.mf"
-    written.append(manifest)
-    manifest.write_text(render_manifest(
-        [(descriptor.name, ovf_digest)] + [(f.path.name, f.sha256) for f in (*disks, *others)]))
-    parts = [_exported(descriptor, ovf_digest, "ovf"),
-             *[_exported(d.path, d.sha256, "disk") for d in disks],
-             *[_exported(e.path, e.sha256, "other") for e in others],
-             _exported(manifest, digest_file(manifest), "manifest")]
-    if method == "ovf":
-        return exported, parts
-    target = dest / f"{vm.name}.ova"
-    written.append(target)
-    ova.write_ova(target, [p.path for p in parts])
-    for part in parts:
-        part.path.unlink()
-    return exported, [_exported(target, digest_file(target), "ova")]
 
 
 def check_exportable(info: VMInfo, options: ExportOptions) -> None:

@@ -1,0 +1,76 @@
+"""The AWS provider on boto3: EC2 instances listed and described, their disks read from
+snapshots through the EBS direct APIs, or through VM Export into S3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.config import AWSProviderConfig
+from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
+from providers.aws import export, inventory
+from providers.aws.session import Clients, call, clients_for
+from providers.base import BytesProgress, ExportMethod, Provider
+
+
+class AWSProvider(Provider):
+    name = "aws"
+    config: AWSProviderConfig
+
+    @property
+    def clients(self) -> Clients:
+        work = self.settings.export
+        return clients_for(self.config,
+                           pool_size=work.disk_concurrency * work.part_concurrency + 4)
+
+    def check(self) -> None:
+        """The credentials are valid: STS says whose they are."""
+        call(self.clients.sts.get_caller_identity, f"AWS {self.config.region}")
+
+    def list_vms(self, vm_filter: VMFilter) -> list[VMSummary]:
+        return inventory.list_vms(self.clients, vm_filter)
+
+    def get_vm(self, identifier: str) -> VMInfo:
+        clients = self.clients
+        return inventory.vm_info(clients, inventory.find_instance(clients, identifier))
+
+    def check_export(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> None:
+        encrypted: list[str] = []
+        marketplace = False
+        if export.transport_of(options) == "export-task":
+            clients = self.clients
+            volume_ids = [d.datastore for d in vm.disks if d.datastore]
+            if volume_ids:
+                volumes = call(clients.ec2.describe_volumes, f"AWS volumes of {vm.identifier}",
+                               VolumeIds=volume_ids)["Volumes"]
+                encrypted = [v["VolumeId"] for v in volumes if v.get("Encrypted")]
+            instance = inventory.find_instance(clients, vm.identifier)
+            marketplace = any(c.get("ProductCodeType") == "marketplace"
+                              for c in instance.get("ProductCodes") or [])
+        export.check_exportable(vm, options, converts=converts,
+                                export_bucket=self.config.export_bucket, encrypted=encrypted,
+                                marketplace=marketplace)
+
+    def export(
+        self,
+        identifier: str,
+        dest: Path,
+        *,
+        method: ExportMethod,
+        options: ExportOptions,
+        progress: BytesProgress | None = None,
+        job: str | None = None,
+    ) -> ExportResult:
+        vm = self.get_vm(identifier)
+        self.check_export(vm, options, converts=False)
+        work = self.settings.export
+        reading = export.Reading(dest=dest, disk_concurrency=work.disk_concurrency,
+                                 part_concurrency=work.part_concurrency,
+                                 part_size=work.chunk_size, retries=work.part_retries,
+                                 progress=progress)
+        exported, files = export.export_instance(
+            self.clients, vm, reading, method=method, options=options,
+            bucket=self.config.export_bucket, job=job)
+        return ExportResult(vm=exported, directory=dest, files=files, method=method)
+
+    def discard(self, job: str) -> list[str]:
+        return export.discard(self.clients, job, self.config.export_bucket)

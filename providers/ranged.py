@@ -1,0 +1,201 @@
+"""The one ranged reader: a disk or object fetched as parts read in parallel at their
+offsets into a sparse file. Shared by every source that serves byte ranges (EBS
+snapshot blocks, S3/GCS/OCI objects, Azure page ranges, a datastore's files).
+
+* Parts are fetched by a pool of threads, a bounded window ahead of the oldest one, so
+  memory stays at `window` parts whatever the disk's size.
+* Each part is retried on its own (`Transient`, a checksum that does not match) with
+  exponential backoff: a cut connection costs that part, not the disk.
+* Regions no part covers, and parts that are all zeros, are never written: they stay
+  holes of the sparse file.
+* The SHA-256 of the whole file (holes as zeros) is computed in order, in the calling
+  thread, while later parts are still downloading: no second read of the file.
+* Nothing is left under the target's name unless every part arrived; the partial file
+  is removed on any failure or cancellation.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from core.errors import Transient, VerificationError
+from core.files import partial_path
+
+log = logging.getLogger(__name__)
+
+_ZEROS = bytes(1 << 20)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One range of the target: where it goes, how long it is, and whatever the source
+    needs to fetch it (a block index and token, a range of an object)."""
+
+    offset: int
+    length: int
+    key: Any = None
+
+
+@dataclass(frozen=True)
+class RangedFile:
+    path: Path
+    size: int
+    sha256: str
+    fetched: int  # bytes the parts held; the rest of the file was never read
+    retried: int  # part fetches that failed and were tried again
+
+
+Fetch = Callable[[Part], bytes]
+
+
+class _Retries:
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+def submit_in_context(pool: Executor, fn: Callable[..., T], *args: Any) -> Future[T]:
+    """`pool.submit` in a copy of the caller's context variables, so that what runs in
+    the pool's threads logs to the caller's Prefect run too."""
+    return pool.submit(contextvars.copy_context().run, fn, *args)
+
+
+def _fetch_with_retry(fetch: Fetch, part: Part, *, retries: int, retried: _Retries,
+                      what: str) -> bytes:
+    failures = 0
+    while True:
+        try:
+            data = fetch(part)
+            if len(data) != part.length:
+                raise Transient(f"{what}: part at {part.offset} came back with {len(data)} "
+                                f"bytes, {part.length} expected")
+            return data
+        except (Transient, VerificationError) as exc:
+            failures += 1
+            if failures > retries:
+                raise
+            retried.add()
+            delay = min(0.2 * 2 ** failures, 10) * (0.5 + random.random())  # noqa: S311
+            log.info("%s: part at %d failed (%s); retry %d/%d in %.1f s", what, part.offset,
+                     exc, failures, retries, delay)
+            time.sleep(delay)
+
+
+class _InOrderHash:
+    """SHA-256 of the file as parts arrive in offset order, holes hashed as zeros; the
+    same walk reports progress."""
+
+    def __init__(self, progress: Callable[[int], None] | None) -> None:
+        self.hasher = hashlib.sha256()
+        self.position = 0
+        self.progress = progress
+
+    def _zeros(self, end: int) -> None:
+        gap = end - self.position
+        while self.position < end:
+            step = min(end - self.position, len(_ZEROS))
+            self.hasher.update(_ZEROS[:step])
+            self.position += step
+        if gap and self.progress:
+            self.progress(gap)
+
+    def add(self, part: Part, data: bytes) -> None:
+        self._zeros(part.offset)
+        self.hasher.update(data)
+        self.position += len(data)
+        if self.progress:
+            self.progress(len(data))
+
+    def finish(self, size: int) -> str:
+        self._zeros(size)
+        return self.hasher.hexdigest()
+
+
+def read_ranges(
+    target: Path,
+    *,
+    size: int,
+    parts: Iterable[Part],
+    fetch: Fetch,
+    concurrency: int,
+    retries: int,
+    progress: Callable[[int], None] | None = None,
+    what: str = "",
+) -> RangedFile:
+    """Fill `target` (`size` bytes) with `parts` (sorted by offset, not overlapping),
+    each fetched by `fetch`. Progress counts every byte of the file once: a part's bytes
+    and the hole before it, as the in-order hash passes them."""
+    what = what or target.name
+    partial = partial_path(target)
+    retried = _Retries()
+    digest = _InOrderHash(progress)
+    written = 0
+    end = 0
+    window = max(2, concurrency * 2)
+    stop = threading.Event()
+
+    def fetch_and_write(fd: int, part: Part) -> bytes:
+        if stop.is_set():
+            raise Transient(f"{what}: stopped")
+        data = _fetch_with_retry(fetch, part, retries=retries, retried=retried, what=what)
+        if data.count(0) != len(data):  # all zeros: leave the hole
+            os.pwrite(fd, data, part.offset)
+        return data
+
+    def consume(item: tuple[Part, Future[bytes]]) -> int:
+        part, future = item
+        data = future.result()
+        digest.add(part, data)
+        return len(data)
+
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            with ThreadPoolExecutor(max_workers=concurrency,
+                                    thread_name_prefix="ranged") as pool:
+                pending: deque[tuple[Part, Future[bytes]]] = deque()
+                try:
+                    for part in parts:
+                        if part.offset < end or part.offset + part.length > size:
+                            raise ValueError(f"{what}: part at {part.offset} overlaps another "
+                                             "or runs past the end")
+                        end = part.offset + part.length
+                        pending.append((part, submit_in_context(pool, fetch_and_write, fd,
+                                                                part)))
+                        while len(pending) >= window:
+                            written += consume(pending.popleft())
+                    while pending:
+                        written += consume(pending.popleft())
+                except BaseException:
+                    stop.set()  # parts already running finish; none start
+                    for _, future in pending:
+                        future.cancel()
+                    raise
+            sha256 = digest.finish(size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return RangedFile(path=target, size=size, sha256=sha256, fetched=written,
+                      retried=retried.count)

@@ -1,0 +1,374 @@
+"""moto's server with what it lacks for hypersdk's AWS provider, added the way a patch to
+moto would add it (methods on its EC2/EBS responses and back-ends, answers serialised
+from boto3's own service model). Run as a process: `python -m tests.moto_extensions PORT`
+prints `ready ACCESS_KEY SECRET_KEY` once it listens.
+
+Measured against moto 5.2, what is added:
+
+* `create_instance_export_task`, `describe_export_tasks` (with tag filters),
+  `cancel_export_task`: the task turns `completed` once an OVA (our OVF + a
+  stream-optimized VMDK of the instance's volume, as VM Export writes) is in the bucket.
+* An EC2 snapshot (`create_snapshot(s)`) is registered with moto's EBS back-end holding
+  its volume's data, in 512 KiB blocks (what AWS uses; moto says 512) with SHA-256
+  checksums; blocks that are all zeros are not listed, as on AWS. `delete_snapshot`
+  removes it from EBS too; an unknown snapshot is a 404 ResourceNotFoundException
+  (moto: a 500). `list_snapshot_blocks` pages with `MaxResults`/`NextToken` (moto: one
+  page), at most PAGE_CAP blocks a page.
+* `register_image` takes `Architecture`, `BootMode` and `Platform`-like descriptions;
+  an instance reports its image's `BootMode`, as EC2 does.
+* Authentication: moto's own IAM checks are on (every request is signed by a known
+  access key of a user with a policy); the key pair of that user is printed at start.
+
+A volume's content and faults are set through the API, with tags on the volume (so
+that product code and tests talk to this server only over HTTP):
+`moto-test:content` = path of a raw file holding the volume's first bytes;
+`moto-test:fail-blocks` = `INDEX:TIMES,...` (those block reads answer 500 that many
+times); `moto-test:corrupt-blocks` = `INDEX,...` (their checksum is wrong);
+`moto-test:block-delay` = seconds each block read takes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from moto import settings
+from moto.core.exceptions import ServiceException
+from moto.core.responses import ActionResult
+from moto.ebs.models import EBSSnapshot, ebs_backends
+from moto.ebs.responses import EBSResponse
+from moto.ec2.models import EC2Backend
+from moto.ec2.models.instances import Instance
+from moto.ec2.responses import EC2Response
+from moto.iam.access_control import IAMRequestBase
+from moto.iam.models import iam_backends
+from moto.s3.models import s3_backends
+
+ACCOUNT = "123456789012"
+BLOCK_SIZE = 512 * 1024
+PAGE_CAP = 8
+TAG = "moto-test:"
+
+_lock = threading.Lock()
+_failures_left: dict[tuple[str, int], int] = {}
+_export_tasks: dict[str, dict[str, Any]] = {}
+
+
+def ResourceNotFound(message: str) -> ServiceException:  # noqa: N802 - as moto names errors
+    return ServiceException("ResourceNotFoundException", message)
+
+
+def ServiceUnavailable(message: str) -> ServiceException:  # noqa: N802
+    return ServiceException("InternalServerException", message)
+
+
+def InvalidParameter(message: str) -> ServiceException:  # noqa: N802
+    return ServiceException("InvalidParameterValue", message)
+
+
+def _tags(resource: Any) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in resource.get_tags()}
+
+
+def _content(volume: Any) -> bytes:
+    path = _tags(volume).get(f"{TAG}content")
+    return Path(path).read_bytes() if path else b""
+
+
+# ---- EC2 snapshots known to EBS ----------------------------------------------------------
+
+
+def _register_with_ebs(backend: EC2Backend, snapshot: Any) -> None:
+    ebs = ebs_backends[backend.account_id][backend.region_name]
+    registered = EBSSnapshot(account_id=backend.account_id, snapshot=snapshot)
+    registered.block_size = BLOCK_SIZE
+    registered.status = "completed"
+    data = _content(snapshot.volume)
+    for index in range(0, (len(data) + BLOCK_SIZE - 1) // BLOCK_SIZE):
+        block = data[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE].ljust(BLOCK_SIZE, b"\0")
+        if block.count(0) == BLOCK_SIZE:
+            continue
+        checksum = base64.b64encode(hashlib.sha256(block).digest()).decode()
+        registered.put_block(index, block, checksum, "SHA256", BLOCK_SIZE)
+    ebs.snapshots[registered.snapshot_id] = registered
+
+
+_create_snapshot = EC2Backend.create_snapshot
+_delete_snapshot = EC2Backend.delete_snapshot
+
+
+def create_snapshot(self: EC2Backend, volume_id: str, description: str,
+                    owner_id: str | None = None, from_ami: str | None = None) -> Any:
+    snapshot = _create_snapshot(self, volume_id, description, owner_id, from_ami)
+    if not from_ami:
+        _register_with_ebs(self, snapshot)
+    return snapshot
+
+
+def delete_snapshot(self: EC2Backend, snapshot_id: str) -> Any:
+    result = _delete_snapshot(self, snapshot_id)
+    ebs_backends[self.account_id][self.region_name].snapshots.pop(snapshot_id, None)
+    return result
+
+
+# ---- EBS direct APIs ----------------------------------------------------------------------
+
+
+def _ebs_snapshot(response: EBSResponse, snapshot_id: str) -> EBSSnapshot:
+    snapshot = response.ebs_backend.snapshots.get(snapshot_id)
+    if snapshot is None:
+        raise ResourceNotFound(f"The snapshot '{snapshot_id}' does not exist.")
+    return snapshot
+
+
+def list_snapshot_blocks(self: EBSResponse) -> ActionResult:
+    snapshot = _ebs_snapshot(self, self._get_param("SnapshotId"))
+    limit = min(int(self._get_param("MaxResults") or 10000), PAGE_CAP)
+    start = int(self._get_param("NextToken") or self._get_param("StartingBlockIndex") or 0)
+    indexes = sorted(i for i in snapshot.blocks if i >= start)
+    page, rest = indexes[:limit], indexes[limit:]
+    result = {
+        "Blocks": [{"BlockIndex": i, "BlockToken": snapshot.blocks[i].block_token}
+                   for i in page],
+        "VolumeSize": snapshot.volume_size,
+        "BlockSize": snapshot.block_size,
+        "ExpiryTime": time.time() + 3600,
+    }
+    if rest:
+        result["NextToken"] = str(rest[0])
+    return ActionResult(result)
+
+
+def _block_faults(snapshot_id: str, backend: EC2Backend) -> dict[str, str]:
+    snapshot = backend.snapshots.get(snapshot_id)
+    return _tags(snapshot.volume) if snapshot is not None else {}
+
+
+def get_snapshot_block(self: EBSResponse) -> ActionResult:
+    snapshot_id = self._get_param("SnapshotId")
+    index = int(self._get_param("BlockIndex"))
+    snapshot = _ebs_snapshot(self, snapshot_id)
+    block = snapshot.blocks.get(index)
+    if block is None or self._get_param("BlockToken") != block.block_token:
+        raise ResourceNotFound(f"block {index} of {snapshot_id} is not in the snapshot")
+    tags = _block_faults(snapshot_id, self.ebs_backend.ec2_backend)
+    delay = float(tags.get(f"{TAG}block-delay", 0))
+    if delay:
+        time.sleep(delay)
+    for entry in filter(None, tags.get(f"{TAG}fail-blocks", "").split(",")):
+        failing, times = (int(x) for x in entry.split(":"))
+        if failing == index:
+            with _lock:
+                left = _failures_left.setdefault((snapshot_id, index), times)
+                if left > 0:
+                    _failures_left[(snapshot_id, index)] = left - 1
+                    raise ServiceUnavailable(f"block {index}: try again")
+    checksum = block.checksum
+    corrupt = {int(x) for x in filter(None, tags.get(f"{TAG}corrupt-blocks", "").split(","))}
+    if index in corrupt:
+        checksum = base64.b64encode(hashlib.sha256(b"not this block").digest()).decode()
+    return ActionResult({"DataLength": block.data_length, "BlockData": block.block_data,
+                         "Checksum": checksum, "ChecksumAlgorithm": block.checksum_algorithm})
+
+
+# ---- images and instances -------------------------------------------------------------------
+
+
+_register_image = EC2Response.register_image
+
+
+def register_image(self: EC2Response) -> ActionResult:
+    result = _register_image(self)
+    image = self.ec2_backend.amis[result.result["ImageId"]]  # type: ignore[index]
+    image.architecture = self._get_param("Architecture") or "x86_64"
+    image.boot_mode = self._get_param("BootMode") or "legacy-bios"
+    image.root_device_name = self._get_param("RootDeviceName") or image.root_device_name
+    if "windows" in (self._get_param("Description") or "").lower():
+        image.platform = "windows"
+    return result
+
+
+_instance_init = Instance.__init__
+
+
+def instance_init(self: Instance, ec2_backend: Any, image_id: str, *args: Any,
+                  **kwargs: Any) -> None:
+    _instance_init(self, ec2_backend, image_id, *args, **kwargs)
+    image = ec2_backend.amis.get(image_id)
+    self.boot_mode = getattr(image, "boot_mode", None)  # type: ignore[attr-defined]
+    if image is not None and image.architecture:
+        self.architecture = image.architecture
+
+
+# ---- VM Export --------------------------------------------------------------------------------
+
+
+def _ovf(name: str, disk: str, capacity: int, size: int) -> str:
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
+  <References><File ovf:href="{disk}" ovf:id="file1" ovf:size="{size}"/></References>
+  <DiskSection><Info>disks</Info><Disk ovf:capacity="{capacity}" ovf:diskId="vmdisk1"
+    ovf:fileRef="file1"
+    ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <VirtualSystem ovf:id="{name}"><Info>exported by VM Export</Info></VirtualSystem>
+</Envelope>
+"""
+
+
+def _build_ova(instance: Any, volume: Any) -> bytes:
+    with tempfile.TemporaryDirectory() as work:
+        raw, vmdk = Path(work) / "disk.raw", Path(work) / "disk.vmdk"
+        with raw.open("wb") as out:
+            out.write(_content(volume))
+            out.truncate(volume.size << 30)
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "vmdk", "-o",
+                        "subformat=streamOptimized", str(raw), str(vmdk)], check=True)
+        disk_name = f"{instance.id}-disk-1.vmdk"
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as ova:
+            descriptor = _ovf(instance.id, disk_name, volume.size << 30,
+                              vmdk.stat().st_size).encode()
+            info = tarfile.TarInfo(f"{instance.id}.ovf")
+            info.size = len(descriptor)
+            ova.addfile(info, io.BytesIO(descriptor))
+            ova.add(vmdk, arcname=disk_name)
+        return buffer.getvalue()
+
+
+def _run_export(task: dict[str, Any], instance: Any, volume: Any, account: str) -> None:
+    data = _build_ova(instance, volume)
+    s3 = s3_backends[account]["aws"]
+    s3.put_object(task["ExportToS3Task"]["S3Bucket"], task["ExportToS3Task"]["S3Key"], data)
+    with _lock:
+        if task["State"] == "active":
+            task["State"] = "completed"
+
+
+def create_instance_export_task(self: EC2Response) -> ActionResult:
+    instance = self.ec2_backend.get_instance(self._get_param("InstanceId"))
+    target = self._get_param("TargetEnvironment")
+    if target not in ("citrix", "vmware", "microsoft"):
+        raise InvalidParameter(f"TargetEnvironment {target!r} is not valid")
+    spec = self._get_param("ExportToS3Task") or {}
+    bucket = spec.get("S3Bucket")
+    if not bucket or bucket not in s3_backends[self.current_account]["aws"].buckets:
+        raise InvalidParameter(f"the S3 bucket {bucket!r} does not exist")
+    volumes = [m.volume_id for _, m in instance.get_block_device_mapping]
+    if len(volumes) != 1:
+        raise InvalidParameter("VM Export takes instances with one volume")
+    task_id = f"export-{instance.id}-{len(_export_tasks)}"
+    key = f"{spec.get('S3Prefix', '')}{task_id}.{spec.get('ContainerFormat', 'ova')}"
+    tags = [t for s in self._get_param("TagSpecifications") or [] for t in s.get("Tags", [])]
+    task = {
+        "ExportTaskId": task_id, "Description": self._get_param("Description") or "",
+        "State": "active", "StatusMessage": "",
+        "InstanceExportDetails": {"InstanceId": instance.id, "TargetEnvironment": target},
+        "ExportToS3Task": {"ContainerFormat": spec.get("ContainerFormat", "ova"),
+                           "DiskImageFormat": spec.get("DiskImageFormat", "VMDK"),
+                           "S3Bucket": bucket, "S3Key": key},
+        "Tags": tags,
+    }
+    _export_tasks[task_id] = task
+    volume = self.ec2_backend.get_volume(volumes[0])
+    threading.Thread(target=_run_export, args=(task, instance, volume, self.current_account),
+                     daemon=True).start()
+    return ActionResult({"ExportTask": task})
+
+
+def describe_export_tasks(self: EC2Response) -> ActionResult:
+    ids = self._get_param("ExportTaskIds") or []
+    tasks = [t for t in _export_tasks.values() if not ids or t["ExportTaskId"] in ids]
+    for flt in self._get_param("Filters") or []:
+        name, values = flt["Name"], flt.get("Values") or []
+        if name.startswith("tag:"):
+            key = name[4:]
+            tasks = [t for t in tasks
+                     if any(x["Key"] == key and x["Value"] in values for x in t["Tags"])]
+        elif name == "export-task-id":
+            tasks = [t for t in tasks if t["ExportTaskId"] in values]
+        else:
+            raise InvalidParameter(f"unknown filter {name!r}")
+    if ids and len(tasks) < len(ids):
+        raise ServiceException("InvalidExportTaskID.NotFound", "The export task ID does not exist")
+    return ActionResult({"ExportTasks": tasks})
+
+
+def cancel_export_task(self: EC2Response) -> ActionResult:
+    task = _export_tasks.get(self._get_param("ExportTaskId"))
+    if task is None:
+        raise ServiceException("InvalidExportTaskID.NotFound", "The export task ID does not exist")
+    with _lock:
+        if task["State"] == "active":
+            task["State"] = "cancelled"
+    return ActionResult({})
+
+
+# ---- signatures of requests without a body -------------------------------------------------
+
+_create_aws_request = IAMRequestBase._create_aws_request
+
+
+def create_aws_request(self: IAMRequestBase) -> Any:
+    """moto signs a GET's parsed query parameters as if they were its body (EBS's
+    `GET /snapshots/{id}/blocks?maxResults=...` fails SignatureDoesNotMatch): a request
+    without a body is signed with an empty one, as botocore does."""
+    request = _create_aws_request(self)
+    if self._method in ("GET", "HEAD", "DELETE") and not self._body:
+        request.data = b""
+    return request
+
+
+def install() -> None:
+    IAMRequestBase._create_aws_request = create_aws_request  # type: ignore[method-assign]
+    EC2Backend.create_snapshot = create_snapshot  # type: ignore[method-assign]
+    EC2Backend.delete_snapshot = delete_snapshot  # type: ignore[method-assign]
+    EBSResponse.list_snapshot_blocks = list_snapshot_blocks  # type: ignore[method-assign]
+    EBSResponse.get_snapshot_block = get_snapshot_block  # type: ignore[method-assign]
+    EC2Response.register_image = register_image  # type: ignore[method-assign]
+    EC2Response.create_instance_export_task = create_instance_export_task  # type: ignore[attr-defined]
+    EC2Response.describe_export_tasks = describe_export_tasks  # type: ignore[attr-defined]
+    EC2Response.cancel_export_task = cancel_export_task  # type: ignore[attr-defined]
+    Instance.__init__ = instance_init  # type: ignore[method-assign]
+
+
+def admin_keys() -> tuple[str, str]:
+    """A user allowed everything, and its access key: what the tests sign with."""
+    iam = iam_backends[ACCOUNT]["global"]
+    iam.create_user(region_name="us-east-1", user_name="hypersdk-test", path="/")
+    policy = iam.create_policy(description="", path="/", policy_name="everything",
+                               tags=[], policy_document=json.dumps({
+                                   "Version": "2012-10-17",
+                                   "Statement": [{"Effect": "Allow", "Action": "*",
+                                                  "Resource": "*"}]}))
+    iam.attach_user_policy(policy.arn, "hypersdk-test")
+    key = iam.create_access_key("hypersdk-test")
+    return key.access_key_id, key.secret_access_key
+
+
+def main() -> None:
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+    port = int(sys.argv[1])
+    install()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    access, secret = admin_keys()
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on every request is checked
+    print(f"ready {access} {secret}", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The AWS provider against moto's server (tests/moto_extensions.py adds what moto lacks):
+inventory through the REST API, migrations over both transports end to end, and the bad
+days: a block that fails, a block whose checksum lies, a cancel mid-download, refused
+credentials, an instance that is not there, an arm64 instance, VM Export's limits."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import httpx
+import libvirt
+import pytest
+
+from core.config import AWSProviderConfig, Config
+from core.errors import AuthFailed, NotFound, Transient
+from core.models import ExportOptions, VMFilter
+from hyper2kvm import qemu_img
+from hyper2kvm.sample import make_disk
+from providers.aws import AWSProvider
+from tests.aws_sim import BUCKET, REGION, Moto
+from tests.helpers import domain_facts, source_disk_as_raw, start_and_stop
+from tests.peers import EXPORTS, LIBVIRT_URI, Daemon, free_port, unique, wait_for_job, wait_until
+from tests.test_jobs import submit
+
+
+def _disks(tmp_path: Path, name: str) -> list[Path]:
+    """A guest-like boot disk (GPT + ext4) and a data disk with a hole in the middle."""
+    boot, data = tmp_path / "boot.raw", tmp_path / "data.raw"
+    make_disk(boot, size_mib=24, hostname=name)
+    with data.open("wb") as out:
+        out.write(b"data disk " * (1 << 20))  # 10 MiB
+        out.seek(20 << 20)
+        out.write(b"tail" * (1 << 18))
+    return [boot, data]
+
+
+def _firmware(name: str) -> str:
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        xml = ET.fromstring(conn.lookupByName(name).XMLDesc(0))
+    finally:
+        conn.close()
+    os_element = xml.find("os")
+    assert os_element is not None
+    loader = os_element.find("loader")
+    efi = os_element.get("firmware") == "efi" or (loader is not None and "OVMF" in
+                                                   (loader.text or ""))
+    return "efi" if efi else "bios"
+
+
+def _logs(api: httpx.Client, job_id: str) -> str:
+    return "\n".join(line["message"] for line in api.get(f"/jobs/logs/{job_id}").json()["logs"])
+
+
+def test_inventory_through_the_api(api: httpx.Client, moto: Moto, tmp_path: Path) -> None:
+    name = unique("t-aws-inv")
+    instance = moto.instance(name, volumes_gib=[1, 2], contents=[None, None],
+                             instance_type="t3.large", boot_mode="uefi",
+                             tags={"team": "web", "env": name})
+    running = moto.instance(f"{name}-run", volumes_gib=[1], contents=[None], stopped=False,
+                            tags={"env": name})
+    caps = api.get("/capabilities").json()["providers"]["aws"]
+    assert caps["configured"] and caps["usable"], caps
+
+    def listed(**flt: object) -> list[str]:
+        answer = api.post("/vms/list", json={"provider": "aws", "filter": flt})
+        assert answer.status_code == 200, answer.text
+        return sorted(v["identifier"] for v in answer.json()["vms"])
+
+    both = sorted([instance["InstanceId"], running["InstanceId"]])
+    assert listed(tags=[f"env={name}"]) == both
+    assert listed(tags=[f"env={name}"], status="poweredOff") == [instance["InstanceId"]]
+    assert listed(tags=[f"env={name}"], status="poweredOn") == [running["InstanceId"]]
+    assert listed(name_pattern=f"{name}-r*") == [running["InstanceId"]]
+    assert listed(tags=[f"env={name}", "team=web"]) == [instance["InstanceId"]]
+    assert listed(tags=[f"env={name}"], datacenter="nowhere-1z") == []
+
+    info = api.get("/vms/info", params={"provider": "aws",
+                                        "identifier": instance["InstanceId"]}).json()
+    assert info["name"] == name and info["power_state"] == "poweredOff"
+    assert info["cpus"] == 2 and info["memory_mb"] == 8192  # t3.large
+    assert info["firmware"] == "efi" and info["architecture"] == "x86_64"
+    assert [d["name"] for d in info["disks"]] == ["/dev/xvda", "/dev/xvdb"]
+    assert [d["capacity_bytes"] for d in info["disks"]] == [1 << 30, 2 << 30]
+    nic = instance["NetworkInterfaces"][0]
+    assert info["nics"][0]["mac"] == nic["MacAddress"].lower()
+    assert info["nics"][0]["ip_address"] == nic["PrivateIpAddress"]
+    assert info["nics"][0]["network"] == nic["SubnetId"]
+    by_name = api.get("/vms/info", params={"provider": "aws", "identifier": name}).json()
+    assert by_name["identifier"] == instance["InstanceId"]
+
+    missing = api.get("/vms/info", params={"provider": "aws",
+                                           "identifier": "i-0123456789abcdef0"})
+    assert missing.status_code == 404 and "i-0123456789abcdef0" in missing.json()["message"]
+
+
+def test_ebs_migration_ends_with_matching_domain_and_no_snapshots(
+        api: httpx.Client, daemon: Daemon, moto: Moto, tmp_path: Path) -> None:
+    name = unique("t-aws")
+    images = _disks(tmp_path, name)
+    # the boot volume's first block fails twice before it is read: retried per block
+    instance = moto.instance(name, volumes_gib=[1, 1], contents=images, boot_mode="uefi",
+                             volume_tags=[{"moto-test:fail-blocks": "0:2"}, {}])
+    job_id = submit(api, vm_identifier=instance["InstanceId"], provider="aws",
+                    export_method="ova", hyper2kvm_integration={"replace_existing": True})
+    info = wait_for_job(api, job_id, timeout=300)
+    assert info["status"] == "completed", info["error"]
+    result = info["result"]
+    assert result["domain_name"] == name
+    disks = [Path(d["path"]) for d in result["disks"]]
+    for disk, image in zip(disks, images, strict=True):
+        assert qemu_img.compare(image, disk), f"{disk.name} differs from the volume"
+    facts = domain_facts(name)
+    assert facts["vcpus"] == 2 and facts["memory_kib"] == 2048 * 1024  # t3.small
+    assert facts["macs"] == [n["MacAddress"].lower() for n in instance["NetworkInterfaces"]]
+    assert _firmware(name) == "efi"
+    assert start_and_stop(name), "the migrated domain does not start"
+    # a converting job hands the sparse raw disks to conversion: no OVA is built
+    export = result["export"]
+    assert export["method"] == "disks"
+    assert [Path(f["path"]).suffix for f in export["files"]] == [".raw", ".raw"]
+    assert all(len(f["sha256"]) == 64 for f in export["files"])
+    logs = _logs(api, job_id)
+    assert "snap-" in logs and "(2 block reads retried)" in logs, logs
+    assert moto.snapshots_of_job(job_id) == [], "the job's snapshots were left behind"
+
+
+def test_export_task_transport_to_an_ova(api: httpx.Client, daemon: Daemon, moto: Moto,
+                                         tmp_path: Path) -> None:
+    name = unique("t-aws-et")
+    image = _disks(tmp_path, name)[0]
+    instance = moto.instance(name, volumes_gib=[1], contents=[image])
+    job_id = submit(api, vm_identifier=instance["InstanceId"], provider="aws",
+                    export_method="ova", options={"transport": "export-task"},
+                    hyper2kvm_integration={"enabled": False})
+    info = wait_for_job(api, job_id, timeout=300)
+    assert info["status"] == "completed", info["error"]
+    files = info["result"]["export"]["files"]
+    assert [f["role"] for f in files] == ["ova"]
+    ova = Path(files[0]["path"])
+    raw = tmp_path / "back.raw"
+    source_disk_as_raw(ova, raw)
+    assert qemu_img.compare(image, raw), "the OVA's disk differs from the volume"
+    listing = moto.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=f"hypersdk/{job_id}/")
+    assert listing.get("KeyCount", 0) == 0, "the export object was left in S3"
+
+
+def test_export_task_limits_and_arm64_are_refused_at_submit(
+        api: httpx.Client, moto: Moto) -> None:
+    name = unique("t-aws-lim")
+    two = moto.instance(name, volumes_gib=[1, 1], contents=[None, None])
+    answer = api.post("/jobs/submit", json={
+        "vm_identifier": two["InstanceId"], "provider": "aws",
+        "options": {"transport": "export-task"}})
+    assert answer.status_code == 422 and "one volume" in answer.json()["message"], answer.text
+    windows = moto.instance(f"{name}-win", volumes_gib=[1], contents=[None], windows=True)
+    answer = api.post("/jobs/submit", json={
+        "vm_identifier": windows["InstanceId"], "provider": "aws",
+        "options": {"transport": "export-task"}})
+    assert answer.status_code == 422 and "Windows" in answer.json()["message"], answer.text
+    arm = moto.instance(f"{name}-arm", volumes_gib=[1], contents=[None], arch="arm64",
+                        instance_type="m6g.large")
+    answer = api.post("/jobs/submit", json={"vm_identifier": arm["InstanceId"],
+                                            "provider": "aws"})
+    assert answer.status_code == 422 and "arm64" in answer.json()["message"], answer.text
+    # without conversion its disks may still be exported
+    info = api.get("/vms/info", params={"provider": "aws", "identifier": arm["InstanceId"]})
+    assert info.json()["architecture"] == "arm64"
+
+
+def _left_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_block_with_a_wrong_checksum_fails_the_job_and_leaves_nothing(
+        api: httpx.Client, daemon: Daemon, moto: Moto, tmp_path: Path) -> None:
+    name = unique("t-aws-sum")
+    image = _disks(tmp_path, name)[0]
+    instance = moto.instance(name, volumes_gib=[1], contents=[image],
+                             volume_tags=[{"moto-test:corrupt-blocks": "0"}])
+    job_id = submit(api, vm_identifier=instance["InstanceId"], provider="aws")
+    info = wait_for_job(api, job_id, timeout=300)
+    assert info["status"] == "failed"
+    assert "block 0" in info["error"] and "does not match" in info["error"], info["error"]
+    assert _left_in(EXPORTS / instance["InstanceId"]) == []
+    assert _left_in(daemon.images / name) == []
+    assert moto.snapshots_of_job(job_id) == []
+
+
+def test_cancel_mid_download_removes_snapshots_and_partial_files(
+        api: httpx.Client, daemon: Daemon, moto: Moto, tmp_path: Path) -> None:
+    name = unique("t-aws-cancel")
+    image = _disks(tmp_path, name)[0]
+    instance = moto.instance(name, volumes_gib=[1], contents=[image],
+                             volume_tags=[{"moto-test:block-delay": "1.5"}])
+    job_id = submit(api, vm_identifier=instance["InstanceId"], provider="aws")
+    folder = EXPORTS / instance["InstanceId"]
+
+    def downloading() -> bool:
+        return bool(moto.snapshots_of_job(job_id)) and any(
+            p.name.endswith(".partial") for p in folder.glob("*"))
+
+    wait_until(downloading, timeout=120, what="the download to start")
+    assert api.post("/jobs/cancel", json={"job_id": job_id}).status_code == 200
+    info = wait_for_job(api, job_id, timeout=120)
+    assert info["status"] == "cancelled"
+    wait_until(lambda: moto.snapshots_of_job(job_id) == [], timeout=60,
+               what="the job's snapshots to be deleted")
+    wait_until(lambda: _left_in(folder) == [], timeout=30, what="partial files removed")
+
+
+def _provider(moto: Moto, **overrides: object) -> AWSProvider:
+    section = {"region": REGION, "access_key_id": moto.access_key,
+               "secret_access_key": moto.secret_key, "endpoint_url": moto.url, **overrides}
+    config = AWSProviderConfig.model_validate(section)
+    return AWSProvider(config, settings=Config())
+
+
+def test_refused_credentials_and_unreachable_endpoint_are_clear(moto: Moto) -> None:
+    wrong = _provider(moto, secret_access_key="not-the-secret")
+    with pytest.raises(AuthFailed, match="SignatureDoesNotMatch|refused"):
+        wrong.check()
+    with pytest.raises(AuthFailed):
+        wrong.list_vms(VMFilter())
+    unknown = _provider(moto, access_key_id="AKIAUNKNOWNKEY000000")
+    with pytest.raises(AuthFailed, match="InvalidClientTokenId|AuthFailure"):
+        unknown.check()
+    nowhere = _provider(moto, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(Transient, match="cannot reach AWS"):
+        nowhere.list_vms(VMFilter())
+    with pytest.raises(NotFound):
+        _provider(moto).get_vm("i-00000000000000000")
+    # the secret never shows in what the provider reports
+    assert moto.secret_key not in repr(_provider(moto).config)
+
+
+def test_export_task_without_bucket_is_refused(moto: Moto) -> None:
+    provider = _provider(moto)
+    instance = moto.instance(unique("t-aws-nb"), volumes_gib=[1], contents=[None])
+    vm = provider.get_vm(instance["InstanceId"])
+    with pytest.raises(Exception, match="export_bucket is not set"):
+        provider.check_export(vm, ExportOptions(transport="export-task"), converts=True)
