@@ -148,7 +148,7 @@ def read_ranges(
     digest = _InOrderHash(progress)
     written = 0
     end = 0
-    window = max(2, concurrency * 2)
+    window = concurrency * 8  # parts held for the in-order hash: a slow one stalls none
     stop = threading.Event()
 
     def fetch_and_write(fd: int, part: Part) -> bytes:

@@ -241,3 +241,31 @@ def test_export_task_without_bucket_is_refused(moto: Moto) -> None:
     vm = provider.get_vm(instance["InstanceId"])
     with pytest.raises(Exception, match="export_bucket is not set"):
         provider.check_export(vm, ExportOptions(transport="export-task"), converts=True)
+
+
+def test_running_instance_stopped_exported_as_ovf_and_started_again(
+        moto: Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    name = unique("t-aws-ovf")
+    images = _disks(tmp_path, name)
+    instance = moto.instance(name, volumes_gib=[1, 1], contents=images, stopped=False)
+    provider = _provider(moto)
+    dest = tmp_path / "export"
+    moved: list[int] = []
+    with caplog.at_level("INFO", logger="providers"):
+        result = provider.export(
+            instance["InstanceId"], dest, method="ovf", progress=moved.append,
+            options=ExportOptions(shutdown_vm=True, restore_power_state=True), job="ovf-job")
+    assert f"{instance['InstanceId']}: stopped" in caplog.text
+    state = moto.client("ec2").describe_instances(InstanceIds=[instance["InstanceId"]])
+    assert state["Reservations"][0]["Instances"][0]["State"]["Name"] == "running"
+    roles = sorted(f.role for f in result.files)
+    assert roles == ["disk", "disk", "manifest", "ovf"]
+    assert sum(moved) == 2 << 30  # every byte of both volumes, holes included, once
+    disks = [f.path for f in result.files if f.role == "disk"]
+    assert [p.suffix for p in disks] == [".vmdk", ".vmdk"]
+    for disk, image in zip(disks, images, strict=True):
+        assert qemu_img.compare(image, disk), f"{disk.name} differs from the volume"
+    manifest = next(f.path for f in result.files if f.role == "manifest").read_text()
+    assert all(f"SHA256({p.name})= " in manifest for p in disks)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(f.path.name for f in result.files)
+    assert moto.snapshots_of_job("ovf-job") == []
