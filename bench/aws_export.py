@@ -119,7 +119,7 @@ def main() -> None:
         if args.no_job:
             return
         with peers_and_daemon("bench-aws", api_key="bench",
-                              aws=moto.config_section()) as daemon, \
+                              clouds=moto.config_section()) as daemon, \
                 daemon.client() as api:
             start = time.perf_counter()
             job = api.post("/jobs/submit", json={

@@ -152,11 +152,18 @@ class AWSProviderConfig(ProviderConfig):
 
 
 class AzureProviderConfig(ProviderConfig):
+    """A service principal (tenant, client id and secret), else azure-identity's default
+    chain (environment, managed identity, Azure CLI)."""
+
     subscription_id: str
     tenant_id: str | None = None
     client_id: str | None = None
     client_secret: SecretStr | None = None
-    resource_group: str | None = None
+    resource_groups: list[str] = Field(default_factory=list)  # where to look; all when empty
+    # another cloud (sovereign, or a test stand-in): ARM endpoint, login authority, CA file
+    arm_endpoint: str = "https://management.azure.com"
+    authority: str = "https://login.microsoftonline.com"
+    ca_file: Path | None = None
 
 
 class GCPProviderConfig(ProviderConfig):

@@ -23,6 +23,7 @@ _DRIVERS: dict[str, tuple[str, str | None]] = {
     "local": ("providers.local:LocalProvider", None),
     "vsphere": ("providers.vsphere:VSphereProvider", "pip install 'hypersdk[vsphere]'"),
     "aws": ("providers.aws:AWSProvider", "pip install 'hypersdk[aws]'"),
+    "azure": ("providers.azure:AzureProvider", "pip install 'hypersdk[azure]'"),
 }
 
 

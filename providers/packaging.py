@@ -5,10 +5,12 @@ hardware + manifest beside the disks) or one OVA."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from core.errors import HypersdkError
 from core.files import partial_path
 from core.models import ExportedFile, ExportOptions, VMInfo
 from hyper2kvm import ova, qemu_img
@@ -123,3 +125,23 @@ def package(vm: VMInfo, fetched: list[FetchedDisk], dest: Path, *, method: str,
     for part in parts:
         part.path.unlink()
     return exported, [_exported(target, digest_file(target), "ova")]
+
+
+def export_disks(vm: VMInfo, dest: Path, *, method: str, options: ExportOptions,
+                 fetch: Callable[[list[Path]], list[FetchedDisk]],
+                 map_error: Callable[[BaseException, str], HypersdkError]) -> tuple[
+        VMInfo, list[ExportedFile]]:
+    """Fetch the VM's disks under `dest` (`fetch` appends every file it starts to the list
+    it is given) and package them as `method`. On any failure or cancellation every file
+    either wrote is removed, and errors that are not hypersdk's go through `map_error`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        fetched = fetch(written)
+        return package(vm, fetched, dest, method=method, options=options, written=written)
+    except BaseException as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and not isinstance(exc, HypersdkError):
+            raise map_error(exc, f"export {vm.name}") from exc
+        raise

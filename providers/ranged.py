@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core.config import ExportConfig
 from core.errors import Transient, VerificationError
 from core.files import partial_path
 
@@ -47,6 +48,26 @@ class Part:
     offset: int
     length: int
     key: Any = None
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How one export reads its disks: where to, how many disks and parts at once, part
+    size, retries per part, and whom to tell about bytes."""
+
+    dest: Path
+    disk_concurrency: int
+    part_concurrency: int
+    part_size: int
+    retries: int
+    progress: Callable[[int], None] | None
+
+    @classmethod
+    def from_settings(cls, dest: Path, export: ExportConfig,
+                      progress: Callable[[int], None] | None) -> Reading:
+        return cls(dest=dest, disk_concurrency=export.disk_concurrency,
+                   part_concurrency=export.part_concurrency, part_size=export.chunk_size,
+                   retries=export.part_retries, progress=progress)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 # OVMF, partitioning and ext4 tools; virt-v2v and libguestfs for guest conversion, with a
 # kernel for libguestfs's appliance; mmdebstrap for the sample guest), the virtualenv
 # at .venv, and a running libvirtd.
-# With --tests also the test peers that are built here: Go and govmomi's sources, and the
-# vCenter simulators (tests/vcsim/build.sh → tests/vcsim/bin).
+# With --tests also the test peers that are built or installed here: Go and govmomi's
+# sources and the vCenter simulators (tests/vcsim/build.sh → tests/vcsim/bin), and Azurite
+# (npm, into /var/cache/hypersdk/azurite); moto comes with the dev extra.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,8 @@ packages=(qemu-utils qemu-system-x86 libvirt-daemon libvirt-daemon-system libvir
           virt-v2v libguestfs-tools linux-image-amd64 nbdkit libnbd-bin mmdebstrap
           python3-venv python3-dev)
 $tests && packages+=(golang-go golang-github-vmware-govmomi-dev)
+# Azurite needs Node and npm: Debian's unless a Node with its npm is already there
+$tests && ! command -v npm >/dev/null && packages+=(nodejs npm)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -35,13 +38,14 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
-.venv/bin/python -m pip install -q --config-settings editable_mode=compat -e '.[dev,vsphere,aws]' \
+.venv/bin/python -m pip install -q --config-settings editable_mode=compat -e '.[dev,vsphere,aws,azure]' \
     2>&1 | grep -v -i "warning" || true
-.venv/bin/python -c "import prefect, libvirt, fastapi, boto3" \
+.venv/bin/python -c "import prefect, libvirt, fastapi, boto3, azure.mgmt.compute" \
     || { echo "setup: the virtualenv is incomplete" >&2; exit 1; }
 
 scripts/start-libvirt.sh
 if $tests; then
     tests/vcsim/build.sh tests/vcsim/bin
+    .venv/bin/python -c "from tests.azure_sim import install_azurite; install_azurite()"
 fi
 echo "setup: ready (.venv, qemu-img $(qemu-img --version | head -1 | awk '{print $3}'), libvirt)"

@@ -202,10 +202,10 @@ class Daemon:
 
 def write_config(root: Path, *, port: int, api_key: str | None, name: str = "config.yaml",
                  host: str = "127.0.0.1", extra: str = "", vsphere: str | None = None,
-                 aws: str = "") -> Path:
+                 clouds: str = "") -> Path:
     """The daemon's config; with `vsphere` (host:port of a simulator) a vsphere provider
-    whose password comes from ${VSPHERE_PASSWORD}, as the seed's config does; `aws`: the
-    providers.aws section (tests/aws_sim.py writes it)."""
+    whose password comes from ${VSPHERE_PASSWORD}, as the seed's config does; `clouds`: the
+    cloud providers' sections (tests/aws_sim.py, tests/azure_sim.py write them)."""
     key_line = f'  api_key: "{api_key}"\n' if api_key else ""
     vsphere_section = (f'  vsphere:\n    host: "{vsphere}"\n    username: "{VSPHERE_USER}"\n'
                        f'    password: "${{VSPHERE_PASSWORD}}"\n    insecure: true\n'
@@ -222,7 +222,7 @@ daemon:
 {key_line}providers:
   local:
     path: "{root / 'inbox'}"
-{vsphere_section}{aws}hyper2kvm:
+{vsphere_section}{clouds}hyper2kvm:
   output_dir: "{root / 'images'}"
   watch_dir: "{root / 'watch'}"
   default_format: qcow2
@@ -245,7 +245,7 @@ database:
 
 def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
                  config_name: str = "config.yaml", host: str = "127.0.0.1",
-                 vsphere: str | None = None, aws: str = "", embedded: bool = False,
+                 vsphere: str | None = None, clouds: str = "", embedded: bool = False,
                  extra_daemon: str = "", config: Path | None = None) -> Daemon:
     """Start hypervisord on a free port with a config over the directories under `root`
     (or with an existing `config`, as a restart does); `embedded`: with its own Prefect
@@ -254,7 +254,7 @@ def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
     if config is None:
         port = free_port()
         config = write_config(root, port=port, api_key=api_key, name=config_name, host=host,
-                              vsphere=vsphere, aws=aws)
+                              vsphere=vsphere, clouds=clouds)
         daemon_keys = extra_daemon
         if embedded:
             daemon_keys += f"  prefect_ui_port: {free_port()}\n"
@@ -289,7 +289,7 @@ def stop_daemon(daemon: Daemon) -> int:
 
 @contextlib.contextmanager
 def peers_and_daemon(name: str, *, api_key: str, extra_daemon: str = "",
-                     aws: str = "") -> Iterator[Daemon]:
+                     clouds: str = "") -> Iterator[Daemon]:
     """For scripts (bench/): the session's peers and a hypervisord, as the tests have them,
     stopped and their files removed on leaving."""
     server = prefect_server.__wrapped__()  # type: ignore[attr-defined]
@@ -297,7 +297,7 @@ def peers_and_daemon(name: str, *, api_key: str, extra_daemon: str = "",
     uri = libvirt_uri.__wrapped__()  # type: ignore[attr-defined]
     next(uri)
     daemon = start_daemon(SESSION_DIR / name, api_key=api_key, extra_daemon=extra_daemon,
-                          aws=aws)
+                          clouds=clouds)
     try:
         yield daemon
     finally:
@@ -308,12 +308,14 @@ def peers_and_daemon(name: str, *, api_key: str, extra_daemon: str = "",
 
 
 @pytest.fixture(scope="session")
-def daemon(prefect_server: str, libvirt_uri: str, vcsim: Any, moto: Any) -> Iterator[Daemon]:
+def daemon(prefect_server: str, libvirt_uri: str, vcsim: Any, moto: Any,
+           azure: Any) -> Iterator[Daemon]:
     """hypervisord with an API key, serving the flows, against the session's Prefect, with
-    the local provider, the session's vCenter simulator as its vsphere provider and its
-    moto server as its aws provider."""
+    the local provider, the session's vCenter simulator as its vsphere provider, its moto
+    server as its aws provider and Azurite + the ARM stand-in as its azure provider."""
     running = start_daemon(SESSION_DIR / "daemon", api_key="test-key-" + uuid.uuid4().hex,
-                           vsphere=vcsim.host, aws=moto.config_section())
+                           vsphere=vcsim.host,
+                           clouds=moto.config_section() + azure.config_section())
     yield running
     code = stop_daemon(running)
     assert code == 0, f"hypervisord did not stop cleanly on SIGTERM ({code})"

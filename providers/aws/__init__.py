@@ -10,6 +10,7 @@ from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
 from providers.aws import export, inventory
 from providers.aws.session import Clients, call, clients_for
 from providers.base import BytesProgress, ExportMethod, Provider
+from providers.ranged import Reading
 
 
 class AWSProvider(Provider):
@@ -62,11 +63,7 @@ class AWSProvider(Provider):
     ) -> ExportResult:
         vm = self.get_vm(identifier)
         self.check_export(vm, options, converts=False)
-        work = self.settings.export
-        reading = export.Reading(dest=dest, disk_concurrency=work.disk_concurrency,
-                                 part_concurrency=work.part_concurrency,
-                                 part_size=work.chunk_size, retries=work.part_retries,
-                                 progress=progress)
+        reading = Reading.from_settings(dest, self.settings.export, progress)
         exported, files = export.export_instance(
             self.clients, vm, reading, method=method, options=options,
             bucket=self.config.export_bucket, job=job)

@@ -20,34 +20,21 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import HypersdkError, InvalidRequest, ProviderError, VerificationError
+from core.errors import InvalidRequest, ProviderError, VerificationError
 from core.models import ExportedFile, ExportOptions, PowerState, VMInfo
 from hyper2kvm.vmdk import parse_vmdk
 from providers.aws.session import Clients, call, map_error
-from providers.packaging import RAW, FetchedDisk, Hashed, package
-from providers.ranged import Part, RangedFile, read_ranges, submit_in_context
+from providers.packaging import RAW, FetchedDisk, Hashed, export_disks
+from providers.ranged import Part, RangedFile, Reading, read_ranges, submit_in_context
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 JOB_TAG = "hypersdk:job"
 MAX_EXPORT_TASK_VOLUME = 1 << 40  # VM Export refuses volumes over 1 TiB
 _X86 = {"x86_64", "i386", "x86_64_mac"}
-
-
-@dataclass(frozen=True)
-class Reading:
-    """How the disks of one export are read."""
-
-    dest: Path
-    disk_concurrency: int
-    part_concurrency: int
-    part_size: int
-    retries: int
-    progress: Progress | None
 
 
 def transport_of(options: ExportOptions) -> str:
@@ -430,26 +417,18 @@ def export_instance(clients: Clients, vm: VMInfo, reading: Reading, *, method: s
                     options: ExportOptions, bucket: str | None, job: str | None) -> tuple[
         VMInfo, list[ExportedFile]]:
     """Export one instance under `reading.dest`; on failure nothing it wrote is left."""
-    reading.dest.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    try:
+
+    def fetch(written: list[Path]) -> list[FetchedDisk]:
         with power_for_export(clients, vm, options) as restore:
-            if transport_of(options) == "export-task":
-                assert bucket
-                fetched = fetch_export_task(clients, vm, reading, bucket=bucket,
-                                            options=options, restore=restore, job=job,
-                                            written=written)
-            else:
-                fetched = fetch_ebs(clients, vm, reading, options=options, restore=restore,
-                                    job=job, written=written)
-        return package(vm, fetched, reading.dest, method=method, options=options,
-                       written=written)
-    except BaseException as exc:
-        for path in written:
-            path.unlink(missing_ok=True)
-        if isinstance(exc, Exception) and not isinstance(exc, HypersdkError):
-            raise map_error(exc, f"export {vm.identifier}") from exc
-        raise
+            if transport_of(options) == "export-task" and bucket:
+                return fetch_export_task(clients, vm, reading, bucket=bucket,
+                                         options=options, restore=restore, job=job,
+                                         written=written)
+            return fetch_ebs(clients, vm, reading, options=options, restore=restore, job=job,
+                             written=written)
+
+    return export_disks(vm, reading.dest, method=method, options=options, fetch=fetch,
+                        map_error=map_error)
 
 
 def discard(clients: Clients, job: str, bucket: str | None) -> list[str]:

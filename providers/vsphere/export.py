@@ -17,10 +17,10 @@ from urllib.parse import quote, urlsplit
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from core.errors import HypersdkError, InvalidRequest, ProviderError, Unsupported
+from core.errors import InvalidRequest, ProviderError, Unsupported
 from core.models import ExportedFile, ExportOptions, PowerState, VMInfo
 from hyper2kvm.vmdk import extent_path, parse_vmdk
-from providers.packaging import FetchedDisk, File, package
+from providers.packaging import FetchedDisk, File, export_disks
 from providers.vsphere.download import HttpSource, download
 from providers.vsphere.session import Session, map_fault, split_host, tls_context
 
@@ -232,19 +232,15 @@ def export_vm(session: Session, vm: Any, info: VMInfo, dest: Path, *, method: st
     original = info.power_state
     if original != PowerState.POWERED_OFF:
         power_off(session, vm, options.shutdown_timeout)
-    dest.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    try:
+
+    def fetch(written: list[Path]) -> list[FetchedDisk]:
         transfer = Transfer(http_source(session), chunk_size, retries, disk_concurrency,
                             progress, written)
-        fetched = _fetch(session, vm, info, dest, transfer, options.transport)
-        return package(info, fetched, dest, method=method, options=options, written=written)
-    except BaseException as exc:
-        for path in written:
-            path.unlink(missing_ok=True)
-        if isinstance(exc, Exception) and not isinstance(exc, HypersdkError):
-            raise map_fault(exc, f"export {info.name}") from exc
-        raise
+        return _fetch(session, vm, info, dest, transfer, options.transport)
+
+    try:
+        return export_disks(info, dest, method=method, options=options, fetch=fetch,
+                            map_error=map_fault)
     finally:
         if options.restore_power_state:
             restore_power(session, vm, original)

@@ -1,0 +1,227 @@
+"""Getting an Azure VM's managed disks out: for each disk an incremental snapshot
+(`create_option=Copy`), read access granted (a SAS URL to its page blob), the page ranges
+that hold data read in parallel into a sparse raw file (the blob is a fixed VHD: its
+512-byte footer is checked and dropped), then access revoked and the snapshot deleted,
+at the end, on failure, and by `discard` after a cancel or crash (unless
+`options.keep_snapshots`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import struct
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from azure.mgmt.compute.models import (
+    CreationData,
+    GrantAccessData,
+    Snapshot,
+    SnapshotProperties,
+)
+from azure.storage.blob import BlobClient
+
+from core.errors import InvalidRequest, VerificationError
+from core.models import ExportedFile, ExportOptions, PowerState, VMInfo
+from providers.azure.inventory import parse_id
+from providers.azure.session import Clients, call, map_error
+from providers.packaging import RAW, FetchedDisk, export_disks
+from providers.ranged import Part, RangedFile, Reading, read_ranges, submit_in_context
+
+log = logging.getLogger(__name__)
+JOB_TAG = "hypersdk-job"
+FOOTER = 512
+ACCESS_SECONDS = 24 * 3600
+
+
+# ---- power ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def power_for_export(clients: Clients, vm: VMInfo, options: ExportOptions) -> Iterator[
+        Callable[[], None]]:
+    """Deallocate a running VM if asked (`shutdown_vm`); yields `restore`, which starts it
+    again (`restore_power_state`) once its disks are captured, or on the way out."""
+    group, name = vm.identifier.split("/")
+    machines = clients.compute.virtual_machines
+    running = vm.power_state == PowerState.POWERED_ON
+    if running and options.shutdown_vm:
+        call(lambda: machines.begin_deallocate(group, name).result(), f"deallocate {name}")
+        log.info("%s: deallocated", vm.identifier)
+    restored = False
+
+    def restore() -> None:
+        nonlocal restored
+        if not restored and running and options.shutdown_vm and options.restore_power_state:
+            restored = True
+            call(lambda: machines.begin_start(group, name).result(), f"start {name}")
+            log.info("%s: started again", vm.identifier)
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
+# ---- snapshots --------------------------------------------------------------------------
+
+
+def create_snapshot(clients: Clients, disk_id: str, location: str, job: str | None) -> str:
+    """An incremental snapshot of the managed disk, in the disk's resource group; its id."""
+    group, disk = parse_id(disk_id)
+    name = f"{disk}-hypersdk-{(job or 'adhoc')[:8]}-{int(time.time())}"[:80]
+    body = Snapshot(location=location, tags={JOB_TAG: job or "none"},
+                    properties=SnapshotProperties(
+                        incremental=True,
+                        creation_data=CreationData(create_option="Copy",
+                                                   source_resource_id=disk_id)))
+    snapshot = call(lambda: clients.compute.snapshots.begin_create_or_update(
+        group, name, body).result(), f"snapshot of {disk}")
+    log.info("snapshot %s of disk %s created", snapshot.id, disk)
+    return str(snapshot.id)
+
+
+def grant_read(clients: Clients, snapshot_id: str) -> str:
+    group, name = parse_id(snapshot_id)
+    access = call(lambda: clients.compute.snapshots.begin_grant_access(
+        group, name, GrantAccessData(access="Read", duration_in_seconds=ACCESS_SECONDS)
+    ).result(), f"read access to {name}")
+    return str(access.access_sas)
+
+
+def remove_snapshot(clients: Clients, snapshot_id: str) -> None:
+    """Revoke access and delete; failures are logged, the other snapshots still go."""
+    group, name = parse_id(snapshot_id)
+    snapshots = clients.compute.snapshots
+    try:
+        snapshots.begin_revoke_access(group, name).result()
+        snapshots.begin_delete(group, name).result()
+        log.info("snapshot %s deleted", name)
+    except Exception as exc:  # noqa: BLE001 - logged; discard() finds it again by tag
+        log.warning("snapshot %s not deleted: %s", name, map_error(exc, "delete"))
+
+
+# ---- the page blob ----------------------------------------------------------------------
+
+
+def check_footer(footer: bytes, disk_size: int, what: str) -> None:
+    """A fixed VHD's footer: 'conectix', disk type 2 (fixed), current size = the data."""
+    if len(footer) != FOOTER or footer[:8] != b"conectix":
+        raise VerificationError(f"{what}: no VHD footer at the end of the blob")
+    current_size, = struct.unpack(">Q", footer[48:56])
+    disk_type, = struct.unpack(">I", footer[60:64])
+    if disk_type != 2:
+        raise VerificationError(f"{what}: VHD disk type {disk_type}, a fixed VHD (2) expected")
+    if current_size != disk_size:
+        raise VerificationError(f"{what}: the VHD footer says {current_size} bytes, the blob "
+                                f"holds {disk_size}")
+
+
+def page_parts(blob: BlobClient, disk_size: int, part_size: int, what: str) -> Iterator[Part]:
+    """The blob's ranges holding data (before the footer), cut into parts."""
+    try:
+        ranges = blob.list_page_ranges()
+        for page in ranges:
+            if page.cleared:
+                continue
+            start, end = page.start or 0, min((page.end or 0) + 1, disk_size)
+            for offset in range(start, end, part_size):
+                yield Part(offset=offset, length=min(part_size, end - offset))
+    except Exception as exc:  # noqa: BLE001 - mapped
+        raise map_error(exc, f"{what}: page ranges") from None
+
+
+def range_reader(blob: BlobClient, what: str) -> Callable[[Part], bytes]:
+    def fetch(part: Part) -> bytes:
+        try:
+            data: bytes = blob.download_blob(offset=part.offset, length=part.length).readall()
+        except Exception as exc:  # noqa: BLE001 - mapped: Transient is retried per range
+            raise map_error(exc, f"{what} bytes {part.offset}-") from None
+        return data
+
+    return fetch
+
+
+def read_snapshot(clients: Clients, sas_url: str, target: Path, reading: Reading,
+                  what: str) -> RangedFile:
+    # azure-core's own retries off: the ranged reader retries each range with backoff
+    blob = BlobClient.from_blob_url(sas_url, transport=clients.transport(), retry_total=0)
+    size = call(lambda: blob.get_blob_properties().size, f"{what}: properties")
+    disk_size = size - FOOTER
+    footer = range_reader(blob, what)(Part(offset=disk_size, length=FOOTER))
+    check_footer(footer, disk_size, what)
+    result = read_ranges(target, size=disk_size,
+                         parts=page_parts(blob, disk_size, reading.part_size, what),
+                         fetch=range_reader(blob, what), concurrency=reading.part_concurrency,
+                         retries=reading.retries, progress=reading.progress, what=what)
+    log.info("%s: %d bytes of data read into %s (%d range reads retried)", what,
+             result.fetched, target.name, result.retried)
+    return result
+
+
+# ---- the export -------------------------------------------------------------------------
+
+
+def fetch_disks(clients: Clients, vm: VMInfo, reading: Reading, *, options: ExportOptions,
+                restore: Callable[[], None], job: str | None, written: list[Path]) -> list[
+        FetchedDisk]:
+    snapshots: list[str] = []
+    try:
+        for disk in vm.disks:
+            snapshots.append(create_snapshot(clients, str(disk.datastore), vm.datacenter or "",
+                                             job))
+        restore()  # every disk is captured: the VM may run again
+
+        def fetch(index: int) -> FetchedDisk:
+            target = reading.dest / f"{vm.name}-disk{index + 1}.raw"
+            written.append(target)
+            sas = grant_read(clients, snapshots[index])
+            what = f"snapshot {parse_id(snapshots[index])[1]}"
+            return FetchedDisk(main=read_snapshot(clients, sas, target, reading, what),
+                               create_type=RAW)
+
+        with ThreadPoolExecutor(max_workers=reading.disk_concurrency) as pool:
+            futures = [submit_in_context(pool, fetch, i) for i in range(len(vm.disks))]
+            return [future.result() for future in futures]
+    finally:
+        if options.keep_snapshots:
+            log.info("snapshots kept: %s", ", ".join(snapshots))
+        else:
+            for snapshot_id in snapshots:
+                remove_snapshot(clients, snapshot_id)
+
+
+def export_vm(clients: Clients, vm: VMInfo, reading: Reading, *, method: str,
+              options: ExportOptions, job: str | None) -> tuple[VMInfo, list[ExportedFile]]:
+    """Export one VM under `reading.dest`; on failure nothing it wrote is left."""
+
+    def fetch(written: list[Path]) -> list[FetchedDisk]:
+        with power_for_export(clients, vm, options) as restore:
+            return fetch_disks(clients, vm, reading, options=options, restore=restore,
+                               job=job, written=written)
+
+    return export_disks(vm, reading.dest, method=method, options=options, fetch=fetch,
+                        map_error=map_error)
+
+
+def discard(clients: Clients, job: str) -> list[str]:
+    """Snapshots the job's exports left (a cancel, a crash): access revoked, deleted."""
+    groups = clients.config.resource_groups
+    snapshots = clients.compute.snapshots
+    listing: list[Any] = (
+        [s for g in groups for s in call(lambda g=g: list(snapshots.list_by_resource_group(g)),
+                                         f"Azure snapshots of {g}")]
+        if groups else call(lambda: list(snapshots.list()), "Azure snapshots"))
+    found = [s.id for s in listing if (s.tags or {}).get(JOB_TAG) == job]
+    for snapshot_id in found:
+        remove_snapshot(clients, snapshot_id)
+    return found
+
+
+def check_exportable(options: ExportOptions) -> None:
+    if options.transport not in ("auto",):
+        raise InvalidRequest(f"options.transport {options.transport!r}: Azure disks are read "
+                            "from snapshots only; leave transport at auto")

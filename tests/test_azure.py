@@ -1,0 +1,190 @@
+"""The Azure provider: its control plane against the ARM stand-in
+(tests/azure_arm_standin.py) driven by the real azure-mgmt-compute/-network clients and
+azure-identity, its bytes from Azurite through azure-storage-blob. Inventory through the
+REST API, a migration end to end, a range that fails then succeeds, a cancel mid-download,
+refused credentials, a missing VM, a running VM deallocated and started again."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import httpx
+import libvirt
+import pytest
+
+from core.config import AzureProviderConfig, Config
+from core.errors import AuthFailed, NotFound, Transient
+from core.models import ExportOptions, VMFilter
+from hyper2kvm import qemu_img
+from hyper2kvm.sample import make_disk
+from providers.azure import AzureProvider
+from tests.azure_arm_standin import CLIENT_ID, TENANT
+from tests.azure_sim import Azure
+from tests.helpers import domain_facts, start_and_stop
+from tests.peers import EXPORTS, LIBVIRT_URI, Daemon, free_port, unique, wait_for_job, wait_until
+from tests.test_jobs import submit
+
+MIB = 1 << 20
+
+
+def _images(tmp_path: Path, name: str) -> list[Path]:
+    boot, data = tmp_path / "boot.raw", tmp_path / "data.raw"
+    make_disk(boot, size_mib=24, hostname=name)
+    with data.open("wb") as out:
+        out.write(b"azure data " * (1 << 20))
+        out.seek(20 * MIB)
+        out.write(b"tail" * (1 << 18))
+    return [boot, data]
+
+
+def _provider(azure: Azure, **overrides: object) -> AzureProvider:
+    section = {"subscription_id": azure.subscription, "tenant_id": TENANT,
+               "client_id": CLIENT_ID, "client_secret": azure.secret,
+               "arm_endpoint": azure.standin.url, "authority": azure.standin.url,
+               "ca_file": str(azure.standin.ca), **overrides}
+    return AzureProvider(AzureProviderConfig.model_validate(section), settings=Config())
+
+
+def _firmware(name: str) -> str:
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        os_element = ET.fromstring(conn.lookupByName(name).XMLDesc(0)).find("os")
+    finally:
+        conn.close()
+    assert os_element is not None
+    loader = os_element.find("loader")
+    efi = os_element.get("firmware") == "efi" or (loader is not None
+                                                   and "OVMF" in (loader.text or ""))
+    return "efi" if efi else "bios"
+
+
+def test_inventory_through_the_api(api: httpx.Client, azure: Azure) -> None:
+    group = unique("rg")
+    azure.standin.add_vm(group, "web", disks=[(64 * MIB, None), (32 * MIB, None)],
+                         generation="V2", secure_boot=True, running=True,
+                         tags={"env": group}, macs=("00-0D-3A-0A-0B-0C", "00-0D-3A-0A-0B-0D"))
+    azure.standin.add_vm(group, "db", size="Standard_B1s", disks=[(64 * MIB, None)],
+                         tags={"env": group, "tier": "data"})
+    caps = api.get("/capabilities").json()["providers"]["azure"]
+    assert caps["configured"] and caps["usable"], caps
+
+    def listed(**flt: object) -> list[str]:
+        answer = api.post("/vms/list", json={"provider": "azure", "filter": flt})
+        assert answer.status_code == 200, answer.text
+        return sorted(v["identifier"] for v in answer.json()["vms"])
+
+    assert listed(folder=group) == [f"{group}/db", f"{group}/web"]
+    assert listed(folder=group, status="poweredOn") == [f"{group}/web"]
+    assert listed(folder=group, status="poweredOff") == [f"{group}/db"]
+    assert listed(tags=[f"env={group}", "tier=data"]) == [f"{group}/db"]
+    assert listed(folder=group, name_pattern="w*") == [f"{group}/web"]
+    assert listed(folder=group, datacenter="eastus") == []
+
+    info = api.get("/vms/info", params={"provider": "azure",
+                                        "identifier": f"{group}/web"}).json()
+    assert info["cpus"] == 2 and info["memory_mb"] == 8192  # Standard_D2s_v3
+    assert info["firmware"] == "efi" and info["secure_boot"] is True
+    assert info["guest_os"] == "linux" and info["power_state"] == "poweredOn"
+    assert [d["name"] for d in info["disks"]] == ["web-disk0", "web-disk1"]
+    assert [d["capacity_bytes"] for d in info["disks"]] == [64 * MIB, 32 * MIB]
+    assert [n["mac"] for n in info["nics"]] == ["00:0d:3a:0a:0b:0c", "00:0d:3a:0a:0b:0d"]
+    assert info["nics"][0]["ip_address"] == "10.0.0.4" and info["nics"][0]["network"] == "default"
+    db = api.get("/vms/info", params={"provider": "azure", "identifier": f"{group}/db"}).json()
+    assert db["cpus"] == 1 and db["firmware"] == "bios"
+
+    missing = api.get("/vms/info", params={"provider": "azure",
+                                           "identifier": f"{group}/nope"})
+    assert missing.status_code == 404 and "nope" in missing.json()["message"]
+
+
+def test_migration_ends_with_matching_domain_and_no_snapshots(
+        api: httpx.Client, daemon: Daemon, azure: Azure, tmp_path: Path) -> None:
+    group, name = unique("rg"), unique("t-az")
+    images = _images(tmp_path, name)
+    azure.standin.add_vm(group, name, size="Standard_B1s", generation="V2", running=True,
+                         disks=[(64 * MIB, images[0]), (32 * MIB, images[1])],
+                         macs=("00-0D-3A-AA-00-01",))
+    # the first range read at offset 0 fails twice before it is served: retried on its own
+    azure.faults.fail[0] = 2
+    job_id = submit(api, vm_identifier=f"{group}/{name}", provider="azure",
+                    hyper2kvm_integration={"replace_existing": True})
+    info = wait_for_job(api, job_id, timeout=300)
+    assert info["status"] == "completed", info["error"]
+    assert azure.faults.fail[0] == 0, "the failing range was never asked for"
+    result = info["result"]
+    disks = [Path(d["path"]) for d in result["disks"]]
+    for disk, image in zip(disks, images, strict=True):
+        assert qemu_img.compare(image, disk), f"{disk.name} differs from the managed disk"
+    facts = domain_facts(name)
+    assert facts["vcpus"] == 1 and facts["memory_kib"] == 1024 * 1024  # Standard_B1s
+    assert facts["macs"] == ["00:0d:3a:aa:00:01"]
+    assert _firmware(name) == "efi"
+    assert start_and_stop(name)
+    assert result["export"]["method"] == "disks"
+    assert all(len(f["sha256"]) == 64 for f in result["export"]["files"])
+    logs = "\n".join(line["message"] for line in
+                     api.get(f"/jobs/logs/{job_id}").json()["logs"])
+    assert "range reads retried" in logs and "snapshot" in logs
+    assert [s for s in azure.standin.snapshots() if name in s["name"]] == []
+
+
+def test_cancel_mid_download_revokes_and_deletes_snapshots(
+        api: httpx.Client, daemon: Daemon, azure: Azure, tmp_path: Path) -> None:
+    group, name = unique("rg"), unique("t-az-cancel")
+    images = _images(tmp_path, name)
+    azure.standin.add_vm(group, name, disks=[(64 * MIB, images[0])])
+    azure.faults.delay = 1.0
+    try:
+        job_id = submit(api, vm_identifier=f"{group}/{name}", provider="azure")
+
+        def downloading() -> bool:
+            snapshots = [s for s in azure.standin.snapshots() if name in s["name"]]
+            return bool(snapshots) and snapshots[0]["_access"]
+
+        wait_until(downloading, timeout=120, what="the download to start")
+        assert api.post("/jobs/cancel", json={"job_id": job_id}).status_code == 200
+        assert wait_for_job(api, job_id, timeout=120)["status"] == "cancelled"
+    finally:
+        azure.faults.delay = 0.0
+    wait_until(lambda: not [s for s in azure.standin.snapshots() if name in s["name"]],
+               timeout=60, what="the snapshot to be deleted")
+    wait_until(lambda: not [p for p in EXPORTS.rglob(f"*{name}*") if p.is_file()],
+               timeout=30, what="partial files removed")
+
+
+def test_running_vm_deallocated_exported_and_started_again(
+        azure: Azure, tmp_path: Path) -> None:
+    group, name = unique("rg"), unique("t-az-run")
+    images = _images(tmp_path, name)
+    vm_id = azure.standin.add_vm(group, name, running=True,
+                                 disks=[(64 * MIB, images[0]), (32 * MIB, images[1])])
+    powers: list[str] = []
+    provider = _provider(azure)
+    moved: list[int] = []
+
+    def progress(count: int) -> None:
+        moved.append(count)
+        if len(powers) < 1:
+            powers.append(azure.standin.power(vm_id))
+
+    result = provider.export(f"{group}/{name}", tmp_path / "out", method="vmdk",
+                             options=ExportOptions(shutdown_vm=True, restore_power_state=True),
+                             progress=progress, job="run-job")
+    assert azure.standin.power(vm_id) == "running"
+    assert sum(moved) == 96 * MIB  # each disk's every byte once, holes included
+    disks = [f.path for f in result.files if f.role == "disk"]
+    assert [p.suffix for p in disks] == [".vmdk", ".vmdk"]
+    for disk, image in zip(disks, images, strict=True):
+        assert qemu_img.compare(image, disk)
+    assert [s for s in azure.standin.snapshots() if name in s["name"]] == []
+
+
+def test_refused_credentials_missing_vm_and_unreachable_arm(azure: Azure) -> None:
+    with pytest.raises(AuthFailed, match="invalid_client|Invalid client secret|refused"):
+        _provider(azure, client_secret="not-the-secret").list_vms(VMFilter())
+    with pytest.raises(NotFound, match="nope"):
+        _provider(azure).get_vm(f"{unique('rg')}/nope")
+    with pytest.raises(Transient, match="cannot reach Azure"):
+        _provider(azure, arm_endpoint=f"https://127.0.0.1:{free_port()}").list_vms(VMFilter())
+    assert azure.secret not in repr(_provider(azure).config)
