@@ -37,6 +37,7 @@ from core.files import partial_path
 log = logging.getLogger(__name__)
 
 _ZEROS = bytes(1 << 20)
+WINDOW_BYTES = 256 << 20
 T = TypeVar("T")
 
 
@@ -90,6 +91,12 @@ class _Retries:
     def add(self) -> None:
         with self._lock:
             self.count += 1
+
+
+def all_zeros(data: bytes) -> bool:
+    """A part that holds data is told by its first bytes (no scan of the rest); only a
+    part that starts with 4 KiB of zeros is counted through."""
+    return data[:4096] == _ZEROS[:min(4096, len(data))] and data.count(0) == len(data)
 
 
 def submit_in_context(pool: Executor, fn: Callable[..., T], *args: Any) -> Future[T]:
@@ -169,14 +176,14 @@ def read_ranges(
     digest = _InOrderHash(progress)
     written = 0
     end = 0
-    window = concurrency * 8  # parts held for the in-order hash: a slow one stalls none
+    window = 0  # parts in flight or held for the in-order hash; sized at the first part
     stop = threading.Event()
 
     def fetch_and_write(fd: int, part: Part) -> bytes:
         if stop.is_set():
             raise Transient(f"{what}: stopped")
         data = _fetch_with_retry(fetch, part, retries=retries, retried=retried, what=what)
-        if data.count(0) != len(data):  # all zeros: leave the hole
+        if not all_zeros(data):  # all zeros: leave the hole
             os.pwrite(fd, data, part.offset)
         return data
 
@@ -199,6 +206,9 @@ def read_ranges(
                             raise ValueError(f"{what}: part at {part.offset} overlaps another "
                                              "or runs past the end")
                         end = part.offset + part.length
+                        # deep enough that a slow part stalls none, within WINDOW_BYTES
+                        window = window or min(concurrency * 8, max(
+                            concurrency * 2, WINDOW_BYTES // max(part.length, 1)))
                         pending.append((part, submit_in_context(pool, fetch_and_write, fd,
                                                                 part)))
                         while len(pending) >= window:

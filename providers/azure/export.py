@@ -148,7 +148,7 @@ def range_reader(blob: BlobClient, what: str) -> Callable[[Part], bytes]:
 def read_snapshot(clients: Clients, sas_url: str, target: Path, reading: Reading,
                   what: str) -> RangedFile:
     # azure-core's own retries off: the ranged reader retries each range with backoff
-    blob = BlobClient.from_blob_url(sas_url, transport=clients.transport(), retry_total=0)
+    blob = BlobClient.from_blob_url(sas_url, retry_total=0, **clients.blob_options())
     size = call(lambda: blob.get_blob_properties().size, f"{what}: properties")
     disk_size = size - FOOTER
     footer = range_reader(blob, what)(Part(offset=disk_size, length=FOOTER))
