@@ -5,6 +5,7 @@ credentials, an instance that is not there, an arm64 instance, VM Export's limit
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -269,3 +270,25 @@ def test_running_instance_stopped_exported_as_ovf_and_started_again(
     assert all(f"SHA256({p.name})= " in manifest for p in disks)
     assert sorted(p.name for p in dest.iterdir()) == sorted(f.path.name for f in result.files)
     assert moto.snapshots_of_job("ovf-job") == []
+
+
+def test_role_arn_is_assumed_and_its_policy_applies(moto: Moto, tmp_path: Path) -> None:
+    iam = moto.client("iam")
+    name = unique("hypersdk-role")
+    trust = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "sts:AssumeRole",
+        "Principal": {"AWS": "arn:aws:iam::123456789012:user/hypersdk-test"}}]}
+    role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]
+    iam.put_role_policy(RoleName=name, PolicyName="read", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": ["ec2:Describe*"], "Resource": "*"}]}))
+    provider = _provider(moto, role_arn=role["Arn"])
+    identity = provider.clients.sts.get_caller_identity()
+    assert f":assumed-role/{name}/hypersdk" in identity["Arn"]
+    provider.check()
+    provider.list_vms(VMFilter())  # allowed by the role's policy
+    instance = moto.instance(unique("t-aws-role"), volumes_gib=[1], contents=[None])
+    with pytest.raises(AuthFailed, match="AccessDenied"):  # snapshots: not allowed by it
+        provider.export(instance["InstanceId"], tmp_path / "out", method="disks",
+                        options=ExportOptions())
+    assert not any((tmp_path / "out").iterdir())
