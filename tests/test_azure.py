@@ -185,6 +185,8 @@ def test_refused_credentials_missing_vm_and_unreachable_arm(azure: Azure) -> Non
         _provider(azure, client_secret="not-the-secret").list_vms(VMFilter())
     with pytest.raises(NotFound, match="nope"):
         _provider(azure).get_vm(f"{unique('rg')}/nope")
+    with pytest.raises(NotFound, match="no VM 'nobody-has-this-name'"):
+        _provider(azure).get_vm("nobody-has-this-name")
     with pytest.raises(Transient, match="cannot reach Azure"):
         _provider(azure, arm_endpoint=f"https://127.0.0.1:{free_port()}").list_vms(VMFilter())
     assert azure.secret not in repr(_provider(azure).config)

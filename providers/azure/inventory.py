@@ -68,10 +68,13 @@ def find_vm(clients: Clients, identifier: str) -> Any:
         group, name = identifier.split("/")
     else:
         matches = [vm for vm in _all_vms(clients) if vm.name == identifier]
-        if len(matches) != 1:
+        if not matches:
+            raise NotFound(f"Azure: no VM {identifier!r} (give group/name, its resource id, "
+                           "or a name only one VM has)")
+        if len(matches) > 1:
             where = ", ".join(parse_id(vm.id)[0] for vm in matches)
-            raise NotFound(f"Azure: {len(matches)} VMs are named {identifier!r}"
-                           f"{f' ({where})' if where else ''}; give group/name")
+            raise NotFound(f"Azure: {len(matches)} VMs are named {identifier!r} ({where}); "
+                           "give group/name")
         group, name = parse_id(matches[0].id)
     return call(clients.compute.virtual_machines.get, f"Azure VM {group}/{name}", group, name,
                 expand="instanceView")
