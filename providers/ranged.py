@@ -105,6 +105,14 @@ def submit_in_context(pool: Executor, fn: Callable[..., T], *args: Any) -> Futur
     return pool.submit(contextvars.copy_context().run, fn, *args)
 
 
+def map_in_context(fn: Callable[[Any], T], items: list[Any], *, workers: int) -> list[T]:
+    """`fn` over `items`, `workers` at once, each in a copy of the caller's context (see
+    `submit_in_context`); results in the items' order, the first error raised."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [submit_in_context(pool, fn, item) for item in items]
+        return [future.result() for future in futures]
+
+
 def _fetch_with_retry(fetch: Fetch, part: Part, *, retries: int, retried: _Retries,
                       what: str) -> bytes:
     failures = 0

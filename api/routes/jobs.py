@@ -35,8 +35,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
 def validate_job(job: JobDefinition, settings: Config) -> tuple[str, Path]:
     """Checks that can fail cheaply, before a run exists: the export path stays under
     export.base_path, the provider is configured, the VM exists and the provider can
-    export it as asked. Returns the VM's tag
-    and the export folder."""
+    export it as asked. Returns the VM's tag and the export folder."""
     folder = export_dir(job, settings)
     with get_provider(job.provider, settings) as provider:
         vm = provider.get_vm(job.vm_identifier)

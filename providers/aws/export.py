@@ -19,16 +19,16 @@ import logging
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from core.errors import InvalidRequest, ProviderError, VerificationError
-from core.models import ExportedFile, ExportOptions, PowerState, VMInfo
+from core.models import ExportedFile, ExportOptions, VMInfo
 from hyper2kvm.vmdk import parse_vmdk
 from providers.aws.session import Clients, call, map_error
 from providers.packaging import RAW, FetchedDisk, Hashed, export_disks
-from providers.ranged import Part, RangedFile, Reading, read_ranges, submit_in_context
+from providers.power import power_for_export
+from providers.ranged import Part, RangedFile, Reading, map_in_context, read_ranges
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -111,29 +111,6 @@ def stop_instance(clients: Clients, instance_id: str, timeout: float) -> None:
 def start_instance(clients: Clients, instance_id: str) -> None:
     call(clients.ec2.start_instances, f"start {instance_id}", InstanceIds=[instance_id])
     log.info("%s: started again", instance_id)
-
-
-@contextlib.contextmanager
-def power_for_export(clients: Clients, vm: VMInfo, options: ExportOptions) -> Iterator[
-        Callable[[], None]]:
-    """Stop a running instance if asked (`shutdown_vm`); yields `restore`, which starts
-    it again (`restore_power_state`) and is called as soon as its disks are captured,
-    or on the way out at the latest."""
-    running = vm.power_state == PowerState.POWERED_ON
-    if running and options.shutdown_vm:
-        stop_instance(clients, vm.identifier, options.shutdown_timeout)
-    restored = False
-
-    def restore() -> None:
-        nonlocal restored
-        if not restored and running and options.shutdown_vm and options.restore_power_state:
-            restored = True
-            start_instance(clients, vm.identifier)
-
-    try:
-        yield restore
-    finally:
-        restore()
 
 
 # ---- ebs --------------------------------------------------------------------------------
@@ -274,9 +251,8 @@ def fetch_ebs(clients: Clients, vm: VMInfo, reading: Reading, *, options: Export
             result = read_snapshot(clients, snapshots[disk.datastore], target, reading)
             return FetchedDisk(main=result, create_type=RAW)
 
-        with ThreadPoolExecutor(max_workers=reading.disk_concurrency) as pool:
-            futures = [submit_in_context(pool, fetch, item) for item in enumerate(vm.disks)]
-            return [future.result() for future in futures]
+        return map_in_context(fetch, list(enumerate(vm.disks)),
+                              workers=reading.disk_concurrency)
     finally:
         if options.keep_snapshots:
             log.info("snapshots kept: %s", ", ".join(snapshots.values()))
@@ -419,7 +395,10 @@ def export_instance(clients: Clients, vm: VMInfo, reading: Reading, *, method: s
     """Export one instance under `reading.dest`; on failure nothing it wrote is left."""
 
     def fetch(written: list[Path]) -> list[FetchedDisk]:
-        with power_for_export(clients, vm, options) as restore:
+        with power_for_export(
+                vm, options,
+                stop=lambda: stop_instance(clients, vm.identifier, options.shutdown_timeout),
+                start=lambda: start_instance(clients, vm.identifier)) as restore:
             if transport_of(options) == "export-task" and bucket:
                 return fetch_export_task(clients, vm, reading, bucket=bucket,
                                          options=options, restore=restore, job=job,

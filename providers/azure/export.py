@@ -7,12 +7,10 @@ at the end, on failure, and by `discard` after a cancel or crash (unless
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import struct
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +23,12 @@ from azure.mgmt.compute.models import (
 from azure.storage.blob import BlobClient
 
 from core.errors import InvalidRequest, VerificationError
-from core.models import ExportedFile, ExportOptions, PowerState, VMInfo
+from core.models import ExportedFile, ExportOptions, VMInfo
 from providers.azure.inventory import parse_id
 from providers.azure.session import Clients, call, map_error
 from providers.packaging import RAW, FetchedDisk, export_disks
-from providers.ranged import Part, RangedFile, Reading, read_ranges, submit_in_context
+from providers.power import power_for_export
+from providers.ranged import Part, RangedFile, Reading, map_in_context, read_ranges
 
 log = logging.getLogger(__name__)
 JOB_TAG = "hypersdk-job"
@@ -40,30 +39,20 @@ ACCESS_SECONDS = 24 * 3600
 # ---- power ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def power_for_export(clients: Clients, vm: VMInfo, options: ExportOptions) -> Iterator[
-        Callable[[], None]]:
-    """Deallocate a running VM if asked (`shutdown_vm`); yields `restore`, which starts it
-    again (`restore_power_state`) once its disks are captured, or on the way out."""
+def _power_calls(clients: Clients, vm: VMInfo) -> dict[str, Callable[[], None]]:
+    """Deallocate and start, for `power_for_export`."""
     group, name = vm.identifier.split("/")
     machines = clients.compute.virtual_machines
-    running = vm.power_state == PowerState.POWERED_ON
-    if running and options.shutdown_vm:
+
+    def deallocate() -> None:
         call(lambda: machines.begin_deallocate(group, name).result(), f"deallocate {name}")
         log.info("%s: deallocated", vm.identifier)
-    restored = False
 
-    def restore() -> None:
-        nonlocal restored
-        if not restored and running and options.shutdown_vm and options.restore_power_state:
-            restored = True
-            call(lambda: machines.begin_start(group, name).result(), f"start {name}")
-            log.info("%s: started again", vm.identifier)
+    def start() -> None:
+        call(lambda: machines.begin_start(group, name).result(), f"start {name}")
+        log.info("%s: started again", vm.identifier)
 
-    try:
-        yield restore
-    finally:
-        restore()
+    return {"stop": deallocate, "start": start}
 
 
 # ---- snapshots --------------------------------------------------------------------------
@@ -183,9 +172,8 @@ def fetch_disks(clients: Clients, vm: VMInfo, reading: Reading, *, options: Expo
             return FetchedDisk(main=read_snapshot(clients, sas, target, reading, what),
                                create_type=RAW)
 
-        with ThreadPoolExecutor(max_workers=reading.disk_concurrency) as pool:
-            futures = [submit_in_context(pool, fetch, i) for i in range(len(vm.disks))]
-            return [future.result() for future in futures]
+        return map_in_context(fetch, list(range(len(vm.disks))),
+                              workers=reading.disk_concurrency)
     finally:
         if options.keep_snapshots:
             log.info("snapshots kept: %s", ", ".join(snapshots))
@@ -199,7 +187,7 @@ def export_vm(clients: Clients, vm: VMInfo, reading: Reading, *, method: str,
     """Export one VM under `reading.dest`; on failure nothing it wrote is left."""
 
     def fetch(written: list[Path]) -> list[FetchedDisk]:
-        with power_for_export(clients, vm, options) as restore:
+        with power_for_export(vm, options, **_power_calls(clients, vm)) as restore:
             return fetch_disks(clients, vm, reading, options=options, restore=restore,
                                job=job, written=written)
 
