@@ -168,7 +168,13 @@ async def drain(runners: list[Any], client: PrefectClient, *, deployment: str,
     """SIGTERM: start no new run, give this daemon's running ones `grace` seconds to
     finish, then stop the rest so that the next start resumes them (not cancelled)."""
     for runner in runners:
-        runner.stopping = True  # its poller takes no new run from now on
+        # no new run from now on: the runner's scheduled-run poller (Prefect 3.9) has its
+        # own flag; with only the runner's set, a run put back in line below would be
+        # taken again at once, then cancelled by the runner's stop
+        runner.stopping = True
+        poller = getattr(runner, "_scheduled_run_poller", None)
+        if poller is not None:
+            poller.stopping = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     running = flow_processes()
