@@ -6,7 +6,8 @@ second half was never written, then alternates, --rounds times: the provider's e
 (snapshot, grant access, page ranges read in parallel with azure-storage-blob into a
 sparse raw file, VHD footer checked, SHA-256 of the file, access revoked, snapshot
 deleted) and a bare loop over the same snapshot: list_page_ranges, then the same ranges
-in parts of the same size, the same number of threads, bytes dropped. Prints the medians,
+in parts of the same size, the same number of threads, each written at its offset into
+a sparse file (what a download ends with; no checksum, no fsync). Prints the medians,
 both throughputs (data bytes per second) and their ratio (target >= 0.8).
 Run: .venv/bin/python bench/azure_export.py [--rounds 3] [--disk-gib 2]
 """
@@ -36,10 +37,10 @@ from tests.azure_sim import start_azure  # noqa: E402
 MIB = 1 << 20
 
 
-def bare_read(provider: AzureProvider, disk_id: str, part_size: int, threads: int) -> tuple[
-        float, int]:
+def bare_read(provider: AzureProvider, disk_id: str, part_size: int, threads: int,
+              target: Path) -> tuple[float, int]:
     """(seconds, bytes): snapshot + access (as the provider needs them too), then every
-    page range read in parallel with azure-storage-blob alone."""
+    page range read in parallel with azure-storage-blob alone into `target`."""
     clients = provider.clients
     start = time.perf_counter()
     snapshot = export.create_snapshot(clients, disk_id, "westeurope", "bare")
@@ -50,14 +51,22 @@ def bare_read(provider: AzureProvider, disk_id: str, part_size: int, threads: in
                   for r in blob.list_page_ranges() if not r.cleared
                   for offset in range(r.start, min(r.end + 1, size), part_size)]
 
-        def read(piece: tuple[int, int]) -> int:
-            return len(blob.download_blob(offset=piece[0], length=piece[1]).readall())
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            total = sum(pool.map(read, ranges))
+        def read(piece: tuple[int, int]) -> int:
+            data = blob.download_blob(offset=piece[0], length=piece[1]).readall()
+            return os.pwrite(fd, data, piece[0])
+
+        try:
+            os.ftruncate(fd, size)
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                total = sum(pool.map(read, ranges))
+        finally:
+            os.close(fd)
         return time.perf_counter() - start, total
     finally:
         export.remove_snapshot(clients, snapshot)
+        target.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -92,7 +101,7 @@ def main() -> None:
         print(f"parts of {part // MIB} MiB, {threads} parallel reads")
         bare, ours = [], []
         for round_ in range(args.rounds):
-            seconds, total = bare_read(provider, disk_id, part, threads)
+            seconds, total = bare_read(provider, disk_id, part, threads, work / "bare.raw")
             assert total == data_bytes, (total, data_bytes)
             bare.append(seconds)
             dest = work / f"export-{round_}"

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from core.config import ExportConfig
 from core.errors import Transient, VerificationError
-from core.files import partial_path
+from core.files import partial_path, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ def read_ranges(
         data = _fetch_with_retry(fetch, part, retries=retries, retried=retried, what=what)
         if not all_zeros(data):  # all zeros: leave the hole
             os.pwrite(fd, data, part.offset)
+            start_writeback(fd, part.offset, len(data))
         return data
 
     def consume(item: tuple[Part, Future[bytes]]) -> int:
