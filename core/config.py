@@ -167,9 +167,17 @@ class AzureProviderConfig(ProviderConfig):
 
 
 class GCPProviderConfig(ProviderConfig):
+    """A service account's JSON key file, else Application Default Credentials."""
+
     project: str
-    zone: str | None = None
+    zones: list[str] = Field(default_factory=list)  # where to look; all when empty
     credentials_file: Path | None = None
+    export_bucket: str | None = None  # GCS bucket the image exports are written to
+    export_format: Literal["qcow2", "vmdk"] = "qcow2"  # what the export build writes
+    # another endpoint (a private one, or a test stand-in): Compute, Cloud Build, Storage
+    compute_endpoint: str | None = None
+    cloudbuild_endpoint: str | None = None
+    storage_endpoint: str | None = None
 
 
 class HyperVProviderConfig(ProviderConfig):

@@ -47,6 +47,8 @@ class NicInfo(Strict):
     network: str | None = None
     adapter: str = "virtio"
     ip_address: str | None = None
+    # the platform tells no MAC (GCP): this one is derived, stable for this VM and NIC
+    mac_derived: bool = False
 
     @field_validator("mac")
     @classmethod

@@ -24,6 +24,7 @@ _DRIVERS: dict[str, tuple[str, str | None]] = {
     "vsphere": ("providers.vsphere:VSphereProvider", "pip install 'hypersdk[vsphere]'"),
     "aws": ("providers.aws:AWSProvider", "pip install 'hypersdk[aws]'"),
     "azure": ("providers.azure:AzureProvider", "pip install 'hypersdk[azure]'"),
+    "gcp": ("providers.gcp:GCPProvider", "pip install 'hypersdk[gcp]'"),
 }
 
 

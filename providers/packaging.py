@@ -18,6 +18,7 @@ from hyper2kvm.manifest import digest_file, render_manifest
 from hyper2kvm.ovf import render_ovf, vmdk_format_uri
 
 RAW = "raw"  # FetchedDisk.create_type of a raw disk image
+QCOW2 = "qcow2"  # ... of a qcow2 image (a cloud's image export)
 
 
 class File(Protocol):
@@ -43,7 +44,7 @@ class FetchedDisk:
     """One disk as it arrived: its main file (what qemu-img opens) and any extents."""
 
     main: File
-    create_type: str  # a VMDK's create type as its descriptor says, or RAW
+    create_type: str  # a VMDK's create type as its descriptor says, or RAW, or QCOW2
     extents: list[File] = field(default_factory=list)
 
     @property
@@ -56,6 +57,11 @@ def _exported(path: Path, sha256: str, role: str) -> ExportedFile:
                         role=role)  # type: ignore[arg-type]
 
 
+def _format(create_type: str) -> str:
+    """The qemu-img format of a fetched disk."""
+    return create_type if create_type in (RAW, QCOW2) else "vmdk"
+
+
 def _stream_optimized(disk: FetchedDisk) -> Hashed:
     """The disk as one stream-optimized (compressed) VMDK, the OVF disk format of
     vSphere's own exports, in place of the files it was fetched as."""
@@ -63,7 +69,7 @@ def _stream_optimized(disk: FetchedDisk) -> Hashed:
     final = source.with_suffix(".vmdk")
     partial = partial_path(final.with_name(f"{final.stem}-stream.vmdk"))
     try:
-        qemu_img.convert(qemu_img.DiskSource(source, RAW if disk.create_type == RAW else "vmdk"),
+        qemu_img.convert(qemu_img.DiskSource(source, _format(disk.create_type)),
                          partial, output_format="vmdk", subformat="streamOptimized")
         for old in (disk.main, *disk.extents):
             old.path.unlink()
@@ -78,14 +84,15 @@ def package(vm: VMInfo, fetched: list[FetchedDisk], dest: Path, *, method: str,
     """Lay the fetched disks out as `method` asks: as fetched (`disks`), bare VMDKs, an
     OVF folder or one OVA. A raw disk becomes a stream-optimized VMDK unless the method
     is `disks`; so does any disk with `compress`, and for an OVA any disk of several
-    files. Files made here are added to `written` (removed again if the export fails)."""
+    files; a qcow2 disk as a raw one. Files made here are added to `written` (removed
+    again if the export fails)."""
     disks: list[File] = []
     create_types: list[str] = []
     others: list[File] = []
     for disk in fetched:
         stream = disk.create_type.lower() == "streamoptimized"
-        raw = disk.create_type == RAW
-        if method != "disks" and (raw or (options.compress and not stream)
+        not_vmdk = disk.create_type in (RAW, QCOW2)
+        if method != "disks" and (not_vmdk or (options.compress and not stream)
                                   or (method == "ova" and not disk.single_file)):
             converted = _stream_optimized(disk)
             written.append(converted.path)
@@ -96,7 +103,7 @@ def package(vm: VMInfo, fetched: list[FetchedDisk], dest: Path, *, method: str,
             create_types.append(disk.create_type)
             others.extend(disk.extents)
     exported = vm.model_copy(update={"disks": [
-        d.model_copy(update={"file": f.path.name, "format": RAW if kind == RAW else "vmdk"})
+        d.model_copy(update={"file": f.path.name, "format": _format(kind)})
         for d, f, kind in zip(vm.disks, disks, create_types, strict=True)]})
     if method in ("vmdk", "disks"):
         return exported, ([_exported(d.path, d.sha256, "disk") for d in disks]

@@ -24,11 +24,11 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from core.config import ExportConfig
 from core.errors import Transient, VerificationError
@@ -81,6 +81,12 @@ class RangedFile:
 
 
 Fetch = Callable[[Part], bytes]
+
+
+class Updatable(Protocol):
+    """A running checksum (hashlib's, google-crc32c's)."""
+
+    def update(self, data: bytes, /) -> Any: ...
 
 
 class _Retries:
@@ -138,8 +144,10 @@ class _InOrderHash:
     """SHA-256 of the file as parts arrive in offset order, holes hashed as zeros; the
     same walk reports progress."""
 
-    def __init__(self, progress: Callable[[int], None] | None) -> None:
+    def __init__(self, progress: Callable[[int], None] | None,
+                 also: Sequence[Updatable] = ()) -> None:
         self.hasher = hashlib.sha256()
+        self.hashers = [self.hasher, *also]
         self.position = 0
         self.progress = progress
 
@@ -147,14 +155,16 @@ class _InOrderHash:
         gap = end - self.position
         while self.position < end:
             step = min(end - self.position, len(_ZEROS))
-            self.hasher.update(_ZEROS[:step])
+            for hasher in self.hashers:
+                hasher.update(_ZEROS[:step])
             self.position += step
         if gap and self.progress:
             self.progress(gap)
 
     def add(self, part: Part, data: bytes) -> None:
         self._zeros(part.offset)
-        self.hasher.update(data)
+        for hasher in self.hashers:
+            hasher.update(data)
         self.position += len(data)
         if self.progress:
             self.progress(len(data))
@@ -174,14 +184,16 @@ def read_ranges(
     retries: int,
     progress: Callable[[int], None] | None = None,
     what: str = "",
+    also_hash: Sequence[Updatable] = (),
 ) -> RangedFile:
     """Fill `target` (`size` bytes) with `parts` (sorted by offset, not overlapping),
     each fetched by `fetch`. Progress counts every byte of the file once: a part's bytes
-    and the hole before it, as the in-order hash passes them."""
+    and the hole before it, as the in-order hash passes them; `also_hash` are fed the
+    same bytes in the same order (a checksum the source gives to check against)."""
     what = what or target.name
     partial = partial_path(target)
     retried = _Retries()
-    digest = _InOrderHash(progress)
+    digest = _InOrderHash(progress, also_hash)
     written = 0
     end = 0
     window = 0  # parts in flight or held for the in-order hash; sized at the first part

@@ -4,22 +4,19 @@ tests/azure_arm_standin.py for the control plane, both for the session."""
 
 from __future__ import annotations
 
-import http.client
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.azure_arm_standin import CLIENT_ID, TENANT, StandIn, start_standin
+from tests.fault_proxy import Faults, start_proxy
 from tests.peers import free_port, wait_until
 from tests.vsphere_sim import server_certificate
 
@@ -39,71 +36,6 @@ def install_azurite() -> Path:
                         f"azurite@{AZURITE_VERSION}"], cwd=AZURITE_DIR, check=True,
                        timeout=600)
     return binary
-
-
-@dataclass
-class Faults:
-    """What the proxy in front of Azurite does to ranged reads: fail the read of a range
-    starting at an offset N times (503), or delay every ranged read."""
-
-    fail: dict[int, int] = field(default_factory=dict)  # range start -> failures left
-    delay: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def should_fail(self, start: int) -> bool:
-        with self.lock:
-            left = self.fail.get(start, 0)
-            if left:
-                self.fail[start] = left - 1
-            return left > 0
-
-
-def start_proxy(upstream_port: int, faults: Faults) -> ThreadingHTTPServer:
-    """An HTTP proxy to Azurite: every byte still comes from the emulator; `faults` says
-    which ranged reads fail or crawl (Azurite itself never fails)."""
-
-    class Proxy(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def _forward(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            ranged = self.headers.get("x-ms-range") or self.headers.get("Range") or ""
-            if self.command == "GET" and ranged.startswith("bytes="):
-                if faults.delay:
-                    time.sleep(faults.delay)
-                if faults.should_fail(int(ranged[6:].split("-")[0])):
-                    self.send_response(503)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-            upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
-            try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                headers["Host"] = f"127.0.0.1:{upstream_port}"
-                upstream.request(self.command, self.path, body=body or None, headers=headers)
-                answer = upstream.getresponse()
-                data = answer.read()
-                self.send_response(answer.status)
-                head = self.command == "HEAD"  # its Content-Length is the blob's
-                for key, value in answer.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection") and (
-                            head or key.lower() != "content-length"):
-                        self.send_header(key, value)
-                if not head:
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            finally:
-                upstream.close()
-
-        do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward  # noqa: N815
-
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Proxy)
-    threading.Thread(target=server.serve_forever, daemon=True, name="azurite-proxy").start()
-    return server
 
 
 @dataclass

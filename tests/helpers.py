@@ -68,6 +68,20 @@ def domain_facts(name: str) -> dict:
     }
 
 
+def domain_firmware(name: str) -> str:
+    """'efi' or 'bios', as the domain's XML says."""
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        os_element = ET.fromstring(conn.lookupByName(name).XMLDesc(0)).find("os")
+    finally:
+        conn.close()
+    assert os_element is not None
+    loader = os_element.find("loader")
+    efi = os_element.get("firmware") == "efi" or (loader is not None
+                                                   and "OVMF" in (loader.text or ""))
+    return "efi" if efi else "bios"
+
+
 def start_and_stop(name: str) -> bool:
     return starts(LIBVIRT_URI, name)
 

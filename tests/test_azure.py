@@ -6,11 +6,9 @@ refused credentials, a missing VM, a running VM deallocated and started again.""
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import httpx
-import libvirt
 import pytest
 
 from core.config import AzureProviderConfig, Config
@@ -21,8 +19,8 @@ from hyper2kvm.sample import make_disk
 from providers.azure import AzureProvider
 from tests.azure_arm_standin import CLIENT_ID, TENANT
 from tests.azure_sim import Azure
-from tests.helpers import domain_facts, start_and_stop
-from tests.peers import EXPORTS, LIBVIRT_URI, Daemon, free_port, unique, wait_for_job, wait_until
+from tests.helpers import domain_facts, domain_firmware, start_and_stop
+from tests.peers import EXPORTS, Daemon, free_port, unique, wait_for_job, wait_until
 from tests.test_jobs import submit
 
 MIB = 1 << 20
@@ -44,19 +42,6 @@ def _provider(azure: Azure, **overrides: object) -> AzureProvider:
                "arm_endpoint": azure.standin.url, "authority": azure.standin.url,
                "ca_file": str(azure.standin.ca), **overrides}
     return AzureProvider(AzureProviderConfig.model_validate(section), settings=Config())
-
-
-def _firmware(name: str) -> str:
-    conn = libvirt.open(LIBVIRT_URI)
-    try:
-        os_element = ET.fromstring(conn.lookupByName(name).XMLDesc(0)).find("os")
-    finally:
-        conn.close()
-    assert os_element is not None
-    loader = os_element.find("loader")
-    efi = os_element.get("firmware") == "efi" or (loader is not None
-                                                   and "OVMF" in (loader.text or ""))
-    return "efi" if efi else "bios"
 
 
 def test_inventory_through_the_api(api: httpx.Client, azure: Azure) -> None:
@@ -119,7 +104,7 @@ def test_migration_ends_with_matching_domain_and_no_snapshots(
     facts = domain_facts(name)
     assert facts["vcpus"] == 1 and facts["memory_kib"] == 1024 * 1024  # Standard_B1s
     assert facts["macs"] == ["00:0d:3a:aa:00:01"]
-    assert _firmware(name) == "efi"
+    assert domain_firmware(name) == "efi"
     assert start_and_stop(name)
     assert result["export"]["method"] == "disks"
     assert all(len(f["sha256"]) == 64 for f in result["export"]["files"])

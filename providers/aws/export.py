@@ -26,6 +26,7 @@ from core.errors import InvalidRequest, ProviderError, VerificationError
 from core.models import ExportedFile, ExportOptions, VMInfo
 from hyper2kvm.vmdk import parse_vmdk
 from providers.aws.session import Clients, call, map_error
+from providers.objects import read_object
 from providers.packaging import RAW, FetchedDisk, Hashed, export_disks
 from providers.power import power_for_export
 from providers.ranged import Part, RangedFile, Reading, map_in_context, read_ranges
@@ -307,13 +308,12 @@ def wait_export_task(clients: Clients, task_id: str, *, timeout: float = 12 * 36
         time.sleep(interval)
 
 
-def object_reader(clients: Clients, bucket: str, key: str) -> Callable[[Part], bytes]:
-    def fetch(part: Part) -> bytes:
-        what = f"s3://{bucket}/{key} bytes {part.offset}-"
+def object_reader(clients: Clients, bucket: str, key: str) -> Callable[[int, int], bytes]:
+    def fetch(offset: int, length: int) -> bytes:
+        what = f"s3://{bucket}/{key} bytes {offset}-"
         try:
-            last = part.offset + part.length - 1
             answer = clients.s3.get_object(Bucket=bucket, Key=key,
-                                           Range=f"bytes={part.offset}-{last}")
+                                           Range=f"bytes={offset}-{offset + length - 1}")
             data: bytes = answer["Body"].read()
         except Exception as exc:  # noqa: BLE001 - mapped: Transient is retried per part
             raise map_error(exc, what) from None
@@ -322,15 +322,12 @@ def object_reader(clients: Clients, bucket: str, key: str) -> Callable[[Part], b
     return fetch
 
 
-def read_object(clients: Clients, bucket: str, key: str, target: Path, reading: Reading) -> (
+def read_export(clients: Clients, bucket: str, key: str, target: Path, reading: Reading) -> (
         RangedFile):
     size = int(call(clients.s3.head_object, f"s3://{bucket}/{key}", Bucket=bucket,
                     Key=key)["ContentLength"])
-    step = reading.part_size
-    parts = (Part(offset=o, length=min(step, size - o)) for o in range(0, size, step))
-    return read_ranges(target, size=size, parts=parts, fetch=object_reader(clients, bucket, key),
-                       concurrency=reading.part_concurrency, retries=reading.retries,
-                       progress=reading.progress, what=f"s3://{bucket}/{key}")
+    return read_object(target, size=size, fetch_range=object_reader(clients, bucket, key),
+                       reading=reading, what=f"s3://{bucket}/{key}")
 
 
 def _unpack_ova(ova: Path, vm: VMInfo) -> FetchedDisk:
@@ -370,7 +367,7 @@ def fetch_export_task(clients: Clients, vm: VMInfo, reading: Reading, *, bucket:
         key = task.get("ExportToS3Task", {}).get("S3Key") or key
         ova = reading.dest / f"{vm.name}-export.ova"
         written.append(ova)
-        read_object(clients, bucket, key, ova, reading)
+        read_export(clients, bucket, key, ova, reading)
         disk = _unpack_ova(ova, vm)
         written.append(disk.main.path)
         return [disk]

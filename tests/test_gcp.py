@@ -1,0 +1,212 @@
+"""The GCP provider: its control plane against the Compute + Cloud Build stand-in
+(tests/gcp_standin.py) driven by the real google-cloud-compute / google-cloud-build
+clients and a real service-account key, its bytes from gcp-storage-emulator through
+google-cloud-storage. Inventory through the REST API, a migration end to end, a ranged
+read that fails then succeeds, a cancel while the cloud-side export runs, refused
+credentials, a missing instance, a running instance stopped and started again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.config import Config, GCPProviderConfig
+from core.errors import AuthFailed, InvalidRequest, NotFound, Transient, VerificationError
+from core.models import ExportOptions, VMFilter
+from hyper2kvm import qemu_img
+from hyper2kvm.sample import make_disk
+from providers.gcp import GCPProvider
+from tests.gcp_sim import GCP
+from tests.gcp_standin import service_account_key
+from tests.helpers import domain_facts, domain_firmware, start_and_stop
+from tests.peers import EXPORTS, Daemon, free_port, unique, wait_for_job, wait_until
+from tests.test_jobs import submit
+
+MIB = 1 << 20
+
+
+def _images(tmp_path: Path, name: str) -> list[Path]:
+    boot, data = tmp_path / "boot.raw", tmp_path / "data.raw"
+    make_disk(boot, size_mib=24, hostname=name)
+    with data.open("wb") as out:
+        out.write(b"gcp data " * (1 << 20))
+        out.seek(40 * MIB)
+        out.write(b"tail" * (1 << 18))
+    return [boot, data]
+
+
+def _provider(gcp: GCP, **overrides: object) -> GCPProvider:
+    return GCPProvider(GCPProviderConfig.model_validate(gcp.section(**overrides)),
+                       settings=Config())
+
+
+def _leftovers(gcp: GCP, name: str) -> list[str]:
+    images = [i["name"] for i in gcp.standin.images() if name[:20] in i["name"]]
+    return images + [o for o in gcp.objects() if name[:20] in o]
+
+
+def test_inventory_through_the_api(api: httpx.Client, gcp: GCP) -> None:
+    env = unique("env")
+    web = gcp.standin.add_instance("us-east1-b", unique("web"), machine_type="n2-standard-4",
+                                   disks=[(2, None), (1, None)], running=True, uefi=True,
+                                   secure_boot=True, labels={"env": env}, nics=2,
+                                   interface="NVME")
+    db_name = unique("db")
+    gcp.standin.add_instance("europe-west1-c", db_name, machine_type="e2-micro",
+                             disks=[(1, None)], labels={"env": env, "tier": "data"})
+    web_name = next(i["name"] for i in gcp.standin.state.instances.values() if i["id"] == web)
+    caps = api.get("/capabilities").json()["providers"]["gcp"]
+    assert caps["configured"] and caps["usable"], caps
+
+    def listed(**flt: object) -> list[str]:
+        answer = api.post("/vms/list", json={"provider": "gcp", "filter": flt})
+        assert answer.status_code == 200, answer.text
+        return sorted(v["identifier"] for v in answer.json()["vms"])
+
+    assert listed(tags=[f"env={env}"]) == [f"europe-west1-c/{db_name}", f"us-east1-b/{web_name}"]
+    assert listed(tags=[f"env={env}"], status="poweredOn") == [f"us-east1-b/{web_name}"]
+    assert listed(tags=[f"env={env}", "tier=data"]) == [f"europe-west1-c/{db_name}"]
+    assert listed(tags=[f"env={env}"], datacenter="europe-west1-c") == [
+        f"europe-west1-c/{db_name}"]
+    assert listed(tags=[f"env={env}"], name_pattern="web*") == [f"us-east1-b/{web_name}"]
+
+    info = api.get("/vms/info", params={"provider": "gcp", "identifier": web_name}).json()
+    assert info["cpus"] == 4 and info["memory_mb"] == 16384  # n2-standard-4
+    assert info["firmware"] == "efi" and info["secure_boot"] is True
+    assert info["architecture"] == "x86_64" and info["guest_os"] == "linux"
+    assert [d["capacity_bytes"] for d in info["disks"]] == [2 << 30, 1 << 30]
+    assert [d["controller"] for d in info["disks"]] == ["nvme", "nvme"]
+    nics = info["nics"]
+    assert [n["network"] for n in nics] == ["default", "net1"]
+    assert all(n["mac_derived"] and n["mac"].startswith("52:54:00:") for n in nics)
+    assert nics[0]["mac"] != nics[1]["mac"]
+    again = api.get("/vms/info", params={"provider": "gcp",
+                                         "identifier": f"us-east1-b/{web_name}"}).json()
+    assert [n["mac"] for n in again["nics"]] == [n["mac"] for n in nics]  # stable
+    db = api.get("/vms/info", params={"provider": "gcp", "identifier": db_name}).json()
+    assert db["cpus"] == 2 and db["memory_mb"] == 1024 and db["firmware"] == "bios"
+    missing = api.get("/vms/info", params={"provider": "gcp",
+                                           "identifier": "us-east1-b/nope"})
+    assert missing.status_code == 404 and "nope" in missing.json()["message"]
+
+
+def test_migration_ends_with_matching_domain_and_nothing_left_in_the_project(
+        api: httpx.Client, daemon: Daemon, gcp: GCP, tmp_path: Path) -> None:
+    name = unique("t-gcp")
+    images = _images(tmp_path, name)
+    gcp.standin.add_instance("us-central1-a", name, machine_type="e2-micro", uefi=True,
+                             running=True, disks=[(1, images[0]), (1, images[1])])
+    # the first ranged read at offset 0 fails twice before it is served: retried on its own
+    gcp.faults.fail[0] = 2
+    job_id = submit(api, vm_identifier=f"us-central1-a/{name}", provider="gcp",
+                    hyper2kvm_integration={"replace_existing": True})
+    info = wait_for_job(api, job_id, timeout=300)
+    assert info["status"] == "completed", info["error"]
+    assert gcp.faults.fail[0] == 0, "the failing range was never asked for"
+    result = info["result"]
+    disks = [Path(d["path"]) for d in result["disks"]]
+    for disk, image in zip(disks, images, strict=True):
+        assert qemu_img.compare(image, disk), f"{disk.name} differs from the GCP disk"
+    facts = domain_facts(name)
+    assert facts["vcpus"] == 2 and facts["memory_kib"] == 1024 * 1024  # e2-micro
+    vm = api.get("/vms/info", params={"provider": "gcp", "identifier": name}).json()
+    assert facts["macs"] == [vm["nics"][0]["mac"]] and vm["nics"][0]["mac_derived"]
+    assert domain_firmware(name) == "efi"
+    assert start_and_stop(name)
+    files = result["export"]["files"]
+    assert [Path(f["path"]).suffix for f in files] == [".qcow2", ".qcow2"]
+    logs = "\n".join(line["message"] for line in
+                     api.get(f"/jobs/logs/{job_id}").json()["logs"])
+    assert "CRC32C checked" in logs and "range reads retried" in logs
+    assert "export build" in logs and "SUCCESS" in logs
+    assert _leftovers(gcp, name) == []
+
+
+def test_cancel_during_the_cloud_export_cancels_the_build_and_removes_the_image(
+        api: httpx.Client, daemon: Daemon, gcp: GCP, tmp_path: Path) -> None:
+    name = unique("t-gcp-cancel")
+    images = _images(tmp_path, name)
+    gcp.standin.add_instance("us-central1-a", name, disks=[(1, images[0])])
+    gcp.standin.state.build_seconds = 120
+    try:
+        job_id = submit(api, vm_identifier=f"us-central1-a/{name}", provider="gcp")
+
+        def building() -> list[dict]:
+            return [b for b in gcp.standin.builds() if b["status"] == "WORKING"
+                    and any(name[:20] in a for a in b["steps"][0]["args"])]
+
+        wait_until(lambda: bool(building()), timeout=120, what="the export build to run")
+        build = building()[0]
+        assert api.post("/jobs/cancel", json={"job_id": job_id}).status_code == 200
+        assert wait_for_job(api, job_id, timeout=120)["status"] == "cancelled"
+    finally:
+        gcp.standin.state.build_seconds = 0.5
+    wait_until(lambda: gcp.standin.state.builds[build["id"]]["status"] == "CANCELLED",
+               timeout=60, what="the build to be cancelled")
+    wait_until(lambda: not _leftovers(gcp, name), timeout=60,
+               what="the image to be deleted")
+    assert not [p for p in EXPORTS.rglob(f"*{name}*") if p.is_file()]
+
+
+def test_running_instance_stopped_exported_as_vmdk_and_started_again(
+        gcp: GCP, tmp_path: Path) -> None:
+    name = unique("t-gcp-run")
+    images = _images(tmp_path, name)
+    gcp.standin.add_instance("us-central1-a", name, running=True,
+                             disks=[(1, images[0]), (1, images[1])])
+    seen: list[str] = []
+    moved: list[int] = []
+
+    def progress(count: int) -> None:
+        moved.append(count)
+        seen.append(gcp.standin.status("us-central1-a", name))
+
+    result = _provider(gcp).export(f"us-central1-a/{name}", tmp_path / "out", method="vmdk",
+                                   options=ExportOptions(shutdown_vm=True,
+                                                         restore_power_state=True),
+                                   progress=progress, job="run-job")
+    assert gcp.standin.status("us-central1-a", name) == "RUNNING"
+    assert sum(moved) > 0
+    disks = [f.path for f in result.files if f.role == "disk"]
+    assert [p.suffix for p in disks] == [".vmdk", ".vmdk"]
+    for disk, image in zip(disks, images, strict=True):
+        assert qemu_img.compare(image, disk)
+    assert _leftovers(gcp, name) == []
+
+
+def test_an_object_whose_crc32c_does_not_match_is_refused(gcp: GCP, tmp_path: Path) -> None:
+    name = unique("t-gcp-crc")
+    images = _images(tmp_path, name)
+    gcp.standin.add_instance("us-central1-a", name, disks=[(1, images[1])])
+    gcp.faults.corrupt.add(0)  # the proxy flips a byte of the read at offset 0
+    try:
+        with pytest.raises(VerificationError, match="crc32c"):
+            _provider(gcp).export(f"us-central1-a/{name}", tmp_path / "out", method="disks",
+                                  options=ExportOptions(), job="crc-job")
+    finally:
+        gcp.faults.corrupt.clear()
+    assert list((tmp_path / "out").iterdir()) == []
+    assert _leftovers(gcp, name) == []
+
+
+def test_refused_credentials_missing_instance_unreachable_api_and_no_bucket(
+        gcp: GCP, tmp_path: Path) -> None:
+    stranger = json.loads(gcp.standin.key_file.read_text())
+    stranger["private_key"] = service_account_key()[0].decode()
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(stranger))
+    with pytest.raises(AuthFailed, match="refused"):
+        _provider(gcp, credentials_file=str(forged)).list_vms(VMFilter())
+    with pytest.raises(NotFound, match="nope"):
+        _provider(gcp).get_vm("us-central1-a/nope")
+    with pytest.raises(NotFound, match="no instance 'nobody-has-this-name'"):
+        _provider(gcp).get_vm("nobody-has-this-name")
+    with pytest.raises(Transient, match="cannot reach GCP"):
+        _provider(gcp, compute_endpoint=f"http://127.0.0.1:{free_port()}").list_vms(VMFilter())
+    provider = _provider(gcp, export_bucket=None)
+    vm = _provider(gcp).list_vms(VMFilter())[0]
+    with pytest.raises(InvalidRequest, match="export_bucket"):
+        provider.check_export(provider.get_vm(vm.identifier), ExportOptions(), converts=True)
