@@ -187,10 +187,23 @@ class HyperVProviderConfig(ProviderConfig):
 
 
 class OCIProviderConfig(ProviderConfig):
-    config_file: Path | None = None
+    """An API signing key: `tenancy`, `user`, `fingerprint` and `key_file` or `key_content`
+    here, else the OCI config file's `profile`."""
+
+    config_file: Path | None = None  # default: ~/.oci/config
     profile: str = "DEFAULT"
-    compartment_id: str | None = None
+    tenancy: str | None = None
+    user: str | None = None
+    fingerprint: str | None = None
+    key_file: Path | None = None
+    key_content: SecretStr | None = None
     region: str | None = None
+    compartment_id: str | None = None  # where to look; the tenancy's root when unset
+    export_bucket: str | None = None  # Object Storage bucket the image exports go to
+    namespace: str | None = None  # its namespace; asked from Object Storage when unset
+    # another endpoint (a test stand-in): Compute, Networking, Block Storage, Work Requests
+    compute_endpoint: str | None = None
+    objectstorage_endpoint: str | None = None
 
 
 class ProvidersConfig(Section):

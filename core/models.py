@@ -123,6 +123,9 @@ class ExportOptions(Strict):
     # (snapshots read through the EBS direct APIs; auto), export-task (an export to S3)
     transport: Literal["auto", "nfc", "datastore", "ebs", "export-task"] = "auto"
     keep_snapshots: bool = False  # leave the snapshots/images made in the source account
+    # OCI: a custom image holds the boot volume only; say so to export an instance that
+    # has block volumes attached without them
+    boot_volume_only: bool = False
 
 
 class GuestOptions(Strict):

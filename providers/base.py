@@ -25,6 +25,7 @@ _DRIVERS: dict[str, tuple[str, str | None]] = {
     "aws": ("providers.aws:AWSProvider", "pip install 'hypersdk[aws]'"),
     "azure": ("providers.azure:AzureProvider", "pip install 'hypersdk[azure]'"),
     "gcp": ("providers.gcp:GCPProvider", "pip install 'hypersdk[gcp]'"),
+    "oci": ("providers.oci:OCIProvider", "pip install 'hypersdk[oci]'"),
 }
 
 

@@ -38,7 +38,7 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
-.venv/bin/python -m pip install -q --config-settings editable_mode=compat -e '.[dev,vsphere,aws,azure,gcp]' \
+.venv/bin/python -m pip install -q --config-settings editable_mode=compat -e '.[dev,vsphere,aws,azure,gcp,oci]' \
     2>&1 | grep -v -i "warning" || true
 .venv/bin/python -c "import prefect, libvirt, fastapi, boto3, azure.mgmt.compute" \
     || { echo "setup: the virtualenv is incomplete" >&2; exit 1; }
