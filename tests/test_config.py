@@ -127,3 +127,7 @@ def test_prefect_yaml_deploys_the_flows_hypervisord_serves() -> None:
         module, _, attribute = str(deployment.entrypoint).replace("/", ".").partition(".py:")
         flows[getattr(importlib.import_module(module), attribute).name] = deployment
     assert set(flows) == {"migrate-vm", "convert-vm", "backup-policy"}
+    # pool workers' runs log what the providers log, as the daemon's own runs do
+    for deployment in config.deployments:
+        env = deployment.work_pool.job_variables["env"]  # type: ignore[union-attr]
+        assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "providers"
