@@ -5,8 +5,6 @@ service when a compatible cloud is used, and botocore's errors mapped onto
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +14,7 @@ from botocore.config import Config as BotoConfig
 
 from core.config import AWSProviderConfig
 from core.errors import AuthFailed, HypersdkError, NotFound, ProviderError, Transient
+from providers.clients import ClientCache
 
 _NOT_FOUND = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed",
               "InvalidSnapshot.NotFound", "InvalidVolume.NotFound", "InvalidAMIID.NotFound",
@@ -131,8 +130,7 @@ def make_clients(config: AWSProviderConfig, *, pool_size: int) -> Clients:
         region=config.region)
 
 
-_CLIENTS: dict[str, Clients] = {}
-_LOCK = threading.Lock()
+_CLIENTS: ClientCache[AWSProviderConfig, Clients] = ClientCache(make_clients)
 
 
 def clients_for(config: AWSProviderConfig, *, pool_size: int) -> Clients:
@@ -141,14 +139,7 @@ def clients_for(config: AWSProviderConfig, *, pool_size: int) -> Clients:
     within the hour: those clients are made afresh for each provider object."""
     if config.role_arn:
         return make_clients(config, pool_size=pool_size)
-    secret = config.secret_access_key.get_secret_value() if config.secret_access_key else ""
-    key = hashlib.sha256(repr((config.region, config.access_key_id, secret, config.profile,
-                               config.role_arn, config.endpoint_url, str(config.ca_file),
-                               pool_size)).encode()).hexdigest()
-    with _LOCK:
-        if key not in _CLIENTS:
-            _CLIENTS[key] = make_clients(config, pool_size=pool_size)
-        return _CLIENTS[key]
+    return _CLIENTS.get(config, pool_size=pool_size)
 
 
 def call(fn: Any, what: str, /, **kwargs: Any) -> Any:

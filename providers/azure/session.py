@@ -4,8 +4,6 @@ a CA file), and azure-core's errors mapped onto `core.errors`."""
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +25,7 @@ from azure.mgmt.network import NetworkManagementClient
 
 from core.config import AzureProviderConfig
 from core.errors import AuthFailed, HypersdkError, NotFound, ProviderError, Transient
+from providers.clients import ClientCache
 
 
 def map_error(exc: BaseException, what: str) -> HypersdkError:
@@ -110,18 +109,10 @@ def make_clients(config: AzureProviderConfig) -> Clients:
         config=config)
 
 
-_CLIENTS: dict[str, Clients] = {}
-_LOCK = threading.Lock()
+_CLIENTS: ClientCache[AzureProviderConfig, Clients] = ClientCache(make_clients)
 
 
 def clients_for(config: AzureProviderConfig) -> Clients:
-    """The process's clients for this subscription and these credentials (the
-    credential caches its token and renews it)."""
-    secret = config.client_secret.get_secret_value() if config.client_secret else ""
-    key = hashlib.sha256(repr((config.subscription_id, config.tenant_id, config.client_id,
-                               secret, config.arm_endpoint, config.authority,
-                               str(config.ca_file))).encode()).hexdigest()
-    with _LOCK:
-        if key not in _CLIENTS:
-            _CLIENTS[key] = make_clients(config)
-        return _CLIENTS[key]
+    """The process's clients for this section (the credential caches its token and
+    renews it)."""
+    return _CLIENTS.get(config)

@@ -5,8 +5,6 @@ google-api-core's errors mapped onto `core.errors`."""
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from google.oauth2 import service_account
 
 from core.config import GCPProviderConfig
 from core.errors import AuthFailed, HypersdkError, NotFound, ProviderError, Transient
+from providers.clients import ClientCache
 
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 T = TypeVar("T")
@@ -144,15 +143,10 @@ def make_clients(config: GCPProviderConfig) -> Clients:
                                client_options=_options(config.storage_endpoint)))
 
 
-_CLIENTS: dict[str, Clients] = {}
-_LOCK = threading.Lock()
+_CLIENTS: ClientCache[GCPProviderConfig, Clients] = ClientCache(make_clients)
 
 
 def clients_for(config: GCPProviderConfig) -> Clients:
-    """The process's clients for this project and these credentials (the credentials
-    cache their token and renew it)."""
-    key = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
-    with _LOCK:
-        if key not in _CLIENTS:
-            _CLIENTS[key] = make_clients(config)
-        return _CLIENTS[key]
+    """The process's clients for this section (the credentials cache their token and
+    renew it)."""
+    return _CLIENTS.get(config)

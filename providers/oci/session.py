@@ -4,8 +4,6 @@ endpoints as configured, and the SDK's errors mapped onto `core.errors`."""
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,6 +13,7 @@ import requests
 
 from core.config import OCIProviderConfig
 from core.errors import AuthFailed, HypersdkError, NotFound, ProviderError, Transient
+from providers.clients import ClientCache
 
 T = TypeVar("T")
 
@@ -117,15 +116,9 @@ def make_clients(config: OCIProviderConfig) -> Clients:
         tenancy=settings["tenancy"])
 
 
-_CLIENTS: dict[str, Clients] = {}
-_LOCK = threading.Lock()
+_CLIENTS: ClientCache[OCIProviderConfig, Clients] = ClientCache(make_clients)
 
 
 def clients_for(config: OCIProviderConfig) -> Clients:
     """The process's clients for this tenancy and key."""
-    secret = config.key_content.get_secret_value() if config.key_content else ""
-    key = hashlib.sha256((config.model_dump_json() + secret).encode()).hexdigest()
-    with _LOCK:
-        if key not in _CLIENTS:
-            _CLIENTS[key] = make_clients(config)
-        return _CLIENTS[key]
+    return _CLIENTS.get(config)
