@@ -181,9 +181,40 @@ class GCPProviderConfig(ProviderConfig):
 
 
 class HyperVProviderConfig(ProviderConfig):
-    host: str
+    """A Hyper-V host driven by PowerShell over WinRM, its disks read over SMB 3 from
+    `export_share` (with the share's own credentials, else the same ones)."""
+
+    host: str  # the WinRM endpoint: HOST, HOST:PORT (5986 with TLS, 5985 without)
     username: str
     password: SecretStr
+    transport: Literal["ntlm", "kerberos", "credssp", "basic"] = "ntlm"
+    tls: bool = True  # https; basic authentication is refused without it
+    cert_validation: bool = True
+    ca_file: Path | None = None  # CA bundle for the WinRM endpoint's certificate
+    # the SMB share the provider reads: \\server\share or smb://server[:port]/share
+    export_share: str | None = None
+    # the share's folder as the Hyper-V host sees it (D:\Exports): disks under it are read in
+    # place, and the host's Export-VM / Convert-VHD write there; default: the share's UNC
+    share_path: str | None = None
+    share_username: str | None = None
+    share_password: SecretStr | None = None
+
+    @field_validator("tls")
+    @classmethod
+    def _basic_needs_tls(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value and info.data.get("transport") == "basic":
+            raise ValueError("basic authentication sends the password as it is: use it with "
+                             "tls: true only")
+        return value
+
+    @field_validator("export_share")
+    @classmethod
+    def _share(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(
+                r"(\\\\[^\\/]+\\[^\\/]+|smb://[^/]+/[^/]+)[\\/]?", value):
+            raise ValueError(f"expected \\\\SERVER\\SHARE or smb://SERVER[:PORT]/SHARE, "
+                             f"got {value!r}")
+        return value
 
 
 class OCIProviderConfig(ProviderConfig):

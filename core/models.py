@@ -120,8 +120,10 @@ class ExportOptions(Strict):
     compress: bool = False
     # how disks leave the platform. vSphere: nfc (ExportVm lease), datastore (HTTP /folder),
     # auto (nfc, falling back to datastore when the server has no ExportVm). AWS: ebs
-    # (snapshots read through the EBS direct APIs; auto), export-task (an export to S3)
-    transport: Literal["auto", "nfc", "datastore", "ebs", "export-task"] = "auto"
+    # (snapshots read through the EBS direct APIs; auto), export-task (an export to S3).
+    # Hyper-V: auto (a powered-off VM read in place from the share), export (Export-VM
+    # into the share first)
+    transport: Literal["auto", "nfc", "datastore", "ebs", "export-task", "export"] = "auto"
     keep_snapshots: bool = False  # leave the snapshots/images made in the source account
     # OCI: a custom image holds the boot volume only; say so to export an instance that
     # has block volumes attached without them

@@ -26,6 +26,7 @@ _DRIVERS: dict[str, tuple[str, str | None]] = {
     "azure": ("providers.azure:AzureProvider", "pip install 'hypersdk[azure]'"),
     "gcp": ("providers.gcp:GCPProvider", "pip install 'hypersdk[gcp]'"),
     "oci": ("providers.oci:OCIProvider", "pip install 'hypersdk[oci]'"),
+    "hyperv": ("providers.hyperv:HyperVProvider", "pip install 'hypersdk[hyperv]'"),
 }
 
 

@@ -19,6 +19,9 @@ from hyper2kvm.ovf import render_ovf, vmdk_format_uri
 
 RAW = "raw"  # FetchedDisk.create_type of a raw disk image
 QCOW2 = "qcow2"  # ... of a qcow2 image (a cloud's image export)
+VHDX = "vhdx"  # ... of a Hyper-V VHDX
+VHD = "vpc"  # ... of a Hyper-V VHD (qemu-img's name for the format)
+_NOT_VMDK = (RAW, QCOW2, VHDX, VHD)
 
 
 class File(Protocol):
@@ -44,7 +47,7 @@ class FetchedDisk:
     """One disk as it arrived: its main file (what qemu-img opens) and any extents."""
 
     main: File
-    create_type: str  # a VMDK's create type as its descriptor says, or RAW, or QCOW2
+    create_type: str  # a VMDK's create type as its descriptor says, or RAW, QCOW2, VHDX, VHD
     extents: list[File] = field(default_factory=list)
 
     @property
@@ -59,7 +62,7 @@ def _exported(path: Path, sha256: str, role: str) -> ExportedFile:
 
 def _format(create_type: str) -> str:
     """The qemu-img format of a fetched disk."""
-    return create_type if create_type in (RAW, QCOW2) else "vmdk"
+    return create_type if create_type in _NOT_VMDK else "vmdk"
 
 
 def _stream_optimized(disk: FetchedDisk) -> Hashed:
@@ -84,14 +87,14 @@ def package(vm: VMInfo, fetched: list[FetchedDisk], dest: Path, *, method: str,
     """Lay the fetched disks out as `method` asks: as fetched (`disks`), bare VMDKs, an
     OVF folder or one OVA. A raw disk becomes a stream-optimized VMDK unless the method
     is `disks`; so does any disk with `compress`, and for an OVA any disk of several
-    files; a qcow2 disk as a raw one. Files made here are added to `written` (removed
+    files; a qcow2, VHDX or VHD disk as a raw one. Files made here are added to `written` (removed
     again if the export fails)."""
     disks: list[File] = []
     create_types: list[str] = []
     others: list[File] = []
     for disk in fetched:
         stream = disk.create_type.lower() == "streamoptimized"
-        not_vmdk = disk.create_type in (RAW, QCOW2)
+        not_vmdk = disk.create_type in _NOT_VMDK
         if method != "disks" and (not_vmdk or (options.compress and not stream)
                                   or (method == "ova" and not disk.single_file)):
             converted = _stream_optimized(disk)

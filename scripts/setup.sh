@@ -5,7 +5,8 @@
 # at .venv, and a running libvirtd.
 # With --tests also the test peers that are built or installed here: Go and govmomi's
 # sources and the vCenter simulators (tests/vcsim/build.sh → tests/vcsim/bin), and Azurite
-# (npm, into /var/cache/hypersdk/azurite); moto comes with the dev extra.
+# (npm, into /var/cache/hypersdk/azurite), Samba (the Hyper-V tests' SMB server, run as
+# a plain process); moto comes with the dev extra.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ packages=(qemu-utils qemu-system-x86 libvirt-daemon libvirt-daemon-system libvir
           iproute2 procps
           virt-v2v libguestfs-tools linux-image-amd64 nbdkit libnbd-bin mmdebstrap
           python3-venv python3-dev)
-$tests && packages+=(golang-go golang-github-vmware-govmomi-dev)
+$tests && packages+=(golang-go golang-github-vmware-govmomi-dev samba smbclient)
 # Azurite needs Node and npm: Debian's unless a Node with its npm is already there
 $tests && ! command -v npm >/dev/null && packages+=(nodejs npm)
 missing=()
@@ -38,7 +39,7 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
-.venv/bin/python -m pip install -q --config-settings editable_mode=compat -e '.[dev,vsphere,aws,azure,gcp,oci]' \
+.venv/bin/python -m pip install -q --config-settings editable_mode=compat -e '.[dev,vsphere,aws,azure,gcp,oci,hyperv]' \
     2>&1 | grep -v -i "warning" || true
 .venv/bin/python -c "import prefect, libvirt, fastapi, boto3, azure.mgmt.compute" \
     || { echo "setup: the virtualenv is incomplete" >&2; exit 1; }

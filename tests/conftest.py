@@ -4,6 +4,7 @@ directories are chosen once); pytest finds them through this import."""
 from tests.aws_sim import moto  # noqa: F401,E402 - fixtures
 from tests.azure_sim import azure  # noqa: F401,E402 - fixtures
 from tests.gcp_sim import gcp  # noqa: F401,E402 - fixtures
+from tests.hyperv_sim import hyperv  # noqa: F401,E402 - fixtures
 from tests.oci_sim import oci_peer  # noqa: F401,E402 - fixtures
 from tests.peers import (  # noqa: F401 - fixtures
     api,

@@ -82,6 +82,19 @@ def domain_firmware(name: str) -> str:
     return "efi" if efi else "bios"
 
 
+def domain_secure_boot(name: str) -> bool:
+    """Whether the domain's firmware has secure boot on, as its XML says."""
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        xml = ET.fromstring(conn.lookupByName(name).XMLDesc(0))
+    finally:
+        conn.close()
+    feature = xml.find("os/firmware/feature[@name='secure-boot']")
+    loader = xml.find("os/loader")
+    return (feature is not None and feature.get("enabled") == "yes") or (
+        loader is not None and loader.get("secure") == "yes")
+
+
 def start_and_stop(name: str) -> bool:
     return starts(LIBVIRT_URI, name)
 

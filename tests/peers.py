@@ -309,16 +309,17 @@ def peers_and_daemon(name: str, *, api_key: str, extra_daemon: str = "",
 
 @pytest.fixture(scope="session")
 def daemon(prefect_server: str, libvirt_uri: str, vcsim: Any, moto: Any,
-           azure: Any, gcp: Any, oci_peer: Any) -> Iterator[Daemon]:
+           azure: Any, gcp: Any, oci_peer: Any, hyperv: Any) -> Iterator[Daemon]:
     """hypervisord with an API key, serving the flows, against the session's Prefect, with
     the local provider, the session's vCenter simulator as its vsphere provider, its moto
     server as its aws provider, Azurite + the ARM stand-in as its azure provider,
-    gcp-storage-emulator + the Compute/Cloud Build stand-in as its gcp provider and the OCI
-    stand-in as its oci provider."""
+    gcp-storage-emulator + the Compute/Cloud Build stand-in as its gcp provider, the OCI
+    stand-in as its oci provider and Samba + the WinRM stand-in as its hyperv provider."""
     running = start_daemon(SESSION_DIR / "daemon", api_key="test-key-" + uuid.uuid4().hex,
                            vsphere=vcsim.host,
                            clouds=(moto.config_section() + azure.config_section()
-                                   + gcp.config_section() + oci_peer.config_section()))
+                                   + gcp.config_section() + oci_peer.config_section()
+                                   + hyperv.config_section()))
     yield running
     code = stop_daemon(running)
     assert code == 0, f"hypervisord did not stop cleanly on SIGTERM ({code})"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import load_config, parse_config
+from core.config import Config, load_config, parse_config
 from core.errors import ConfigError
 from tests.peers import BIN, ROOT
 
@@ -131,3 +131,11 @@ def test_prefect_yaml_deploys_the_flows_hypervisord_serves() -> None:
     for deployment in config.deployments:
         env = deployment.work_pool.job_variables["env"]  # type: ignore[union-attr]
         assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "providers"
+
+
+def test_a_provider_that_is_not_configured_is_refused_clearly() -> None:
+    from core.errors import InvalidRequest
+    from providers.base import get_provider
+
+    with pytest.raises(InvalidRequest, match="provider 'hyperv' is not configured"):
+        get_provider("hyperv", Config())

@@ -1,0 +1,224 @@
+"""The Hyper-V provider against the WinRM stand-in (tests/hyperv_standin.py, driven by the
+real pywinrm client over HTTPS with NTLM) and a real Samba server holding real VHDX files
+(qemu-img made, one dynamic, one fixed): inventory through the REST API, a VM name with
+quotes and semicolons, a migration end to end, a running checkpointed VM exported and its
+chain merged on the host, a cut SMB connection resumed, a cancel mid-copy, refused
+credentials and a missing VM."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.config import Config, HyperVProviderConfig
+from core.errors import AuthFailed, NotFound, Transient
+from core.models import ExportOptions, VMFilter
+from hyper2kvm import qemu_img
+from hyper2kvm.sample import make_disk
+from providers.hyperv import HyperVProvider
+from tests.helpers import (
+    domain_facts,
+    domain_firmware,
+    domain_secure_boot,
+    make_random_raw,
+    start_and_stop,
+)
+from tests.hyperv_sim import HyperV
+from tests.peers import EXPORTS, Daemon, free_port, unique, wait_for_job, wait_until
+from tests.test_jobs import submit
+
+ATTACK = "x'; Remove-VM * ;'"
+
+
+def _vhdx(raw: Path, subformat: str) -> Path:
+    target = raw.with_suffix(f".{subformat}.vhdx")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o",
+                    f"subformat={subformat}", str(raw), str(target)], check=True)
+    return target
+
+
+def _guest(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A bootable GPT + ext4 disk as a dynamic VHDX, and a data disk as a fixed one."""
+    boot = tmp_path / f"{name}-boot.raw"
+    make_disk(boot, size_mib=24, hostname=name)
+    data = make_random_raw(tmp_path, f"{name}-data", 8)
+    return _vhdx(boot, "dynamic"), _vhdx(data, "fixed")
+
+
+def _provider(hyperv: HyperV, **overrides: object) -> HyperVProvider:
+    return HyperVProvider(HyperVProviderConfig.model_validate(hyperv.section(**overrides)),
+                          settings=Config())
+
+
+def test_inventory_through_the_api(api: httpx.Client, hyperv: HyperV, tmp_path: Path) -> None:
+    env = unique("env")
+    boot, data = _guest(tmp_path, "inv")
+    web = hyperv.host.add_vm(unique("web"), [boot, data], state="Running", cpus=4,
+                             memory_mb=4096, secure_boot=True,
+                             notes=f"owner: team a\nenv={env}\ntier=web",
+                             macs=("00:15:5d:0a:0b:0c", "00:15:5d:0a:0b:0d"))
+    old = hyperv.host.add_vm(unique("old"), [boot], generation=1, notes=f"env={env}",
+                             macs=("00:15:5d:00:00:01",), on_share=False)
+    caps = api.get("/capabilities").json()["providers"]["hyperv"]
+    assert caps["configured"] and caps["usable"], caps
+
+    def listed(**flt: object) -> list[str]:
+        answer = api.post("/vms/list", json={"provider": "hyperv", "filter": flt})
+        assert answer.status_code == 200, answer.text
+        return sorted(v["name"] for v in answer.json()["vms"])
+
+    assert listed(tags=[f"env={env}"]) == sorted([web.name, old.name])
+    assert listed(tags=[f"env={env}"], status="poweredOn") == [web.name]
+    assert listed(tags=[f"env={env}", "tier=web"]) == [web.name]
+    assert listed(tags=[f"env={env}"], name_pattern="old*") == [old.name]
+
+    info = api.get("/vms/info", params={"provider": "hyperv", "identifier": web.id}).json()
+    assert info["name"] == web.name and info["power_state"] == "poweredOn"
+    assert info["cpus"] == 4 and info["memory_mb"] == 4096
+    assert info["firmware"] == "efi" and info["secure_boot"] is True
+    assert [d["capacity_bytes"] for d in info["disks"]] == [24 << 20, 8 << 20]
+    assert [d["controller"] for d in info["disks"]] == ["scsi", "scsi"]
+    assert [n["mac"] for n in info["nics"]] == ["00:15:5d:0a:0b:0c", "00:15:5d:0a:0b:0d"]
+    assert info["nics"][0]["network"] == "External" and info["cdroms"] == 1
+    by_name = api.get("/vms/info", params={"provider": "hyperv", "identifier": old.name}).json()
+    assert by_name["identifier"] == old.id and by_name["firmware"] == "bios"
+    assert by_name["secure_boot"] is False and by_name["disks"][0]["controller"] == "ide"
+    missing = api.get("/vms/info", params={"provider": "hyperv", "identifier": "nobody"})
+    assert missing.status_code == 404 and "nobody" in missing.json()["message"]
+
+
+def test_a_name_with_quotes_and_semicolons_is_only_a_name(hyperv: HyperV,
+                                                          tmp_path: Path) -> None:
+    boot, _ = _guest(tmp_path, "q")
+    bystander = hyperv.host.add_vm(unique("bystander"), [boot])
+    victim = hyperv.host.add_vm(ATTACK, [boot], notes="tier=attack")
+    provider = _provider(hyperv)
+    found = provider.get_vm(ATTACK)
+    assert found.identifier == victim.id and found.name == ATTACK
+    assert bystander.id in hyperv.host.vms and victim.id in hyperv.host.vms
+    assert not [a for a in hyperv.host.actions if a.startswith("Remove-VM")]
+    sent = [s for s in hyperv.host.scripts if "Where-Object" in s and "Remove-VM" in s]
+    assert sent and "-Value 'x''; Remove-VM * ;'''" in sent[-1]
+    assert [vm.name for vm in provider.list_vms(VMFilter(tags=["tier=attack"]))] == [ATTACK]
+    del hyperv.host.vms[victim.id]
+
+
+def test_migration_ends_with_matching_domain_and_nothing_left(
+        api: httpx.Client, daemon: Daemon, hyperv: HyperV, tmp_path: Path) -> None:
+    name = unique("t-hv")
+    boot, data = _guest(tmp_path, name)
+    vm = hyperv.host.add_vm(name, [boot, data], cpus=2, memory_mb=1024, secure_boot=True,
+                            macs=("00:15:5d:aa:00:01",))
+    job_id = submit(api, vm_identifier=vm.id, provider="hyperv",
+                    hyper2kvm_integration={"replace_existing": True})
+    info = wait_for_job(api, job_id, timeout=300)
+    assert info["status"] == "completed", info["error"]
+    disks = [Path(d["path"]) for d in info["result"]["disks"]]
+    assert qemu_img.compare(boot, disks[0]), "the domain's boot disk differs from the VHDX"
+    assert qemu_img.compare(data, disks[1]), "the domain's data disk differs from the VHDX"
+    facts = domain_facts(name)
+    assert facts["vcpus"] == 2 and facts["memory_kib"] == 1024 * 1024
+    assert facts["macs"] == ["00:15:5d:aa:00:01"]
+    assert domain_firmware(name) == "efi" and domain_secure_boot(name)
+    assert start_and_stop(name)
+    # powered off and on the share: read in place, nothing exported or converted first
+    assert not [a for a in hyperv.host.actions if name in a]
+    assert hyperv.staging() == []
+
+
+def test_running_checkpointed_vm_is_exported_and_merged_on_the_host(
+        hyperv: HyperV, tmp_path: Path) -> None:
+    name = unique("t-hv-ckpt")
+    base, _ = _guest(tmp_path, name)
+    now = _vhdx(make_random_raw(tmp_path, f"{name}-now", 24), "dynamic")
+    vm = hyperv.host.add_vm(name, [base], state="Running", checkpoint_states=[now])
+    states: list[str] = []
+    result = _provider(hyperv).export(
+        vm.id, tmp_path / "out", method="disks", job="ckpt-job",
+        progress=lambda _n: states.append(hyperv.host.vms[vm.id].state),
+        options=ExportOptions())
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert disk.suffix == ".vhdx" and qemu_img.compare(now, disk), "not the current state"
+    assert not qemu_img.compare(base, disk)
+    assert set(states) == {"Running"}  # Export-VM works on a running VM: never stopped
+    actions = [a for a in hyperv.host.actions if name in a or "ckpt-job" in a]
+    assert actions[0].startswith(f"Export-VM {name}") and "Convert-VHD" in actions[1]
+    assert actions[-1].startswith("Remove-Item") and hyperv.staging() == []
+    assert result.vm.snapshots == ["before-upgrade"]
+
+
+def test_shutdown_and_restore_power_around_an_export(hyperv: HyperV, tmp_path: Path) -> None:
+    name = unique("t-hv-run")
+    boot, _ = _guest(tmp_path, name)
+    vm = hyperv.host.add_vm(name, [boot], state="Running")
+    states: list[str] = []
+    result = _provider(hyperv).export(
+        vm.id, tmp_path / "out", method="ova", job="power-job",
+        progress=lambda _n: states.append(hyperv.host.vms[vm.id].state),
+        options=ExportOptions(shutdown_vm=True, restore_power_state=True))
+    assert set(states) == {"Off"}  # read in place, so only while it was off
+    assert hyperv.host.vms[vm.id].state == "Running"
+    assert [a for a in hyperv.host.actions if name in a] == [f"Stop-VM {name}",
+                                                             f"Start-VM {name}"]
+    assert [f.role for f in result.files] == ["ova"]
+
+
+def test_a_cut_connection_resumes_from_the_part_it_cut(hyperv: HyperV, tmp_path: Path) -> None:
+    name = unique("t-hv-cut")
+    data = _vhdx(make_random_raw(tmp_path, name, 64), "fixed")
+    vm = hyperv.host.add_vm(name, [data])
+    hyperv.throttle.cut_after = 20 << 20
+    try:
+        result = _provider(hyperv).export(vm.id, tmp_path / "out", method="disks",
+                                          options=ExportOptions(), job="cut-job")
+    finally:
+        hyperv.throttle.cut_after = None
+    assert hyperv.throttle.cuts >= 1
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert disk.read_bytes() == data.read_bytes()
+    assert next(f.sha256 for f in result.files) == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def test_cancel_mid_copy_leaves_nothing(api: httpx.Client, daemon: Daemon, hyperv: HyperV,
+                                        tmp_path: Path) -> None:
+    name = unique("t-hv-cancel")
+    data = _vhdx(make_random_raw(tmp_path, name, 96), "fixed")
+    vm = hyperv.host.add_vm(name, [data])
+    hyperv.throttle.rate = 4 << 20
+    try:
+        job_id = submit(api, vm_identifier=vm.id, provider="hyperv",
+                        options={"transport": "export"})
+
+        def copying() -> bool:
+            progress = api.get(f"/jobs/progress/{job_id}").json()
+            return progress.get("phase") == "export" and progress.get("bytes_done", 0) > 0
+
+        wait_until(copying, timeout=120, what="the copy to start")
+        assert hyperv.staging(), "Export-VM wrote nothing to the staging folder"
+        assert api.post("/jobs/cancel", json={"job_id": job_id}).status_code == 200
+        assert wait_for_job(api, job_id, timeout=120)["status"] == "cancelled"
+    finally:
+        hyperv.throttle.rate = 0
+    wait_until(lambda: not hyperv.staging(), timeout=60,
+               what="the staging folder to be removed")
+    assert not [p for p in EXPORTS.rglob(f"*{name}*") if p.is_file()]
+
+
+def test_refused_credentials_missing_vm_and_unreachable_host(hyperv: HyperV) -> None:
+    refused = hyperv.standin.state.refused
+    with pytest.raises(AuthFailed, match="refused the credentials"):
+        _provider(hyperv, password="wrong").list_vms(VMFilter())
+    assert hyperv.standin.state.refused > refused
+    with pytest.raises(AuthFailed, match="share"):
+        _provider(hyperv, share_password="wrong").check()
+    with pytest.raises(NotFound, match="no VM 'nobody-has-this-name'"):
+        _provider(hyperv).get_vm("nobody-has-this-name")
+    with pytest.raises(Transient, match="unreachable"):
+        _provider(hyperv, host=f"127.0.0.1:{free_port()}").list_vms(VMFilter())
+    provider = _provider(hyperv, transport="basic")
+    assert provider.list_vms(VMFilter()) is not None
+    assert "Hv-winrm-pw1" not in repr(provider.config)
