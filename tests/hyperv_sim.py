@@ -86,15 +86,27 @@ def start_samba(root: Path, share_dir: Path) -> tuple[subprocess.Popen, int]:
 
 @dataclass
 class Throttle:
-    """What the proxy does to the share's traffic: bytes per second from the server (0:
-    as fast as it goes), and cutting every open connection once `cut_after` more bytes
-    have gone through."""
+    """What the proxy does to the share's traffic: bytes per second from the server over
+    all connections together (0: as fast as it goes), and cutting every open connection
+    once `cut_after` more bytes have gone through."""
 
     rate: float = 0.0
+    next_free: float = 0.0
     cut_after: int | None = None
     cuts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     open: set[socket.socket] = field(default_factory=set)
+
+    def pace(self, count: int) -> None:
+        """Hold `count` bytes from the server until the rate, shared by every connection,
+        lets them through."""
+        if not self.rate:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.next_free = max(now, self.next_free) + count / self.rate
+            wait = self.next_free - now
+        time.sleep(wait)
 
     def passed(self, count: int) -> bool:
         """Count bytes from the server; True when the connections are to be cut now."""
@@ -124,8 +136,7 @@ def start_proxy(upstream: int, throttle: Throttle) -> int:
         try:
             while data := source.recv(256 << 10):
                 if from_server:
-                    if throttle.rate:
-                        time.sleep(len(data) / throttle.rate)
+                    throttle.pace(len(data))
                     if throttle.passed(len(data)):
                         throttle.cut()
                         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -193,11 +194,12 @@ def test_cancel_mid_copy_leaves_nothing(api: httpx.Client, daemon: Daemon, hyper
         job_id = submit(api, vm_identifier=vm.id, provider="hyperv",
                         options={"transport": "export"})
 
-        def copying() -> bool:
-            progress = api.get(f"/jobs/progress/{job_id}").json()
-            return progress.get("phase") == "export" and progress.get("bytes_done", 0) > 0
+        def copying() -> bool:  # the disk is being written under its partial name
+            return any(EXPORTS.rglob(f".{name}-disk1.vhdx.partial"))
 
         wait_until(copying, timeout=120, what="the copy to start")
+        time.sleep(1)  # well into the copy (24 s at this rate)
+        assert api.get("/jobs/query", params={"job_id": job_id}).json()["status"] == "running"
         assert hyperv.staging(), "Export-VM wrote nothing to the staging folder"
         assert api.post("/jobs/cancel", json={"job_id": job_id}).status_code == 200
         assert wait_for_job(api, job_id, timeout=120)["status"] == "cancelled"

@@ -121,7 +121,8 @@ class Host:
             yield shell
         finally:
             try:
-                self.protocol.close_shell(shell)
+                # the HTTP session stays: NTLM authenticated its connection once
+                self.protocol.close_shell(shell, close_session=False)
             except Exception as exc:  # noqa: BLE001 - the host reaps idle shells itself
                 log.debug("closing shell %s: %s", shell, exc)
 
