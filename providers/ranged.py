@@ -11,7 +11,11 @@ snapshot blocks, S3/GCS/OCI objects, Azure page ranges, a datastore's files).
 * The SHA-256 of the whole file (holes as zeros) is computed in order, in the calling
   thread, while later parts are still downloading: no second read of the file.
 * Nothing is left under the target's name unless every part arrived; the partial file
-  is removed on any failure or cancellation.
+  is removed on any failure or cancellation. A reading's `stop` event, set when the
+  export is abandoned (a cancel's signal raised in the flow's main thread while disks
+  are read in pool threads), stops every reader of it at its next part: a thread pool's
+  workers are joined at exit, so a reader left running would finish a file after the
+  run was cancelled.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -62,6 +66,7 @@ class Reading:
     part_size: int
     retries: int
     progress: Callable[[int], None] | None
+    stop: threading.Event = field(default_factory=threading.Event, compare=False)
 
     @classmethod
     def from_settings(cls, dest: Path, export: ExportConfig,
@@ -111,12 +116,21 @@ def submit_in_context(pool: Executor, fn: Callable[..., T], *args: Any) -> Futur
     return pool.submit(contextvars.copy_context().run, fn, *args)
 
 
-def map_in_context(fn: Callable[[Any], T], items: list[Any], *, workers: int) -> list[T]:
+def map_in_context(fn: Callable[[Any], T], items: list[Any], *, workers: int,
+                   stop: threading.Event | None = None) -> list[T]:
     """`fn` over `items`, `workers` at once, each in a copy of the caller's context (see
-    `submit_in_context`); results in the items' order, the first error raised."""
+    `submit_in_context`); results in the items' order, the first error raised. On any
+    error or signal `stop` is set first, so that the items still running end early."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [submit_in_context(pool, fn, item) for item in items]
-        return [future.result() for future in futures]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            if stop is not None:
+                stop.set()
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _fetch_with_retry(fetch: Fetch, part: Part, *, retries: int, retried: _Retries,
@@ -185,11 +199,13 @@ def read_ranges(
     progress: Callable[[int], None] | None = None,
     what: str = "",
     also_hash: Sequence[Updatable] = (),
+    stop: threading.Event | None = None,
 ) -> RangedFile:
     """Fill `target` (`size` bytes) with `parts` (sorted by offset, not overlapping),
     each fetched by `fetch`. Progress counts every byte of the file once: a part's bytes
     and the hole before it, as the in-order hash passes them; `also_hash` are fed the
-    same bytes in the same order (a checksum the source gives to check against)."""
+    same bytes in the same order (a checksum the source gives to check against). Once
+    `stop` is set, no part starts and the read fails."""
     what = what or target.name
     partial = partial_path(target)
     retried = _Retries()
@@ -197,7 +213,7 @@ def read_ranges(
     written = 0
     end = 0
     window = 0  # parts in flight or held for the in-order hash; sized at the first part
-    stop = threading.Event()
+    stop = stop or threading.Event()
 
     def fetch_and_write(fd: int, part: Part) -> bytes:
         if stop.is_set():
@@ -223,6 +239,8 @@ def read_ranges(
                 pending: deque[tuple[Part, Future[bytes]]] = deque()
                 try:
                     for part in parts:
+                        if stop.is_set():
+                            raise Transient(f"{what}: stopped")
                         if part.offset < end or part.offset + part.length > size:
                             raise ValueError(f"{what}: part at {part.offset} overlaps another "
                                              "or runs past the end")

@@ -198,6 +198,7 @@ def test_cancel_mid_copy_leaves_nothing(api: httpx.Client, daemon: Daemon, hyper
             return any(EXPORTS.rglob(f".{name}-disk1.vhdx.partial"))
 
         wait_until(copying, timeout=120, what="the copy to start")
+        started = time.monotonic()
         time.sleep(1)  # well into the copy (24 s at this rate)
         assert api.get("/jobs/query", params={"job_id": job_id}).json()["status"] == "running"
         assert hyperv.staging(), "Export-VM wrote nothing to the staging folder"
@@ -207,6 +208,8 @@ def test_cancel_mid_copy_leaves_nothing(api: httpx.Client, daemon: Daemon, hyper
         hyperv.throttle.rate = 0
     wait_until(lambda: not hyperv.staging(), timeout=60,
                what="the staging folder to be removed")
+    # past the time the whole copy takes: a reader left running would have finished by now
+    time.sleep(max(0.0, started + 30 - time.monotonic()))
     assert not [p for p in EXPORTS.rglob(f"*{name}*") if p.is_file()]
 
 

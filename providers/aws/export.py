@@ -228,7 +228,8 @@ def read_snapshot(clients: Clients, snapshot_id: str, target: Path, reading: Rea
     result = read_ranges(target, size=volume_size, parts=parts,
                          fetch=block_reader(clients, snapshot_id),
                          concurrency=reading.part_concurrency, retries=reading.retries,
-                         progress=reading.progress, what=f"snapshot {snapshot_id}")
+                         progress=reading.progress, what=f"snapshot {snapshot_id}",
+                         stop=reading.stop)
     log.info("snapshot %s: %d bytes of data read into %s (%d block reads retried)",
              snapshot_id, result.fetched, target.name, result.retried)
     return result
@@ -253,7 +254,7 @@ def fetch_ebs(clients: Clients, vm: VMInfo, reading: Reading, *, options: Export
             return FetchedDisk(main=result, create_type=RAW)
 
         return map_in_context(fetch, list(enumerate(vm.disks)),
-                              workers=reading.disk_concurrency)
+                              workers=reading.disk_concurrency, stop=reading.stop)
     finally:
         if options.keep_snapshots:
             log.info("snapshots kept: %s", ", ".join(snapshots.values()))

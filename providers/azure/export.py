@@ -145,7 +145,8 @@ def read_snapshot(clients: Clients, sas_url: str, target: Path, reading: Reading
     result = read_ranges(target, size=disk_size,
                          parts=page_parts(blob, disk_size, reading.part_size, what),
                          fetch=range_reader(blob, what), concurrency=reading.part_concurrency,
-                         retries=reading.retries, progress=reading.progress, what=what)
+                         retries=reading.retries, progress=reading.progress, what=what,
+                         stop=reading.stop)
     log.info("%s: %d bytes of data read into %s (%d range reads retried)", what,
              result.fetched, target.name, result.retried)
     return result
@@ -173,7 +174,7 @@ def fetch_disks(clients: Clients, vm: VMInfo, reading: Reading, *, options: Expo
                                create_type=RAW)
 
         return map_in_context(fetch, list(range(len(vm.disks))),
-                              workers=reading.disk_concurrency)
+                              workers=reading.disk_concurrency, stop=reading.stop)
     finally:
         if options.keep_snapshots:
             log.info("snapshots kept: %s", ", ".join(snapshots))

@@ -227,7 +227,7 @@ def fetch_disks(clients: Clients, vm: VMInfo, reading: Reading, *, bucket: str,
         return map_in_context(
             lambda index: _fetch_disk(clients, vm, index, images[index], bucket, reading,
                                       options, job, written),
-            list(range(len(vm.disks))), workers=reading.disk_concurrency)
+            list(range(len(vm.disks))), workers=reading.disk_concurrency, stop=reading.stop)
     finally:
         if options.keep_snapshots:
             log.info("images kept: %s", ", ".join(images))

@@ -155,7 +155,7 @@ def export_vm(host: Host, share: Share, vm: VMInfo, disks: list[VirtualDisk],
                                        create_type=kind)
 
                 return map_in_context(read, list(enumerate(files, start=1)),
-                                      workers=reading.disk_concurrency)
+                                      workers=reading.disk_concurrency, stop=reading.stop)
         finally:
             if options.keep_snapshots:
                 log.info("staging folder %s kept on the share", folder)
