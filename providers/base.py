@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +93,12 @@ class Provider(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def job_label(job: str | None) -> str:
+    """A job id as a name part or tag value in the source account (letters, digits, - and
+    _), for what an export leaves there to be found again by `discard`."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", job or "adhoc")[:64]
 
 
 def known_providers() -> list[str]:

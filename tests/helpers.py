@@ -53,12 +53,17 @@ def make_random_raw(folder: Path, name: str, size_mib: int) -> Path:
     return path
 
 
-def domain_facts(name: str) -> dict:
+def domain_xml(name: str) -> ET.Element:
+    """The domain's XML as libvirt has it defined."""
     conn = libvirt.open(LIBVIRT_URI)
     try:
-        xml = ET.fromstring(conn.lookupByName(name).XMLDesc(0))
+        return ET.fromstring(conn.lookupByName(name).XMLDesc(0))
     finally:
         conn.close()
+
+
+def domain_facts(name: str) -> dict:
+    xml = domain_xml(name)
     return {
         "vcpus": int(xml.findtext("vcpu") or 0),
         "memory_kib": int(xml.findtext("memory") or 0),
@@ -70,11 +75,7 @@ def domain_facts(name: str) -> dict:
 
 def domain_firmware(name: str) -> str:
     """'efi' or 'bios', as the domain's XML says."""
-    conn = libvirt.open(LIBVIRT_URI)
-    try:
-        os_element = ET.fromstring(conn.lookupByName(name).XMLDesc(0)).find("os")
-    finally:
-        conn.close()
+    os_element = domain_xml(name).find("os")
     assert os_element is not None
     loader = os_element.find("loader")
     efi = os_element.get("firmware") == "efi" or (loader is not None
@@ -84,11 +85,7 @@ def domain_firmware(name: str) -> str:
 
 def domain_secure_boot(name: str) -> bool:
     """Whether the domain's firmware has secure boot on, as its XML says."""
-    conn = libvirt.open(LIBVIRT_URI)
-    try:
-        xml = ET.fromstring(conn.lookupByName(name).XMLDesc(0))
-    finally:
-        conn.close()
+    xml = domain_xml(name)
     feature = xml.find("os/firmware/feature[@name='secure-boot']")
     loader = xml.find("os/loader")
     return (feature is not None and feature.get("enabled") == "yes") or (

@@ -6,11 +6,9 @@ credentials, an instance that is not there, an arm64 instance, VM Export's limit
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import httpx
-import libvirt
 import pytest
 
 from core.config import AWSProviderConfig, Config
@@ -20,8 +18,8 @@ from hyper2kvm import qemu_img
 from hyper2kvm.sample import make_disk
 from providers.aws import AWSProvider
 from tests.aws_sim import BUCKET, REGION, Moto
-from tests.helpers import domain_facts, source_disk_as_raw, start_and_stop
-from tests.peers import EXPORTS, LIBVIRT_URI, Daemon, free_port, unique, wait_for_job, wait_until
+from tests.helpers import domain_facts, domain_firmware, source_disk_as_raw, start_and_stop
+from tests.peers import EXPORTS, Daemon, free_port, unique, wait_for_job, wait_until
 from tests.test_jobs import submit
 
 
@@ -34,20 +32,6 @@ def _disks(tmp_path: Path, name: str) -> list[Path]:
         out.seek(20 << 20)
         out.write(b"tail" * (1 << 18))
     return [boot, data]
-
-
-def _firmware(name: str) -> str:
-    conn = libvirt.open(LIBVIRT_URI)
-    try:
-        xml = ET.fromstring(conn.lookupByName(name).XMLDesc(0))
-    finally:
-        conn.close()
-    os_element = xml.find("os")
-    assert os_element is not None
-    loader = os_element.find("loader")
-    efi = os_element.get("firmware") == "efi" or (loader is not None and "OVMF" in
-                                                   (loader.text or ""))
-    return "efi" if efi else "bios"
 
 
 def _logs(api: httpx.Client, job_id: str) -> str:
@@ -115,7 +99,7 @@ def test_ebs_migration_ends_with_matching_domain_and_no_snapshots(
     facts = domain_facts(name)
     assert facts["vcpus"] == 2 and facts["memory_kib"] == 2048 * 1024  # t3.small
     assert facts["macs"] == [n["MacAddress"].lower() for n in instance["NetworkInterfaces"]]
-    assert _firmware(name) == "efi"
+    assert domain_firmware(name) == "efi"
     assert start_and_stop(name), "the migrated domain does not start"
     # a converting job hands the sparse raw disks to conversion: no OVA is built
     export = result["export"]

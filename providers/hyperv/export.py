@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import ntpath
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import InvalidRequest, NotFound
 from core.models import ExportedFile, ExportOptions, PowerState, VMInfo
 from core.paths import safe_name
+from providers.base import job_label
 from providers.hyperv.inventory import VirtualDisk
 from providers.hyperv.powershell import Command, Host, map_error, pipeline, vm_by_id
 from providers.hyperv.share import Share
@@ -47,13 +47,9 @@ def _kind(disk: VirtualDisk) -> str:
     return VHDX if disk.format == "VHDX" else VHD
 
 
-def _label(job: str | None) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "-", job or "adhoc")[:64]
-
-
 def staging_folder(job: str | None) -> str:
     """The job's folder inside the share (backslashed)."""
-    return f"{STAGING}\\{_label(job)}"
+    return f"{STAGING}\\{job_label(job)}"
 
 
 def _power_calls(host: Host, vm: VMInfo) -> dict[str, Callable[[], None]]:

@@ -129,8 +129,6 @@ class Host:
     def _call(self, fn: Any, what: str, *args: Any) -> Any:
         try:
             return fn(*args)
-        except HypersdkError:
-            raise
         except Exception as exc:
             raise map_error(exc, what) from None
 

@@ -24,7 +24,6 @@ from core.config import HyperVProviderConfig
 from core.errors import (
     AuthFailed,
     HypersdkError,
-    InvalidRequest,
     NotFound,
     ProviderError,
     Transient,
@@ -51,9 +50,8 @@ class Share:
 
     @classmethod
     def from_config(cls, config: HyperVProviderConfig, connections: Connections) -> Share:
-        if not config.export_share:
-            raise InvalidRequest("providers.hyperv.export_share is not set: the provider reads "
-                                 "disks over SMB from a share; name one")
+        # callers check that the share is set (export.check_exportable says why when not)
+        assert config.export_share is not None
         match = (re.fullmatch(r"\\\\([^\\/]+)\\([^\\/]+)\\?", config.export_share)
                  or re.fullmatch(r"smb://([^/]+)/([^/]+)/?", config.export_share))
         assert match is not None  # the config's validator checked the form
@@ -96,8 +94,6 @@ class Share:
         try:
             with self._connection() as connection:
                 return fn(*args, **connection, **kwargs)
-        except HypersdkError:
-            raise
         except Exception as exc:
             raise map_error(exc, what) from None
 

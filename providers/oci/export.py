@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ import oci
 
 from core.errors import HypersdkError, InvalidRequest, ProviderError, Transient
 from core.models import ExportedFile, ExportOptions, VMInfo
+from providers.base import job_label
 from providers.objects import Expected, read_object
 from providers.oci.inventory import all_pages
 from providers.oci.session import Clients, call, map_error
@@ -46,10 +46,6 @@ def check_exportable(vm: VMInfo, options: ExportOptions, bucket: str | None) -> 
             "them")
 
 
-def _label(job: str | None) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "-", job or "adhoc")[:64]
-
-
 def _power_calls(clients: Clients, vm: VMInfo) -> dict[str, Callable[[], None]]:
     def action(name: str, state: str) -> Callable[[], None]:
         def run() -> None:
@@ -69,7 +65,7 @@ def create_image(clients: Clients, vm: VMInfo, job: str | None) -> str:
     details = oci.core.models.CreateImageDetails(
         compartment_id=clients.compartment, instance_id=vm.identifier,
         display_name=f"hypersdk-{vm.name}-{int(time.time())}"[:255],
-        freeform_tags={JOB_TAG: _label(job)})
+        freeform_tags={JOB_TAG: job_label(job)})
     image = call(lambda: clients.compute.create_image(details).data, f"image of {vm.name}")
     _wait_image(clients, image.id, f"image of {vm.name}")
     log.info("image %s of %s created", image.id, vm.name)
@@ -166,7 +162,7 @@ def fetch_boot_volume(clients: Clients, vm: VMInfo, reading: Reading, *, bucket:
                       written: list[Path]) -> list[FetchedDisk]:
     namespace = clients.namespace()
     image_id = create_image(clients, vm, job)
-    name = f"{PREFIX}/{_label(job)}/{vm.name}-{image_id[-12:]}.qcow2"
+    name = f"{PREFIX}/{job_label(job)}/{vm.name}-{image_id[-12:]}.qcow2"
     try:
         restore()  # the boot volume is captured: the instance may run again
         export_image(clients, image_id, namespace, bucket, name)
@@ -205,7 +201,7 @@ def discard(clients: Clients, job: str, *, export_wait: float = 900.0) -> list[s
     """What the job's exports left (a cancel, a crash): its images and objects. An image
     export cannot be cancelled and its image not deleted while it runs: an export still
     running is waited for (up to `export_wait` seconds), then its object goes too."""
-    label = _label(job)
+    label = job_label(job)
     removed: list[str] = []
     images = all_pages(clients.compute.list_images, "OCI images",
                        compartment_id=clients.compartment)
