@@ -39,7 +39,7 @@ from prefect.states import Cancelled, Crashed, Scheduled
 
 from core.process import children, command_line
 from tasks.export import EXPORT_LIMIT
-from tasks.progress import LABEL
+from tasks.progress import EXPORTING, LABEL
 
 logger = logging.getLogger("hypervisord")
 SERVED_FLOWS = ("migrate-vm", "convert-vm", "backup-policy")
@@ -116,7 +116,7 @@ async def recover(client: PrefectClient, runs: list[FlowRun], *,
 async def exporting_runs(client: PrefectClient) -> int:
     """Runs that are exporting now, on any host (their progress says so)."""
     running = await _runs(client, [StateType.RUNNING])
-    return sum(1 for run in running if (run.labels or {}).get(f"{LABEL}phase") == "export")
+    return sum(1 for run in running if (run.labels or {}).get(f"{LABEL}phase") in EXPORTING)
 
 
 async def _export_slots(client: PrefectClient) -> tuple[int, int]:

@@ -164,3 +164,13 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_ZERO_PROBE = bytes(4096)
+
+
+def all_zeros(data: bytes) -> bool:
+    """Whether `data` is all zero bytes (a hole to leave unwritten). Data is told by its
+    first bytes (no scan of the rest); only what starts with 4 KiB of zeros is counted
+    through."""
+    return data[:4096] == _ZERO_PROBE[:min(4096, len(data))] and data.count(0) == len(data)

@@ -106,6 +106,8 @@ class ExportResult(Strict):
     # "disks": for a job that converts, the disks in the form cheapest to convert, unpackaged
     method: Literal["ova", "ovf", "vmdk", "disks"]
     linked: bool = False  # hard links, no bytes copied
+    # the one-pass path: the disks went straight into the converted images, no file here
+    streamed: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -128,6 +130,10 @@ class ExportOptions(Strict):
     # OCI: a custom image holds the boot volume only; say so to export an instance that
     # has block volumes attached without them
     boot_volume_only: bool = False
+    # a job that converts keeps its export too (written as export_method asks, then
+    # converted); otherwise the disks are streamed straight into the converted images
+    # where the provider can (vSphere), and no copy is left in the export folder
+    keep_export: bool = False
 
 
 class GuestOptions(Strict):

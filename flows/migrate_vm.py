@@ -12,7 +12,7 @@ from prefect.runtime import flow_run as current_run
 
 from core.config import Config, config_from_env
 from core.files import remove_partials
-from core.models import JobDefinition, MigrationResult
+from core.models import ExportResult, JobDefinition, MigrationResult
 from core.paths import confine, safe_name
 from core.process import exit_with_daemon
 from flows.bootable import make_bootable
@@ -23,6 +23,7 @@ from tasks.convert import convert_disks
 from tasks.export import ensure_export_limit, export_vm, release_export_slot
 from tasks.handoff import await_daemon, write_watch_manifest
 from tasks.progress import LABEL, JobProgress
+from tasks.stream import stream_vm
 from tasks.transfer import transfer_files
 from tasks.validate import validate_job
 
@@ -38,6 +39,13 @@ def export_dir(job: JobDefinition, settings: Config) -> Path:
 def converts_in_flow(job: JobDefinition) -> bool:
     integration = job.hyper2kvm_integration
     return integration.enabled and integration.auto_convert and not integration.daemon_mode
+
+
+def streams_in_flow(job: JobDefinition, settings: Config) -> bool:
+    """Whether the job tries the one-pass path: it converts, keeps no export, and wants
+    no compressed qcow2 (qemu-nbd writes clusters uncompressed)."""
+    return (converts_in_flow(job) and not job.options.keep_export
+            and not settings.hyper2kvm.compression)
 
 
 def discard_exports(job: JobDefinition, settings: Config, job_id: str) -> None:
@@ -93,35 +101,52 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
     vm = timed("validate", lambda: validate_job(job, settings.hyper2kvm.output_dir,
                                                 converts=converts_in_flow(job)))
     ensure_export_limit(settings.export.concurrent_exports)
-    export = timed("export", lambda: export_vm.with_options(
-        retries=settings.export.max_retries)(job, destination, vm,
-                                             converts=converts_in_flow(job)))
-    result = MigrationResult(vm=export.vm.name, export=export)
-    handoff: Path | None = None
     integration = job.hyper2kvm_integration
-    if integration.enabled and integration.daemon_mode:
-        job_id = str(current_run.id)
-        handoff = timed("handoff", lambda: write_watch_manifest(
-            job, export, settings.hyper2kvm, job_id))
-        converted = timed("convert", lambda: await_daemon(handoff, job_id, settings.hyper2kvm))
-        result = result.model_copy(update={field: getattr(converted, field) for field in (
-            "disks", "domain_name", "domain_uuid", "libvirt_uri", "storage_pool", "guest",
-            "boot", "warnings")})
-    elif converts_in_flow(job):
-        h2k = settings.hyper2kvm
-        staged = timed("transfer", lambda: transfer_files(export, settings.source_roots()))
-        disks = timed("convert", lambda: convert_disks(
-            staged, h2k.output_dir / safe_name(staged.vm.name), h2k.default_format,
-            h2k.compression))
-        result = result.model_copy(update={"disks": disks, **make_bootable(
-            staged.vm, disks, h2k, integration, register=True,
+    h2k = settings.hyper2kvm
+    handoff: Path | None = None
+    streamed = None
+    if streams_in_flow(job, settings):
+        streamed = timed("stream", lambda: stream_vm.with_options(
+            retries=settings.export.max_retries)(job, vm, h2k.output_dir / safe_name(vm.name),
+                                                 h2k.default_format))
+    if streamed is not None:
+        export = ExportResult(vm=streamed.vm, directory=destination, files=[],
+                              method="disks", streamed=True)
+        result = MigrationResult(vm=export.vm.name, export=export, disks=streamed.disks)
+        result = result.model_copy(update=make_bootable(
+            streamed.vm, streamed.disks, h2k, integration, register=True,
             autostart=integration.autostart, replace=integration.replace_existing,
-            timed=timed)})
+            timed=timed))
+    else:
+        # an export to keep is packaged as export_method asks; else only what converts
+        export = timed("export", lambda: export_vm.with_options(
+            retries=settings.export.max_retries)(
+                job, destination, vm,
+                converts=converts_in_flow(job) and not job.options.keep_export))
+        result = MigrationResult(vm=export.vm.name, export=export)
+        if integration.enabled and integration.daemon_mode:
+            job_id = str(current_run.id)
+            handoff = timed("handoff", lambda: write_watch_manifest(
+                job, export, settings.hyper2kvm, job_id))
+            converted = timed("convert", lambda: await_daemon(handoff, job_id, h2k))
+            result = result.model_copy(update={field: getattr(converted, field) for field in (
+                "disks", "domain_name", "domain_uuid", "libvirt_uri", "storage_pool", "guest",
+                "boot", "warnings")})
+        elif converts_in_flow(job):
+            staged = timed("transfer", lambda: transfer_files(export, settings.source_roots()))
+            disks = timed("convert", lambda: convert_disks(
+                staged, h2k.output_dir / safe_name(staged.vm.name), h2k.default_format,
+                h2k.compression))
+            result = result.model_copy(update={"disks": disks, **make_bootable(
+                staged.vm, disks, h2k, integration, register=True,
+                autostart=integration.autostart, replace=integration.replace_existing,
+                timed=timed)})
     result = result.model_copy(update={"step_seconds": timed.seconds})
     progress.complete()
-    source = (f"provider `{job.provider}`, VM `{job.vm_identifier}`, export `{export.method}`"
-              f" into `{result.export.directory}`"
-              f"{' (hard-linked)' if result.export.linked else ''}")
+    source = (f"provider `{job.provider}`, VM `{job.vm_identifier}`, "
+              + ("disks streamed straight into the converted images" if export.streamed else
+                 f"export `{export.method}` into `{result.export.directory}`"
+                 f"{' (hard-linked)' if result.export.linked else ''}"))
     publish_report(result, title=f"Migration of `{export.vm.name}`", source=source,
                    handoff=handoff, key=f"report-{progress.slug}")
     logger.info("migration of %s finished: %s", job.vm_identifier,

@@ -54,10 +54,10 @@ class _Digest(threading.Thread):
                 f"{self.actual} does not match the manifest's {self.disk.digest}")
 
 
-def output_paths(staged: StagedVM, folder: Path, fmt: str) -> list[Path]:
-    """Where each disk of the VM lands: <folder>/<vm>-disk<N>.<fmt>."""
-    name = safe_name(staged.vm.name)
-    return [folder / f"{name}-disk{i}.{fmt}" for i in range(1, len(staged.disks) + 1)]
+def output_paths(vm_name: str, count: int, folder: Path, fmt: str) -> list[Path]:
+    """Where each of a VM's `count` disks lands: <folder>/<vm>-disk<N>.<fmt>."""
+    name = safe_name(vm_name)
+    return [folder / f"{name}-disk{i}.{fmt}" for i in range(1, count + 1)]
 
 
 PARALLEL_DISKS = 2  # disks of one VM converted at once
@@ -102,7 +102,7 @@ def convert_staged(
     outputs pass `qemu-img check`; with `checksum`, each output's SHA-256 is recorded.
     `on_start` is told the total virtual bytes, `progress`
     the bytes converted as they go. Outputs get their final names only when all are done."""
-    targets = output_paths(staged, folder, output_format)
+    targets = output_paths(staged.vm.name, len(staged.disks), folder, output_format)
     sizes = [d.disk.capacity_bytes or qemu_img.info(d.source())["virtual-size"]
              for d in staged.disks]
     if on_start:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
@@ -161,6 +163,26 @@ def convert(
     if preallocation:
         cmd += ["-o", f"preallocation={preallocation}"]
     cmd += [source.spec(), str(target)]
+    try:
+        _run_with_progress(cmd, source.path.name, progress)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def copy_into(source: str, target: str, *, progress: ProgressCallback | None = None,
+              stop: threading.Event | None = None, what: str = "") -> None:
+    """Copy the disk at `source` into the existing, empty disk at `target` (both URIs or
+    file names qemu opens raw, e.g. NBD exports): zero blocks are skipped, not written.
+    `stop` set → qemu-img killed and ConversionError raised."""
+    _run_with_progress([QEMU_IMG, "convert", "-p", "-n", "--target-is-zero", "-f", "raw",
+                        "-O", "raw", source, target], what or source, progress, stop)
+
+
+def _run_with_progress(cmd: list[str], what: str, progress: ProgressCallback | None,
+                       stop: threading.Event | None = None) -> None:
+    """qemu-img `cmd` (with -p), its percentages to `progress`; killed on any failure,
+    interruption, or `stop`."""
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -170,20 +192,26 @@ def convert(
     try:
         assert proc.stdout is not None
         buffer = b""
-        while chunk := os.read(proc.stdout.fileno(), 4096):
+        while True:
+            if stop is not None and stop.is_set():
+                raise ConversionError(f"qemu-img convert of {what}: stopped")
+            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+            if not ready:
+                continue
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
             buffer = (buffer + chunk)[-256:]
             found = _PROGRESS.findall(buffer)
             if found and progress:
                 progress(float(found[-1]))
         stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         if proc.wait() != 0:
-            raise ConversionError(
-                f"qemu-img convert of {source.path.name} failed: {stderr.strip()}")
+            raise ConversionError(f"qemu-img convert of {what} failed: {stderr.strip()}")
     except BaseException:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        target.unlink(missing_ok=True)
         raise
 
 
@@ -208,6 +236,13 @@ def compare(first: Path, second: Path) -> bool:
         return done.returncode == 0
     raise ConversionError(f"qemu-img compare failed: {done.stderr.decode(errors='replace')}")
 
+
+def create(image: Path, fmt: str, size: int) -> None:
+    """A new, empty image of `size` bytes."""
+    done = subprocess.run([QEMU_IMG, "create", "-q", "-f", fmt, str(image), str(size)],
+                          capture_output=True, text=True, preexec_fn=die_with_parent)
+    if done.returncode != 0:
+        raise ConversionError(f"qemu-img could not create {image.name}: {done.stderr.strip()}")
 
 
 def create_overlay(overlay: Path, backing: Path, backing_format: str) -> None:

@@ -13,8 +13,11 @@ from typing import ClassVar, Literal, Self
 from core.config import Config, ProviderConfig
 from core.errors import InvalidRequest, Unsupported
 from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
+from hyper2kvm.output import OutputImage
 
 BytesProgress = Callable[[int], None]  # called with bytes just moved
+# (disk index, virtual size in bytes) → that disk's output image, open for writing
+OpenOutput = Callable[[int, int], OutputImage]
 # "disks": asked by a job that converts; the disks in whatever form is cheapest to hand to
 # conversion (no packaging the job would throw away)
 ExportMethod = Literal["ova", "ovf", "vmdk", "disks"]
@@ -62,6 +65,23 @@ class Provider(ABC):
         """Write the VM under `dest` packaged as `method`. Whatever the export creates in
         the source account (snapshots, export objects) is tagged with `job`, so that
         `discard(job)` finds it after a cancel or a crash."""
+
+    def stream(
+        self,
+        identifier: str,
+        open_output: OpenOutput,
+        *,
+        options: ExportOptions,
+        progress: BytesProgress | None = None,
+        job: str | None = None,
+    ) -> VMInfo | None:
+        """The one-pass path: write each disk's bytes straight into the output image
+        `open_output` gives for it (copied from an NBD source, or written at offsets), no
+        copy in between; the VM as exported. None, before any output is opened: this
+        platform, or this VM's disk layout, is not streamed, and the job exports and
+        converts in two passes. Platforms whose export already reads disks in place
+        (local) have nothing to gain."""
+        return None
 
     def check_export(self, vm: VMInfo, options: ExportOptions, *,  # noqa: B027
                      converts: bool) -> None:

@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 
 from core.config import ExportConfig
 from core.errors import Transient, VerificationError
-from core.files import partial_path, start_writeback
+from core.files import all_zeros, partial_path, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,6 @@ class _Retries:
     def add(self) -> None:
         with self._lock:
             self.count += 1
-
-
-def all_zeros(data: bytes) -> bool:
-    """A part that holds data is told by its first bytes (no scan of the rest); only a
-    part that starts with 4 KiB of zeros is counted through."""
-    return data[:4096] == _ZEROS[:min(4096, len(data))] and data.count(0) == len(data)
 
 
 def submit_in_context(pool: Executor, fn: Callable[..., T], *args: Any) -> Future[T]:

@@ -19,6 +19,7 @@ from prefect.events import emit_event
 PHASES: dict[str, tuple[float, float]] = {
     "validate": (0.0, 1.0),
     "export": (1.0, 40.0),
+    "stream": (1.0, 80.0),  # export and conversion in one pass (tasks/stream.py)
     "transfer": (40.0, 45.0),
     "convert": (45.0, 80.0),
     "guest": (80.0, 93.0),
@@ -26,6 +27,7 @@ PHASES: dict[str, tuple[float, float]] = {
     "boot": (94.0, 99.0),
     "completed": (100.0, 100.0),
 }
+EXPORTING = ("export", "stream")  # the phases that hold an export slot
 LABEL = "hypersdk."
 PROGRESS_EVENT = "hypersdk.job.progress"  # a Prefect event per update: the websocket's feed
 MIN_INTERVAL = 0.5  # seconds between label updates while bytes flow

@@ -19,4 +19,4 @@ from tests.peers import (  # noqa: F401 - fixtures
     tmp_path,
     watch_daemon,
 )
-from tests.vsphere_sim import si, vcsim, vcsim_upstream  # noqa: F401,E402 - fixtures
+from tests.vsphere_sim import si, vcsim, vcsim_proxy, vcsim_upstream  # noqa: F401,E402 - fixtures

@@ -10,16 +10,15 @@ import json
 import shutil
 import socket
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.hyperv_standin import HOST_PATH, SHARE_PATH, Host, StandIn, start_standin
 from tests.peers import SESSION_DIR, free_port, wait_until
+from tests.tcp_proxy import Throttle, start_proxy
 from tests.vsphere_sim import server_certificate
 
 SMB_USER = "hypersdk-smb"  # a system account made for the share (Samba maps to it)
@@ -82,85 +81,6 @@ def start_samba(root: Path, share_dir: Path) -> tuple[subprocess.Popen, int]:
 
     wait_until(listening, timeout=30, what="smbd")
     return process, port
-
-
-@dataclass
-class Throttle:
-    """What the proxy does to the share's traffic: bytes per second from the server over
-    all connections together (0: as fast as it goes), and cutting every open connection
-    once `cut_after` more bytes have gone through."""
-
-    rate: float = 0.0
-    next_free: float = 0.0
-    cut_after: int | None = None
-    cuts: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    open: set[socket.socket] = field(default_factory=set)
-
-    def pace(self, count: int) -> None:
-        """Hold `count` bytes from the server until the rate, shared by every connection,
-        lets them through."""
-        if not self.rate:
-            return
-        with self.lock:
-            now = time.monotonic()
-            self.next_free = max(now, self.next_free) + count / self.rate
-            wait = self.next_free - now
-        time.sleep(wait)
-
-    def passed(self, count: int) -> bool:
-        """Count bytes from the server; True when the connections are to be cut now."""
-        with self.lock:
-            if self.cut_after is None:
-                return False
-            self.cut_after -= count
-            if self.cut_after > 0:
-                return False
-            self.cut_after = None
-            self.cuts += 1
-            return True
-
-    def cut(self) -> None:
-        with self.lock:
-            sockets = list(self.open)
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
-def start_proxy(upstream: int, throttle: Throttle) -> int:
-    """A TCP proxy to 127.0.0.1:`upstream` on a free port, shaped by `throttle`."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def pump(source: socket.socket, sink: socket.socket, from_server: bool) -> None:
-        try:
-            while data := source.recv(256 << 10):
-                if from_server:
-                    throttle.pace(len(data))
-                    if throttle.passed(len(data)):
-                        throttle.cut()
-                        return
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                with throttle.lock:
-                    throttle.open.discard(sock)
-
-    def serve() -> None:
-        while True:
-            client, _ = listener.accept()
-            server = socket.create_connection(("127.0.0.1", upstream))
-            with throttle.lock:
-                throttle.open |= {client, server}
-            threading.Thread(target=pump, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=pump, args=(server, client, True), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True, name="smb-proxy").start()
-    return int(listener.getsockname()[1])
 
 
 @dataclass

@@ -308,15 +308,16 @@ def peers_and_daemon(name: str, *, api_key: str, extra_daemon: str = "",
 
 
 @pytest.fixture(scope="session")
-def daemon(prefect_server: str, libvirt_uri: str, vcsim: Any, moto: Any,
+def daemon(prefect_server: str, libvirt_uri: str, vcsim_proxy: Any, moto: Any,
            azure: Any, gcp: Any, oci_peer: Any, hyperv: Any) -> Iterator[Daemon]:
     """hypervisord with an API key, serving the flows, against the session's Prefect, with
-    the local provider, the session's vCenter simulator as its vsphere provider, its moto
+    the local provider, the session's vCenter simulator (behind its shaping proxy) as its
+    vsphere provider, its moto
     server as its aws provider, Azurite + the ARM stand-in as its azure provider,
     gcp-storage-emulator + the Compute/Cloud Build stand-in as its gcp provider, the OCI
     stand-in as its oci provider and Samba + the WinRM stand-in as its hyperv provider."""
     running = start_daemon(SESSION_DIR / "daemon", api_key="test-key-" + uuid.uuid4().hex,
-                           vsphere=vcsim.host,
+                           vsphere=vcsim_proxy.address,
                            clouds=(moto.config_section() + azure.config_section()
                                    + gcp.config_section() + oci_peer.config_section()
                                    + hyperv.config_section()))

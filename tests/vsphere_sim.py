@@ -19,6 +19,7 @@ from pyVim.task import WaitForTask
 from pyVmomi import vim
 
 from tests.peers import ROOT, SESSION_DIR, VSPHERE_PASSWORD, VSPHERE_USER, free_port
+from tests.tcp_proxy import Throttle, start_proxy
 
 VCSIM_DIR = ROOT / "tests" / "vcsim"
 VCSIM_BIN = VCSIM_DIR / "bin"
@@ -92,6 +93,22 @@ def vcsim() -> Iterator[Vcsim]:
     server = start_vcsim("nfc")
     yield server
     server.stop()
+
+
+@dataclass
+class VcsimProxy:
+    """The session's simulator behind a shaping TCP proxy (the test daemon's vsphere
+    host): a test slows or cuts what the simulator sends."""
+
+    address: str  # 127.0.0.1:PORT
+    throttle: Throttle
+
+
+@pytest.fixture(scope="session")
+def vcsim_proxy(vcsim: Vcsim) -> VcsimProxy:
+    throttle = Throttle()
+    port = start_proxy(int(vcsim.host.rsplit(":", 1)[1]), throttle)
+    return VcsimProxy(address=f"127.0.0.1:{port}", throttle=throttle)
 
 
 @pytest.fixture(scope="session")
@@ -172,13 +189,16 @@ def vm_disk_paths(vm: Any) -> list[str]:
             if isinstance(d, vim.vm.device.VirtualDisk)]
 
 
-def give_disk_content(server: Vcsim, vm: Any, images: list[Path], *, layout: str) -> None:
+def give_disk_content(server: Vcsim, vm: Any, images: list[Path], *,
+                      layout: str | list[str]) -> None:
     """Write real disks for the VM's disks. layout 'flat': a monolithicFlat descriptor plus
     its -flat extent, as ESXi stores disks; 'stream': one streamOptimized VMDK each, as an
-    NFC export serves them."""
+    NFC export serves them; a list: one layout per disk."""
     work = SESSION_DIR / f"vcsim-disks-{time.monotonic_ns()}"
     work.mkdir()
-    for datastore_path, image in zip(vm_disk_paths(vm), images, strict=True):
+    layouts = layout if isinstance(layout, list) else [layout] * len(images)
+    for datastore_path, image, layout in zip(vm_disk_paths(vm), images, layouts,
+                                             strict=True):
         name = datastore_path.rsplit("/", 1)[1]
         target = work / name
         subformat = "monolithicFlat" if layout == "flat" else "streamOptimized"

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from core.config import VSphereProviderConfig
 from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
-from providers.base import BytesProgress, ExportMethod, Provider
+from providers.base import BytesProgress, ExportMethod, OpenOutput, Provider
 from providers.vsphere import inventory
 from providers.vsphere.export import export_vm
 from providers.vsphere.session import pool_for
+from providers.vsphere.stream import stream_vm
 
 
 class VSphereProvider(Provider):
@@ -54,3 +55,22 @@ class VSphereProvider(Provider):
                 chunk_size=export.chunk_size, retries=export.max_retries,
                 disk_concurrency=export.disk_concurrency, progress=progress)
         return ExportResult(vm=exported, directory=dest, files=files, method=method)
+
+    def stream(
+        self,
+        identifier: str,
+        open_output: OpenOutput,
+        *,
+        options: ExportOptions,
+        progress: BytesProgress | None = None,
+        job: str | None = None,
+    ) -> VMInfo | None:
+        export = self.settings.export
+        with pool_for(self.config).session() as session:
+            vm = session.call(lambda: inventory.find_vm(session, identifier),
+                              f"vSphere {self.config.host}")
+            info = session.call(lambda: inventory.vm_info(session, vm),
+                                f"vSphere {self.config.host}")
+            return stream_vm(session, vm, info, open_output, options=options,
+                             retries=export.max_retries,
+                             disk_concurrency=export.disk_concurrency, progress=progress)
