@@ -289,7 +289,7 @@ def stop_daemon(daemon: Daemon) -> int:
 
 @contextlib.contextmanager
 def peers_and_daemon(name: str, *, api_key: str, extra_daemon: str = "",
-                     clouds: str = "") -> Iterator[Daemon]:
+                     clouds: str = "", vsphere: str | None = None) -> Iterator[Daemon]:
     """For scripts (bench/): the session's peers and a hypervisord, as the tests have them,
     stopped and their files removed on leaving."""
     server = prefect_server.__wrapped__()  # type: ignore[attr-defined]
@@ -297,7 +297,7 @@ def peers_and_daemon(name: str, *, api_key: str, extra_daemon: str = "",
     uri = libvirt_uri.__wrapped__()  # type: ignore[attr-defined]
     next(uri)
     daemon = start_daemon(SESSION_DIR / name, api_key=api_key, extra_daemon=extra_daemon,
-                          clouds=clouds)
+                          clouds=clouds, vsphere=vsphere)
     try:
         yield daemon
     finally:
