@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
 from core.config import config_from_env
+from core.errors import ProviderError
 from core.models import ConvertedDisk, JobDefinition, VMInfo
 from hyper2kvm.convert import output_paths
 from hyper2kvm.output import OutputImage
@@ -60,7 +61,7 @@ def stream_vm(job: JobDefinition, vm: VMInfo, folder: Path,
                         vm.name, job.provider)
             return None
         if sorted(outputs) != list(range(len(vm.disks))):
-            raise RuntimeError(f"{job.provider} streamed {len(outputs)} of {len(vm.disks)} disks")
+            raise ProviderError(f"{job.provider} streamed {len(outputs)} of {len(vm.disks)} disks")
         seconds = round(time.monotonic() - started, 3)
         disks = []
         for index in sorted(outputs):

@@ -57,7 +57,7 @@ class HttpSource:
             raise
 
 
-def _status_error(status: int, url: str) -> ProviderError:
+def status_error(status: int, url: str) -> ProviderError:
     where = url.split("?")[0]
     if status == 404:
         return NotFound(f"{where}: not found on the server")
@@ -97,7 +97,7 @@ def download(
                         if response.status == 416 and written:
                             break  # asked past the end: we already hold every byte
                         if response.status not in (200, 206):
-                            raise _status_error(response.status, url)
+                            raise status_error(response.status, url)
                         total = _expected_total(response, written)
                         if written and response.status == 200:
                             # no Range support: start over

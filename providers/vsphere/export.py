@@ -87,14 +87,14 @@ def restore_power(session: Session, vm: Any, state: PowerState) -> None:
 # ---- transports -------------------------------------------------------------------------
 
 
-def _datastore_path(file: str) -> tuple[str, str]:
+def datastore_path(file: str) -> tuple[str, str]:
     """'[LocalDS_0] web/web.vmdk' → ('LocalDS_0', 'web/web.vmdk')."""
     if not file.startswith("[") or "]" not in file:
         raise ProviderError(f"not a datastore path: {file!r}")
     return file[1:file.index("]")], file[file.index("]") + 1:].strip()
 
 
-def _folder_url(session: Session, datacenter: str, datastore: str, path: str) -> str:
+def folder_url(session: Session, datacenter: str, datastore: str, path: str) -> str:
     host, port = split_host(session.config.host)
     return (f"https://{host}:{port}/folder/{quote(path)}?dcPath={quote(datacenter)}"
             f"&dsName={quote(datastore)}")
@@ -109,9 +109,9 @@ def fetch_datastore(session: Session, vm: VMInfo, dest: Path, transfer: Transfer
     datacenter = vm.datacenter
 
     def fetch_disk(file: str) -> FetchedDisk:
-        datastore, path = _datastore_path(file)
+        datastore, path = datastore_path(file)
         folder = path.rpartition("/")[0]
-        main = transfer.fetch(_folder_url(session, datacenter, datastore, path),
+        main = transfer.fetch(folder_url(session, datacenter, datastore, path),
                               dest / Path(path).name)
         info = parse_vmdk(main.path, check_extents=False)
         extents = []
@@ -122,7 +122,7 @@ def fetch_datastore(session: Session, vm: VMInfo, dest: Path, transfer: Transfer
                 local = extent_path(main.path, extent)  # refuses '..' and absolute names
                 remote = f"{folder}/{extent.file}" if folder else str(extent.file)
                 extents.append(transfer.fetch(
-                    _folder_url(session, datacenter, datastore, remote), local))
+                    folder_url(session, datacenter, datastore, remote), local))
         return FetchedDisk(main=main, create_type=info.create_type, extents=extents)
 
     files = [disk.file for disk in vm.disks]

@@ -39,12 +39,12 @@ from hyper2kvm.vmdk_stream import inflate_stream
 from providers.base import BytesProgress, OpenOutput
 from providers.nbd_source import HttpsTls, ranged_https_disk
 from providers.ranged import map_in_context
-from providers.vsphere.download import HttpSource, _status_error
+from providers.vsphere.download import HttpSource, status_error
 from providers.vsphere.export import (
     LeaseKeeper,
-    _datastore_path,
-    _folder_url,
     check_exportable,
+    datastore_path,
+    folder_url,
     http_source,
     nfc_lease,
     power_off,
@@ -91,7 +91,7 @@ def _probe(source: HttpSource, url: str) -> bytes:
     connection, response = source.get(url, {"Range": f"bytes=0-{_PROBE - 1}"})
     try:
         if response.status not in (200, 206):
-            raise _status_error(response.status, url)
+            raise status_error(response.status, url)
         return response.read(_PROBE)
     finally:
         connection.close()
@@ -105,8 +105,8 @@ def datastore_plans(session: Session, info: VMInfo, source: HttpSource) -> list[
     for disk in info.disks:
         if not disk.file:
             raise ProviderError(f"{info.name}: a disk has no backing file")
-        datastore, path = _datastore_path(str(disk.file))
-        url = _folder_url(session, info.datacenter, datastore, path)
+        datastore, path = datastore_path(str(disk.file))
+        url = folder_url(session, info.datacenter, datastore, path)
         head = _probe(source, url)
         if head[:4] == MAGIC:
             header = parse_header(head)
@@ -130,7 +130,7 @@ def datastore_plans(session: Session, info: VMInfo, source: HttpSource) -> list[
             return None
         folder = path.rpartition("/")[0]
         remote = f"{folder}/{extents[0].file}" if folder else extents[0].file
-        plans.append(Ranged(_folder_url(session, info.datacenter, datastore, remote)))
+        plans.append(Ranged(folder_url(session, info.datacenter, datastore, remote)))
     return plans
 
 
@@ -181,7 +181,7 @@ def _copy_stream(source: HttpSource, plan: Stream, output: OutputImage, *, retri
         connection, response = source.get(plan.url, {})
         try:
             if response.status != 200:
-                raise _status_error(response.status, plan.url)
+                raise status_error(response.status, plan.url)
 
             inflate_stream(_stoppable(response, stop, what), write, what=what,
                            on_header=check_capacity)
