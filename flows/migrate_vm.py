@@ -19,6 +19,7 @@ from flows.bootable import make_bootable
 from flows.report import StepTimer, publish_report
 from hyper2kvm.boot import stop_boot_check
 from providers import get_provider
+from providers.base import streams as provider_streams
 from tasks.convert import convert_disks
 from tasks.export import ensure_export_limit, export_vm, release_export_slot
 from tasks.handoff import await_daemon, write_watch_manifest
@@ -42,10 +43,10 @@ def converts_in_flow(job: JobDefinition) -> bool:
 
 
 def streams_in_flow(job: JobDefinition, settings: Config) -> bool:
-    """Whether the job tries the one-pass path: it converts, keeps no export, and wants
-    no compressed qcow2 (qemu-nbd writes clusters uncompressed)."""
+    """Whether the job tries the one-pass path: its provider has one, it converts, keeps
+    no export, and wants no compressed qcow2 (qemu-nbd writes clusters uncompressed)."""
     return (converts_in_flow(job) and not job.options.keep_export
-            and not settings.hyper2kvm.compression)
+            and not settings.hyper2kvm.compression and provider_streams(job.provider))
 
 
 def discard_exports(job: JobDefinition, settings: Config, job_id: str) -> None:

@@ -133,6 +133,15 @@ def get_provider(name: str, settings: Config) -> Provider:
         raise InvalidRequest(f"provider {name!r} is not configured (or disabled) in providers:")
     if name not in _DRIVERS:
         raise Unsupported(f"provider {name!r} has no driver in this version of hypersdk")
+    return _driver(name)(section, settings=settings)
+
+
+def streams(name: str) -> bool:
+    """Whether the driver for `name` has the one-pass path (overrides `stream`)."""
+    return name in _DRIVERS and _driver(name).stream is not Provider.stream
+
+
+def _driver(name: str) -> type[Provider]:
     target, install = _DRIVERS[name]
     module_name, _, class_name = target.partition(":")
     try:
@@ -141,4 +150,4 @@ def get_provider(name: str, settings: Config) -> Provider:
         hint = f"; {install}" if install else ""
         raise Unsupported(f"provider {name!r} needs a missing package ({exc.name}){hint}") from None
     driver: type[Provider] = getattr(module, class_name)
-    return driver(section, settings=settings)
+    return driver

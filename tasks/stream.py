@@ -57,8 +57,8 @@ def stream_vm(job: JobDefinition, vm: VMInfo, folder: Path,
                                        progress=progress.advance,
                                        job=str(current_flow_run_id()))
         if exported is None:
-            logger.info("%s: %s does not stream this VM; exporting, then converting",
-                        vm.name, job.provider)
+            logger.info("%s: its disks' layout does not stream; two passes instead",
+                        vm.name)
             return None
         if sorted(outputs) != list(range(len(vm.disks))):
             raise ProviderError(f"{job.provider} streamed {len(outputs)} of {len(vm.disks)} disks")
