@@ -106,7 +106,7 @@ class OutputImage:
 
     def open(self) -> Self:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        if self.target.exists() or self.partial.exists():
+        if self.partial.exists():  # the target itself is replaced (validation allowed it)
             raise ConversionError(f"{self.target} is being written by another job")
         try:
             qemu_img.create(self.partial, self.format, self.size)

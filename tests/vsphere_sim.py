@@ -61,6 +61,7 @@ def server_certificate() -> tuple[Path, Path]:
     1024-bit key, which OpenSSL refuses to verify)."""
     cert, key = SESSION_DIR / "vcsim.pem", SESSION_DIR / "vcsim.key"
     if not cert.exists():
+        SESSION_DIR.mkdir(parents=True, exist_ok=True)  # a script's earlier peers removed it
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                         "-keyout", str(key), "-out", str(cert)], check=True,
