@@ -4,13 +4,14 @@ PropertyCollector, export over NFC or the datastore HTTP interface."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from core.config import VSphereProviderConfig
 from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
 from providers.base import BytesProgress, ExportMethod, OpenOutput, Provider
 from providers.vsphere import inventory
 from providers.vsphere.export import export_vm
-from providers.vsphere.session import pool_for
+from providers.vsphere.session import Session, pool_for
 from providers.vsphere.stream import stream_vm
 
 
@@ -46,10 +47,7 @@ class VSphereProvider(Provider):
     ) -> ExportResult:
         export = self.settings.export
         with pool_for(self.config).session() as session:
-            vm = session.call(lambda: inventory.find_vm(session, identifier),
-                              f"vSphere {self.config.host}")
-            info = session.call(lambda: inventory.vm_info(session, vm),
-                                f"vSphere {self.config.host}")
+            vm, info = self._located(session, identifier)
             exported, files = export_vm(
                 session, vm, info, dest, method=method, options=options,
                 chunk_size=export.chunk_size, retries=export.max_retries,
@@ -67,10 +65,14 @@ class VSphereProvider(Provider):
     ) -> VMInfo | None:
         export = self.settings.export
         with pool_for(self.config).session() as session:
-            vm = session.call(lambda: inventory.find_vm(session, identifier),
-                              f"vSphere {self.config.host}")
-            info = session.call(lambda: inventory.vm_info(session, vm),
-                                f"vSphere {self.config.host}")
+            vm, info = self._located(session, identifier)
             return stream_vm(session, vm, info, open_output, options=options,
                              retries=export.max_retries,
                              disk_concurrency=export.disk_concurrency, progress=progress)
+
+    def _located(self, session: Session, identifier: str) -> tuple[Any, VMInfo]:
+        """The VM's managed object and its hardware, as an export starts from them."""
+        vm = session.call(lambda: inventory.find_vm(session, identifier),
+                          f"vSphere {self.config.host}")
+        return vm, session.call(lambda: inventory.vm_info(session, vm),
+                                f"vSphere {self.config.host}")

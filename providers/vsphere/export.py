@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from pyVim.task import WaitForTask
@@ -26,6 +26,7 @@ from providers.vsphere.session import Session, map_fault, split_host, tls_contex
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -174,40 +175,60 @@ class LeaseKeeper(threading.Thread):
         self._stop.set()
 
 
+def lease_disk_urls(session: Session, lease: Any, info: VMInfo) -> list[tuple[str, Any]]:
+    """Each disk's URL in the lease (the server's '*' host — "the host you reached me on" —
+    rewritten to the one we reach it at), beside the lease's entry for it."""
+    host, port = split_host(session.config.host)
+    devices = [u for u in lease.info.deviceUrl if u.disk]
+    if len(devices) != len(info.disks):
+        raise ProviderError(f"{info.name}: the lease offers {len(devices)} disk(s), the VM "
+                            f"has {len(info.disks)}")
+    urls = []
+    for device in devices:
+        parts = urlsplit(device.url)
+        netloc = f"{host}:{port}" if parts.hostname == "*" else parts.netloc
+        urls.append((parts._replace(netloc=netloc).geturl(), device))
+    return urls
+
+
+@contextlib.contextmanager
+def kept_alive(lease: Any, info: VMInfo, progress: Progress | None) -> Iterator[Progress]:
+    """The lease told how far the disks are every few seconds while the body runs; yields
+    the progress callback that counts for the lease too."""
+    keeper = LeaseKeeper(lease, sum(d.capacity_bytes for d in info.disks))
+
+    def counted(count: int) -> None:
+        keeper.advance(count)
+        if progress:
+            progress(count)
+
+    keeper.start()
+    try:
+        yield counted
+    finally:
+        keeper.stop()
+
+
 def fetch_nfc(session: Session, vm: Any, info: VMInfo, dest: Path, transfer: Transfer) -> list[
         FetchedDisk]:
     """Every disk through an NFC export lease (the vCenter way: one stream-optimized VMDK
     per disk), disks in parallel, the lease kept alive meanwhile."""
-    host, port = split_host(session.config.host)
     with nfc_lease(session, vm) as lease:
-        urls = [u for u in lease.info.deviceUrl if u.disk]
-        if len(urls) != len(info.disks):
-            raise ProviderError(f"{info.name}: the lease offers {len(urls)} disk(s), the VM "
-                                f"has {len(info.disks)}")
-        keeper = LeaseKeeper(lease, sum(d.capacity_bytes for d in info.disks))
+        urls = lease_disk_urls(session, lease, info)
         outer = transfer.progress
+        with kept_alive(lease, info, outer) as counted:
+            transfer.progress = counted
+            try:
+                def fetch(item: tuple[str, Any]) -> FetchedDisk:
+                    url, device = item
+                    target = dest / Path(device.targetId or urlsplit(url).path).name
+                    main = transfer.fetch(url, target)
+                    return FetchedDisk(main=main, create_type=_create_type(main.path))
 
-        def counted(count: int) -> None:
-            keeper.advance(count)
-            if outer:
-                outer(count)
-
-        transfer.progress = counted
-        keeper.start()
-        try:
-            def fetch(url: Any) -> FetchedDisk:
-                # the server writes '*' for "the host you reached me on"
-                parts = urlsplit(url.url)
-                netloc = f"{host}:{port}" if parts.hostname == "*" else parts.netloc
-                target = dest / Path(url.targetId or parts.path).name
-                main = transfer.fetch(parts._replace(netloc=netloc).geturl(), target)
-                return FetchedDisk(main=main, create_type=_create_type(main.path))
-
-            with ThreadPoolExecutor(max_workers=transfer.disk_concurrency) as pool:
-                return list(pool.map(fetch, urls))
-        finally:
-            keeper.stop()
-            transfer.progress = outer
+                with ThreadPoolExecutor(max_workers=transfer.disk_concurrency) as pool:
+                    return list(pool.map(fetch, urls))
+            finally:
+                transfer.progress = outer
 
 
 # ---- packaging --------------------------------------------------------------------------
@@ -224,36 +245,48 @@ def check_exportable(info: VMInfo, options: ExportOptions) -> None:
             "submit with options.shutdown_vm=true (guest shutdown, then power off)")
 
 
-def export_vm(session: Session, vm: Any, info: VMInfo, dest: Path, *, method: str,
-              options: ExportOptions, chunk_size: int, retries: int, disk_concurrency: int,
-              progress: Progress | None) -> tuple[VMInfo, list[ExportedFile]]:
-    """Export one VM under `dest`; on failure nothing it wrote is left behind."""
+@contextlib.contextmanager
+def powered_off(session: Session, vm: Any, info: VMInfo,
+                options: ExportOptions) -> Iterator[None]:
+    """The VM off while the body reads its disks (refused if running, unless the options
+    allow a shutdown); powered on again afterwards if it was and the options ask."""
     check_exportable(info, options)
     original = info.power_state
     if original != PowerState.POWERED_OFF:
         power_off(session, vm, options.shutdown_timeout)
-
-    def fetch(written: list[Path]) -> list[FetchedDisk]:
-        transfer = Transfer(http_source(session), chunk_size, retries, disk_concurrency,
-                            progress, written)
-        return _fetch(session, vm, info, dest, transfer, options.transport)
-
     try:
-        return export_disks(info, dest, method=method, options=options, fetch=fetch,
-                            map_error=map_fault)
+        yield
     finally:
         if options.restore_power_state:
             restore_power(session, vm, original)
 
 
-def _fetch(session: Session, vm: Any, info: VMInfo, dest: Path, transfer: Transfer,
-           transport: str) -> list[FetchedDisk]:
+def by_transport(transport: str, nfc: Callable[[], T], datastore: Callable[[], T]) -> T:
+    """`nfc()` or `datastore()` as `transport` asks; `auto`: NFC, falling back to the
+    datastore when the server has no ExportVm."""
     if transport == "datastore":
-        return fetch_datastore(session, info, dest, transfer)
+        return datastore()
     try:
-        return fetch_nfc(session, vm, info, dest, transfer)
+        return nfc()
     except Unsupported as exc:
         if transport == "nfc":
             raise
         log.warning("%s; falling back to the datastore transport", exc)
-        return fetch_datastore(session, info, dest, transfer)
+        return datastore()
+
+
+def export_vm(session: Session, vm: Any, info: VMInfo, dest: Path, *, method: str,
+              options: ExportOptions, chunk_size: int, retries: int, disk_concurrency: int,
+              progress: Progress | None) -> tuple[VMInfo, list[ExportedFile]]:
+    """Export one VM under `dest`; on failure nothing it wrote is left behind."""
+
+    def fetch(written: list[Path]) -> list[FetchedDisk]:
+        transfer = Transfer(http_source(session), chunk_size, retries, disk_concurrency,
+                            progress, written)
+        return by_transport(options.transport,
+                            lambda: fetch_nfc(session, vm, info, dest, transfer),
+                            lambda: fetch_datastore(session, info, dest, transfer))
+
+    with powered_off(session, vm, info, options):
+        return export_disks(info, dest, method=method, options=options, fetch=fetch,
+                            map_error=map_fault)

@@ -3,7 +3,7 @@ of a disk lands in the export folder.
 
 * Datastore transport, a disk stored flat (a descriptor naming one FLAT or VMFS extent,
   as ESXi stores disks): the extent answers HTTP ranges, so nbdkit's curl plugin serves it
-  as a disk and nbdcopy copies it into the output (providers.nbd_source, hyper2kvm.output);
+  as a disk and qemu-img copies it into the output (providers.nbd_source, hyper2kvm.output);
   a cut connection costs one request, retried.
 * NFC (`ExportVm` lease), or a disk stored stream-optimized on the datastore: a
   stream-optimized VMDK served without ranges, read once in order and inflated on the way
@@ -28,10 +28,9 @@ from core.errors import (
     HypersdkError,
     ProviderError,
     Transient,
-    Unsupported,
     VerificationError,
 )
-from core.models import ExportOptions, PowerState, VMInfo
+from core.models import ExportOptions, VMInfo
 from hyper2kvm.output import OutputImage
 from hyper2kvm.qemu_img import bytes_progress
 from hyper2kvm.vmdk import MAGIC, SECTOR, parse_descriptor, parse_header
@@ -41,16 +40,16 @@ from providers.nbd_source import HttpsTls, ranged_https_disk
 from providers.ranged import map_in_context
 from providers.vsphere.download import HttpSource, status_error
 from providers.vsphere.export import (
-    LeaseKeeper,
-    check_exportable,
+    by_transport,
     datastore_path,
     folder_url,
     http_source,
+    kept_alive,
+    lease_disk_urls,
     nfc_lease,
-    power_off,
-    restore_power,
+    powered_off,
 )
-from providers.vsphere.session import Session, map_fault, split_host
+from providers.vsphere.session import Session, map_fault
 
 log = logging.getLogger(__name__)
 _PROBE = 64 << 10  # enough of a disk's backing file to tell a descriptor from a sparse header
@@ -199,20 +198,6 @@ def _copy_stream(source: HttpSource, plan: Stream, output: OutputImage, *, retri
             connection.close()
 
 
-def _nfc_plans(session: Session, lease: Any, info: VMInfo) -> list[Plan]:
-    host, port = split_host(session.config.host)
-    urls = [u for u in lease.info.deviceUrl if u.disk]
-    if len(urls) != len(info.disks):
-        raise ProviderError(f"{info.name}: the lease offers {len(urls)} disk(s), the VM has "
-                            f"{len(info.disks)}")
-    plans: list[Plan] = []
-    for url in urls:
-        parts = urlsplit(url.url)  # the server writes '*' for "the host you reached me on"
-        netloc = f"{host}:{port}" if parts.hostname == "*" else parts.netloc
-        plans.append(Stream(parts._replace(netloc=netloc).geturl()))
-    return plans
-
-
 def _stream_plans(session: Session, info: VMInfo, plans: list[Plan], open_output: OpenOutput,
                   *, retries: int, disk_concurrency: int,
                   progress: BytesProgress | None) -> None:
@@ -232,21 +217,21 @@ def _stream_plans(session: Session, info: VMInfo, plans: list[Plan], open_output
 
 def _stream_nfc(session: Session, vm: Any, info: VMInfo, open_output: OpenOutput, *,
                 retries: int, disk_concurrency: int, progress: BytesProgress | None) -> None:
-    with nfc_lease(session, vm) as lease:
-        keeper = LeaseKeeper(lease, sum(d.capacity_bytes for d in info.disks))
+    with nfc_lease(session, vm) as lease, kept_alive(lease, info, progress) as counted:
+        plans: list[Plan] = [Stream(url) for url, _ in lease_disk_urls(session, lease, info)]
+        _stream_plans(session, info, plans, open_output, retries=retries,
+                      disk_concurrency=disk_concurrency, progress=counted)
 
-        def counted(count: int) -> None:
-            keeper.advance(count)
-            if progress:
-                progress(count)
 
-        keeper.start()
-        try:
-            _stream_plans(session, info, _nfc_plans(session, lease, info), open_output,
-                          retries=retries, disk_concurrency=disk_concurrency,
-                          progress=counted)
-        finally:
-            keeper.stop()
+def _stream_datastore(session: Session, info: VMInfo, open_output: OpenOutput, *,
+                      retries: int, disk_concurrency: int,
+                      progress: BytesProgress | None) -> VMInfo | None:
+    plans = datastore_plans(session, info, http_source(session))
+    if plans is None:
+        return None
+    _stream_plans(session, info, plans, open_output, retries=retries,
+                  disk_concurrency=disk_concurrency, progress=progress)
+    return info
 
 
 def stream_vm(session: Session, vm: Any, info: VMInfo, open_output: OpenOutput, *,
@@ -254,30 +239,19 @@ def stream_vm(session: Session, vm: Any, info: VMInfo, open_output: OpenOutput, 
               progress: BytesProgress | None) -> VMInfo | None:
     """Every disk of the VM into the output `open_output` gives it; None (nothing opened)
     when a disk's layout cannot be streamed."""
-    check_exportable(info, options)
-    original = info.power_state
-    if original != PowerState.POWERED_OFF:
-        power_off(session, vm, options.shutdown_timeout)
-    try:
-        if options.transport != "datastore":
-            try:
-                _stream_nfc(session, vm, info, open_output, retries=retries,
-                            disk_concurrency=disk_concurrency, progress=progress)
-                return info
-            except Unsupported as exc:
-                if options.transport == "nfc":
-                    raise
-                log.warning("%s; falling back to the datastore transport", exc)
-        plans = datastore_plans(session, info, http_source(session))
-        if plans is None:
-            return None
-        _stream_plans(session, info, plans, open_output, retries=retries,
-                      disk_concurrency=disk_concurrency, progress=progress)
+    def nfc() -> VMInfo | None:
+        _stream_nfc(session, vm, info, open_output, retries=retries,
+                    disk_concurrency=disk_concurrency, progress=progress)
         return info
-    except Exception as exc:
-        if isinstance(exc, HypersdkError):
-            raise
-        raise map_fault(exc, f"export {info.name}") from exc
-    finally:
-        if options.restore_power_state:
-            restore_power(session, vm, original)
+
+    def datastore() -> VMInfo | None:
+        return _stream_datastore(session, info, open_output, retries=retries,
+                                 disk_concurrency=disk_concurrency, progress=progress)
+
+    with powered_off(session, vm, info, options):
+        try:
+            return by_transport(options.transport, nfc, datastore)
+        except Exception as exc:
+            if isinstance(exc, HypersdkError):
+                raise
+            raise map_fault(exc, f"export {info.name}") from exc
