@@ -90,18 +90,22 @@ def prepare_environment(settings: Config, config_path: str | None) -> Path:
     return data_dir
 
 
+def use_remote_server(settings: Config) -> None:
+    """Talk to the Prefect server PREFECT_API_URL names, with daemon.prefect_auth_string."""
+    logger.info("using the Prefect server at %s", os.environ["PREFECT_API_URL"])
+    if settings.daemon.prefect_auth_string:
+        os.environ["PREFECT_API_AUTH_STRING"] = (
+            settings.daemon.prefect_auth_string.get_secret_value())
+    if not os.environ.get("PREFECT_API_AUTH_STRING") and not os.environ.get("PREFECT_API_KEY"):
+        logger.warning("no PREFECT_API_AUTH_STRING: if that server does not require "
+                       "authentication, anyone who reaches it can start flow runs")
+
+
 @contextlib.contextmanager
 def prefect_server(settings: Config, data_dir: Path) -> Iterator[str | None]:
     """Start the embedded Prefect server unless PREFECT_API_URL names one; yield the UI URL."""
     if os.environ.get("PREFECT_API_URL"):
-        logger.info("using the Prefect server at %s", os.environ["PREFECT_API_URL"])
-        if settings.daemon.prefect_auth_string:
-            os.environ["PREFECT_API_AUTH_STRING"] = (
-                settings.daemon.prefect_auth_string.get_secret_value())
-        if not os.environ.get("PREFECT_API_AUTH_STRING") and not os.environ.get(
-                "PREFECT_API_KEY"):
-            logger.warning("no PREFECT_API_AUTH_STRING: if that server does not require "
-                           "authentication, anyone who reaches it can start flow runs")
+        use_remote_server(settings)
         yield None
         return
     from api.prefect_server import EmbeddedPrefect, server_credential
@@ -136,6 +140,7 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
     from prefect.types.entrypoint import EntrypointType
 
     from api.main import DEPLOYMENT, create_app
+    from api.pool import refuse_pool_deployments
     from api.recovery import (
         drain,
         interrupted_runs,
@@ -167,6 +172,8 @@ async def serve(settings: Config, host: str, *, serve_flows: bool) -> None:
                          query_seconds=1)
     runners = (runner, coordinator)
     if serve_flows:
+        async with get_client() as probe:
+            await refuse_pool_deployments(probe)
         for served, serving in ((migrate_vm, runner), (convert_vm, runner),
                                 (backup_policy, coordinator)):
             deployment = await served.ato_deployment(
@@ -279,13 +286,57 @@ def check_host(settings: Config) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hypervisord", description=__doc__.split("\n")[0])
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=argparse.SUPPRESS,
+                        help="config.yaml (default: built-in defaults)")
     parser.add_argument("--config", help="config.yaml (default: built-in defaults)")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--no-serve", action="store_true",
                         help="do not run flows here (workers on a work pool run them)")
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", metavar="{deploy,worker}")
+    commands.add_parser(
+        "deploy", parents=[config],
+        help="put the work pool, its limits, result storage and the deployments on the "
+             "Prefect server PREFECT_API_URL names (scale-out)")
+    worker = commands.add_parser(
+        "worker", parents=[config],
+        help="run this conversion host's Prefect worker on the pool (scale-out)")
+    worker.add_argument("--limit", type=int, default=None,
+                        help="runs this host starts at once (default: daemon.workers)")
+    worker.add_argument("--name", default=None, help="the worker's name (default: host name)")
+    return parser
+
+
+def scale_out(command: str, settings: Config, args: argparse.Namespace) -> int:
+    """`hypervisord deploy` and `hypervisord worker`."""
+    from api import pool
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError("PREFECT_API_URL is not set: name the Prefect server (on "
+                          "PostgreSQL) the pool runs on")
+    use_remote_server(settings)
+    if command == "deploy":
+        for name in asyncio.run(pool.deploy(settings)):
+            print(f"deployed {name} onto work pool {settings.pool.name!r}")
+        print(f"runs at once across the pool: {settings.daemon.workers}; exports: "
+              f"{settings.export.concurrent_exports}; results: {settings.pool.results}")
+        return 0
+    if not args.config:
+        raise ConfigError("hypervisord worker needs --config: this host's config.yaml, "
+                          "which its runs read")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    if check_host(settings) != 0:
+        return 1
+    asyncio.run(pool.ready_worker(settings))
+    pool.exec_worker(settings, args.config, limit=args.limit, name=args.name)
+    return 0  # not reached: exec_worker replaces this process
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _command_line().parse_args(argv)
     try:
         settings = load_config(args.config)
     except ConfigError as exc:
@@ -298,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_host(settings)
     try:
         data_dir = prepare_environment(settings, args.config)
+        if args.command:
+            return scale_out(args.command, settings, args)
         warn_if_readable(args.config)
         host = bind_host(settings)
         with prefect_server(settings, data_dir) as ui:

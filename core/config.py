@@ -299,6 +299,32 @@ class WebhookConfig(Section):
     secret: SecretStr | None = None
 
 
+class PoolConfig(Section):
+    """Scale-out (`hypervisord deploy`, `hypervisord worker`): the Prefect work pool the
+    conversion hosts serve, where every host and the API read task and flow results, and
+    how soon a host that stopped answering has its runs marked Crashed."""
+
+    name: str = Field(default="hypersdk", min_length=1, max_length=100,
+                      pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # a folder every host and the API mount at the same path, or the slug of a Prefect
+    # storage block made beforehand (e.g. "s3-bucket/hypersdk-results")
+    results: str | None = None
+    # Prefect's flow-run heartbeat (its minimum is 30 s); a run silent for twice this long
+    # is marked Crashed by an automation on the server
+    heartbeat: Duration = Field(default=30.0, ge=30.0, le=3600.0)
+
+    @field_validator("results")
+    @classmethod
+    def _results(cls, value: str | None) -> str | None:
+        if value is None or value.startswith("/"):
+            return value
+        block_type, sep, name = value.partition("/")
+        if not sep or not block_type or not name or "/" in name:
+            raise ValueError("expected an absolute folder (/srv/hypersdk/results) or a "
+                             f"storage block's slug (s3-bucket/NAME), got {value!r}")
+        return value
+
+
 class Config(Section):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
@@ -306,6 +332,7 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     webhooks: list[WebhookConfig] = Field(default_factory=list)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
 
     def source_roots(self) -> list[Path]:
         """Where conversions may read from: exports, converted images, the local inbox.
@@ -381,6 +408,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     return parse_config(data, source=str(file))
 
 
+CONFIG_ENV = "HYPERSDK_CONFIG"
+
+
 def config_from_env() -> Config:
-    """The config a flow run uses: the file named by HYPERSDK_CONFIG, else defaults."""
-    return load_config(os.environ.get("HYPERSDK_CONFIG") or None)
+    """The config a flow run uses: the file named by HYPERSDK_CONFIG, else defaults. An
+    empty HYPERSDK_CONFIG is refused: it is what a deployment made from an unset variable
+    carries, and the defaults would silently stand in for the host's own config."""
+    path = os.environ.get(CONFIG_ENV)
+    if path is not None and not path.strip():
+        raise ConfigError(f"{CONFIG_ENV} is set but empty; unset it or name this host's "
+                          "config.yaml")
+    return load_config(path)

@@ -18,6 +18,7 @@ from hyper2kvm.staging import describe_source
 from tasks.convert import convert_disks
 from tasks.progress import JobProgress
 from tasks.transfer import transfer_files
+from tasks.validate import check_this_host
 
 
 def source_file(request: ConvertRequest, roots: list[Path]) -> Path:
@@ -87,6 +88,7 @@ def convert_vm(request: ConvertRequest) -> MigrationResult:
     hyper2kvm.output_dir, checked here as the REST API checks them."""
     exit_with_daemon()  # a SIGKILLed hypervisord leaves no run behind
     settings = config_from_env()
+    check_this_host(settings, provider="", converts=True)
     return convert_confined(request, roots=settings.source_roots(),
                             output_root=settings.hyper2kvm.output_dir)
 

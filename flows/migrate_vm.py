@@ -26,7 +26,7 @@ from tasks.handoff import await_daemon, write_watch_manifest
 from tasks.progress import LABEL, JobProgress
 from tasks.stream import stream_vm
 from tasks.transfer import transfer_files
-from tasks.validate import validate_job
+from tasks.validate import check_this_host, validate_job
 
 hook_log = logging.getLogger("hypersdk.cleanup")
 
@@ -99,6 +99,7 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
     progress = JobProgress.for_current_run(job.vm_identifier)
     timed = StepTimer()
     destination = export_dir(job, settings)
+    check_this_host(settings, provider=job.provider, converts=converts_in_flow(job))
     vm = timed("validate", lambda: validate_job(job, settings.hyper2kvm.output_dir,
                                                 converts=converts_in_flow(job)))
     ensure_export_limit(settings.export.concurrent_exports)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -13,12 +15,13 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.context import get_run_context
 
-from core.config import config_from_env
-from core.errors import Conflict, InvalidRequest
+from core.config import CONFIG_ENV, Config, config_from_env
+from core.errors import ConfigError, Conflict, InvalidRequest
 from core.models import JobDefinition, VMInfo
 from core.paths import safe_name
-from hyper2kvm.registration import domain_exists
+from hyper2kvm.registration import connect, domain_exists
 from providers import get_provider
 from tasks.guest import converts_guest
 from tasks.progress import LABEL, JobProgress, current_flow_run_id
@@ -54,6 +57,33 @@ def claim_vm(tag: str) -> None:
                 raise Conflict(f"VM {tag.split(':', 2)[2]!r} already has job {other.id} "
                                "running; one job per VM at a time")
         client.update_flow_run_labels(run_id, {CLAIMED: True})
+
+
+def check_this_host(settings: Config, *, provider: str, converts: bool) -> None:
+    """What a conversion host needs, checked before anything else runs here, with an error
+    that names the host and what is missing: a worker on a pool passes its own config; the
+    folders the job writes exist and are writable; libvirt answers when the job converts;
+    the local provider's inbox exists (on several hosts: shared storage at the same path)."""
+    host = socket.gethostname()
+    work_pool = getattr(getattr(get_run_context(), "flow_run", None), "work_pool_name", None)
+    if work_pool and not os.environ.get(CONFIG_ENV):
+        raise ConfigError(f"host {host}: {CONFIG_ENV} is not set, so this run would use the "
+                          f"built-in defaults; start the worker of pool {work_pool!r} with "
+                          "`hypervisord worker --config FILE`")
+    folders = [("export.base_path", settings.export.base_path)]
+    if converts:
+        folders.append(("hyper2kvm.output_dir", settings.hyper2kvm.output_dir))
+    for key, folder in folders:
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"host {host}: {key} {folder} is not a writable folder")
+    if provider == "local" and settings.providers.local and \
+            not settings.providers.local.path.is_dir():
+        raise ConfigError(f"host {host}: the local provider's inbox "
+                          f"{settings.providers.local.path} does not exist (with several "
+                          "hosts it must be shared storage mounted at the same path)")
+    if converts:
+        with connect(settings.hyper2kvm.libvirt_uri):
+            pass
 
 
 @task(name="validate", persist_result=True)

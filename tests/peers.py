@@ -246,10 +246,12 @@ database:
 def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
                  config_name: str = "config.yaml", host: str = "127.0.0.1",
                  vsphere: str | None = None, clouds: str = "", embedded: bool = False,
-                 extra_daemon: str = "", config: Path | None = None) -> Daemon:
+                 extra_daemon: str = "", config: Path | None = None,
+                 environ: dict[str, str] | None = None) -> Daemon:
     """Start hypervisord on a free port with a config over the directories under `root`
     (or with an existing `config`, as a restart does); `embedded`: with its own Prefect
-    server (none of the session's PREFECT_ settings); `extra_daemon`: more daemon: keys."""
+    server (none of the session's PREFECT_ settings); `extra_daemon`: more daemon: keys;
+    `environ`: its whole environment instead of this process's."""
     root.mkdir(parents=True, exist_ok=True)
     if config is None:
         port = free_port()
@@ -262,7 +264,7 @@ def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
                                                      f"  workers: 4\n{daemon_keys}"))
     else:
         port = int(config.read_text().split('address: "')[1].split('"')[0].rpartition(":")[2])
-    env = dict(os.environ)
+    env = dict(os.environ if environ is None else environ)
     if embedded:
         env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
     log = root / f"hypervisord-{port}-{int(time.time() * 1000)}.log"

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from core.config import Config, load_config, parse_config
 from core.errors import ConfigError
@@ -109,28 +108,6 @@ def test_hypervisord_says_so_when_prefect_is_unreachable(tmp_path: Path) -> None
     assert done.returncode == 1
     assert "cannot reach the Prefect server at http://127.0.0.1:" in done.stderr
     assert "Traceback" not in done.stderr
-
-
-def test_prefect_yaml_deploys_the_flows_hypervisord_serves() -> None:
-    """prefect.yaml, read by Prefect's own model: every flow under the name the API uses,
-    and redeploying keeps the schedules (`schedules: null`, not [])."""
-    import importlib
-
-    from prefect.cli.deploy._models import PrefectYamlModel
-
-    from flows import DEPLOYMENT
-
-    config = PrefectYamlModel.model_validate(yaml.safe_load((ROOT / "prefect.yaml").read_text()))
-    flows = {}
-    for deployment in config.deployments:
-        assert deployment.name == DEPLOYMENT and deployment.schedules is None
-        module, _, attribute = str(deployment.entrypoint).replace("/", ".").partition(".py:")
-        flows[getattr(importlib.import_module(module), attribute).name] = deployment
-    assert set(flows) == {"migrate-vm", "convert-vm", "backup-policy"}
-    # pool workers' runs log what the providers log, as the daemon's own runs do
-    for deployment in config.deployments:
-        env = deployment.work_pool.job_variables["env"]  # type: ignore[union-attr]
-        assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "providers"
 
 
 def test_a_provider_that_is_not_configured_is_refused_clearly() -> None:

@@ -1,0 +1,220 @@
+"""Scale-out on a Prefect work pool: Prefect's own server on a private PostgreSQL cluster,
+`hypervisord deploy`, conversion hosts as `hypervisord worker` processes with their own
+folders, and `hypervisord --no-serve` as the API (tests/pool_peers.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hyper2kvm.sample import make_sample_ova
+from tests.helpers import domain_defined
+from tests.peers import (
+    BIN,
+    SESSION_DIR,
+    Daemon,
+    start_daemon,
+    stop_daemon,
+    unique,
+    wait_for_job,
+    wait_until,
+)
+from tests.pool_peers import (
+    Host,
+    PoolServer,
+    host_config,
+    hypervisord,
+    kill_host,
+    postgres_cluster,
+    prefect_on_postgres,
+    start_worker,
+    stop_worker,
+)
+
+POOL_LIMIT = 3  # daemon.workers of the deploying config: runs at once across the pool
+
+
+@dataclass
+class Pool:
+    server: PoolServer
+    shared: Path
+    deployer: Path
+    api: httpx.Client
+    daemon: Daemon
+    a: Host
+    b: Host
+
+    @property
+    def inbox(self) -> Path:
+        return self.shared / "inbox"
+
+    def rest(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        """Prefect's REST API, as its UI uses it."""
+        user, password = self.server.auth.split(":", 1)
+        return httpx.request(method, f"{self.server.url}{path}", auth=(user, password),
+                             timeout=30, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def pool(libvirt_uri: str) -> Iterator[Pool]:
+    root = SESSION_DIR / "pool"
+    shared = root / "shared"
+    for folder in ("inbox", "exports", "results"):
+        (shared / folder).mkdir(parents=True, exist_ok=True)
+    with postgres_cluster() as database, \
+            prefect_on_postgres(database, root / "prefect-server.log") as server:
+        deployer = host_config(root / "deployer", shared=shared, workers=POOL_LIMIT)
+        deployed = hypervisord("deploy", "--config", str(deployer), env=server.env())
+        assert deployed.returncode == 0, deployed.stderr
+        daemon = start_daemon(root / "api", api_key=None, args=("--no-serve",),
+                              config=host_config(root / "api", shared=shared),
+                              environ=server.env())
+        hosts = [Host(name=name, root=root / name,
+                      config=host_config(root / name, shared=shared, compress=name == "a"))
+                 for name in ("a", "b")]
+        try:
+            with daemon.client(key=None) as api:
+                yield Pool(server=server, shared=shared, deployer=deployer, api=api,
+                           daemon=daemon, a=hosts[0], b=hosts[1])
+        finally:
+            for host in hosts:
+                stop_worker(host)
+            stop_daemon(daemon)
+
+
+@contextlib.contextmanager
+def workers(pool: Pool, *hosts: Host, limit: int = 2) -> Iterator[None]:
+    try:
+        for host in hosts:
+            start_worker(host, pool.server, limit=limit)
+        yield
+    finally:
+        for host in hosts:
+            stop_worker(host)
+
+
+def submit(pool: Pool, vm: str) -> str:
+    answer = pool.api.post("/jobs/submit", json={"vm_identifier": vm, "provider": "local"})
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["job_id"])
+
+
+def test_deploy_refuses_what_would_leave_workers_guessing(pool: Pool, tmp_path: Path) -> None:
+    no_results = tmp_path / "config.yaml"
+    no_results.write_text(pool.deployer.read_text().split("pool:\n")[0])
+    refused = hypervisord("deploy", "--config", str(no_results), env=pool.server.env())
+    assert refused.returncode == 1
+    assert "pool.results is not set" in refused.stderr
+    no_server = {k: v for k, v in pool.server.env().items() if k != "PREFECT_API_URL"}
+    refused = hypervisord("deploy", "--config", str(pool.deployer), env=no_server)
+    assert refused.returncode == 1 and "PREFECT_API_URL is not set" in refused.stderr
+
+
+def test_a_worker_started_without_a_config_fails_its_job_saying_so(pool: Pool) -> None:
+    """What `prefect worker start` alone on a host gives: the run refuses to fall back on
+    the built-in defaults (before, it looked for the VM in /var/lib/hypersdk/inbox)."""
+    vm = unique("bare")
+    make_sample_ova(pool.inbox, vm, size_mib=8)
+    log = pool.shared / "bare-worker.log"
+    bare = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "hypersdk", "--limit", "1",
+         "--name", "bare"],
+        env=pool.server.env(PREFECT_WORKER_QUERY_SECONDS="1"), stdout=log.open("wb"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        info = wait_for_job(pool.api, submit(pool, vm), timeout=120)
+    finally:
+        bare.terminate()
+        bare.wait(timeout=60)
+    assert info["status"] == "failed"
+    assert "HYPERSDK_CONFIG is not set" in info["error"], info["error"]
+    assert "hypervisord worker --config" in info["error"]
+
+
+def test_eight_jobs_spread_over_two_hosts_within_the_pools_limit(pool: Pool) -> None:
+    vms = [unique("spread") for _ in range(8)]
+    for vm in vms:
+        make_sample_ova(pool.inbox, vm, size_mib=32)
+    running_seen: list[int] = []
+    with workers(pool, pool.a, pool.b):
+        jobs = [submit(pool, vm) for vm in vms]
+
+        def all_done() -> bool:
+            page = pool.api.get("/jobs/query", params={"status": "running", "limit": 200})
+            running_seen.append(sum(1 for job in page.json()["jobs"] if job["job_id"] in jobs))
+            return all(pool.api.get("/jobs/query", params={"job_id": job}).json()["status"]
+                       in ("completed", "failed") for job in jobs)
+
+        wait_until(all_done, timeout=600, interval=0.5, what="eight jobs")
+    infos = [wait_for_job(pool.api, job) for job in jobs]
+    assert [info["status"] for info in infos] == ["completed"] * 8, [i["error"] for i in infos]
+    # each host converted into its own folder; together exactly the eight VMs
+    on_a = [vm for vm in vms if pool.a.disks(vm)]
+    on_b = [vm for vm in vms if pool.b.disks(vm)]
+    assert on_a and on_b, f"one host did everything: a={on_a} b={on_b}"
+    assert sorted(on_a + on_b) == sorted(vms)
+    for vm, info in zip(vms, infos, strict=True):
+        # the API host reads the result the worker stored in the shared results folder
+        assert info["result"] is not None, f"no result for {vm}"
+        assert info["result"]["domain_name"] == vm and domain_defined(vm)
+        host = pool.a if vm in on_a else pool.b
+        assert info["result"]["disks"][0]["path"] == str(host.images / vm / f"{vm}-disk1.qcow2")
+    # two workers could start four, the pool's queue lets three run at once
+    assert max(running_seen) <= POOL_LIMIT, running_seen
+
+
+def _task_states(pool: Pool, job_id: str, name: str) -> list[str]:
+    runs = pool.rest("POST", "/task_runs/filter",
+                     json={"flow_runs": {"id": {"any_": [job_id]}}}).json()
+    return [run["state"]["name"] for run in runs if run["task_key"].startswith(name)
+            or run["name"].startswith(f"{name}-")]
+
+
+def test_a_dead_host_is_crashed_and_its_job_finishes_on_another(pool: Pool) -> None:
+    vm = unique("dies")
+    # incompressible data, compressed by host a: its conversion takes seconds
+    make_sample_ova(pool.inbox, vm, size_mib=448, random_mib=384)
+    with workers(pool, pool.a):
+        job = submit(pool, vm)
+        wait_until(lambda: any(pool.a.images.glob(f"{vm}/.*.partial")), timeout=180,
+                   interval=0.1, what="host a converting")
+        kill_host(pool.a)
+    left = sorted(p.name for p in (pool.a.images / vm).glob(".*.partial"))
+    assert left, "the kill came after the conversion"
+    # no process of host a is left to say so: Prefect's heartbeat automation does
+    info = wait_for_job(pool.api, job, timeout=2 * 30 + 90,
+                        statuses=("failed", "completed", "cancelled"))
+    assert info["status"] == "failed" and "heartbeat" in info["error"], info
+    with workers(pool, pool.b):
+        assert pool.api.post("/jobs/retry", json={"job_id": job}).status_code == 200
+        info = wait_for_job(pool.api, job, timeout=300)
+    assert info["status"] == "completed", info["error"]
+    assert pool.b.disks(vm) == [f"{vm}-disk1.qcow2"] and domain_defined(vm)
+    assert info["result"]["disks"][0]["path"] == str(pool.b.images / vm / f"{vm}-disk1.qcow2")
+    # the export (shared folder, shared results) was not redone on host b
+    assert "Cached" in _task_states(pool, job, "export"), _task_states(pool, job, "export")
+    # host a's half-written disk is removed when its worker comes back; nothing finished there
+    assert [p.name for p in (pool.a.images / vm).glob(".*.partial")] == left
+    with workers(pool, pool.a):
+        assert pool.a.disks(vm) == []
+
+
+def test_a_serving_daemon_leaves_the_pools_deployments_alone(pool: Pool) -> None:
+    before = pool.rest("POST", "/deployments/filter", json={}).json()
+    assert {d["work_pool_name"] for d in before} == {"hypersdk"}
+    served = subprocess.run(
+        [str(BIN / "hypervisord"), "--config", str(pool.a.config)],
+        env=pool.server.env(), capture_output=True, text=True, timeout=120)
+    assert served.returncode == 1
+    assert "run on a work pool" in served.stderr and "--no-serve" in served.stderr
+    after = pool.rest("POST", "/deployments/filter", json={}).json()
+    assert sorted((d["id"], d["updated"], d["work_pool_name"], str(d["job_variables"]),
+                   str(d["pull_steps"])) for d in after) == sorted(
+        (d["id"], d["updated"], d["work_pool_name"], str(d["job_variables"]),
+         str(d["pull_steps"])) for d in before)
