@@ -19,7 +19,7 @@ packages=(qemu-utils qemu-system-x86 libvirt-daemon libvirt-daemon-system libvir
           iproute2 procps
           virt-v2v libguestfs-tools linux-image-amd64 nbdkit libnbd-bin python3-libnbd mmdebstrap
           python3-venv python3-dev)
-$tests && packages+=(golang-go golang-github-vmware-govmomi-dev samba smbclient)
+$tests && packages+=(golang-go golang-github-vmware-govmomi-dev samba smbclient postgresql-15)
 # Azurite needs Node and npm: Debian's unless a Node with its npm is already there
 $tests && ! command -v npm >/dev/null && packages+=(nodejs npm)
 missing=()

@@ -18,11 +18,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from core.process import children
-from tests.peers import BIN, free_port, wait_until, write_config
+from tests.peers import (
+    BIN,
+    Daemon,
+    free_port,
+    start_daemon,
+    stop_daemon,
+    wait_until,
+    write_config,
+)
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER = "postgres"  # initdb and postgres refuse to run as root
@@ -201,3 +210,71 @@ def stop_worker(host: Host) -> None:
         except subprocess.TimeoutExpired:
             kill_host(host)
 
+
+
+@dataclass
+class Pool:
+    """A Prefect server on PostgreSQL with the deployments on its pool, the API
+    (`hypervisord --no-serve`), and two conversion hosts, a and b (a compresses its
+    outputs, so its conversions take a while), their workers not started."""
+
+    server: PoolServer
+    shared: Path
+    deployer: Path
+    api: httpx.Client
+    daemon: Daemon
+    a: Host
+    b: Host
+
+    @property
+    def inbox(self) -> Path:
+        return self.shared / "inbox"
+
+    def rest(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Prefect's REST API, as its UI uses it."""
+        user, password = self.server.auth.split(":", 1)
+        return httpx.request(method, f"{self.server.url}{path}", auth=(user, password),
+                             timeout=30, **kwargs)
+
+    def submit(self, vm: str) -> str:
+        answer = self.api.post("/jobs/submit", json={"vm_identifier": vm, "provider": "local"})
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["job_id"])
+
+    @contextlib.contextmanager
+    def workers(self, *hosts: Host, limit: int = 2) -> Iterator[None]:
+        try:
+            for host in hosts:
+                start_worker(host, self.server, limit=limit)
+            yield
+        finally:
+            for host in hosts:
+                stop_worker(host)
+
+
+@contextlib.contextmanager
+def running_pool(root: Path, *, pool_limit: int) -> Iterator[Pool]:
+    """Everything of a Pool, deployed with daemon.workers = `pool_limit`; all of it stopped
+    on leaving."""
+    shared = root / "shared"
+    for folder in ("inbox", "exports", "results"):
+        (shared / folder).mkdir(parents=True, exist_ok=True)
+    with postgres_cluster() as database, \
+            prefect_on_postgres(database, root / "prefect-server.log") as server:
+        deployer = host_config(root / "deployer", shared=shared, workers=pool_limit)
+        deployed = hypervisord("deploy", "--config", str(deployer), env=server.env())
+        assert deployed.returncode == 0, deployed.stderr
+        daemon = start_daemon(root / "api", api_key=None, args=("--no-serve",),
+                              config=host_config(root / "api", shared=shared),
+                              environ=server.env())
+        hosts = [Host(name=name, root=root / name,
+                      config=host_config(root / name, shared=shared, compress=name == "a"))
+                 for name in ("a", "b")]
+        try:
+            with daemon.client(key=None) as api:
+                yield Pool(server=server, shared=shared, deployer=deployer, api=api,
+                           daemon=daemon, a=hosts[0], b=hosts[1])
+        finally:
+            for host in hosts:
+                stop_worker(host)
+            stop_daemon(daemon)

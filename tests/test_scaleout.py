@@ -4,13 +4,10 @@ folders, and `hypervisord --no-serve` as the API (tests/pool_peers.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from hyper2kvm.sample import make_sample_ova
@@ -18,91 +15,19 @@ from tests.helpers import domain_defined
 from tests.peers import (
     BIN,
     SESSION_DIR,
-    Daemon,
-    start_daemon,
-    stop_daemon,
     unique,
     wait_for_job,
     wait_until,
 )
-from tests.pool_peers import (
-    Host,
-    PoolServer,
-    host_config,
-    hypervisord,
-    kill_host,
-    postgres_cluster,
-    prefect_on_postgres,
-    start_worker,
-    stop_worker,
-)
+from tests.pool_peers import Pool, hypervisord, kill_host, running_pool
 
 POOL_LIMIT = 3  # daemon.workers of the deploying config: runs at once across the pool
 
 
-@dataclass
-class Pool:
-    server: PoolServer
-    shared: Path
-    deployer: Path
-    api: httpx.Client
-    daemon: Daemon
-    a: Host
-    b: Host
-
-    @property
-    def inbox(self) -> Path:
-        return self.shared / "inbox"
-
-    def rest(self, method: str, path: str, **kwargs: object) -> httpx.Response:
-        """Prefect's REST API, as its UI uses it."""
-        user, password = self.server.auth.split(":", 1)
-        return httpx.request(method, f"{self.server.url}{path}", auth=(user, password),
-                             timeout=30, **kwargs)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def pool(libvirt_uri: str) -> Iterator[Pool]:
-    root = SESSION_DIR / "pool"
-    shared = root / "shared"
-    for folder in ("inbox", "exports", "results"):
-        (shared / folder).mkdir(parents=True, exist_ok=True)
-    with postgres_cluster() as database, \
-            prefect_on_postgres(database, root / "prefect-server.log") as server:
-        deployer = host_config(root / "deployer", shared=shared, workers=POOL_LIMIT)
-        deployed = hypervisord("deploy", "--config", str(deployer), env=server.env())
-        assert deployed.returncode == 0, deployed.stderr
-        daemon = start_daemon(root / "api", api_key=None, args=("--no-serve",),
-                              config=host_config(root / "api", shared=shared),
-                              environ=server.env())
-        hosts = [Host(name=name, root=root / name,
-                      config=host_config(root / name, shared=shared, compress=name == "a"))
-                 for name in ("a", "b")]
-        try:
-            with daemon.client(key=None) as api:
-                yield Pool(server=server, shared=shared, deployer=deployer, api=api,
-                           daemon=daemon, a=hosts[0], b=hosts[1])
-        finally:
-            for host in hosts:
-                stop_worker(host)
-            stop_daemon(daemon)
-
-
-@contextlib.contextmanager
-def workers(pool: Pool, *hosts: Host, limit: int = 2) -> Iterator[None]:
-    try:
-        for host in hosts:
-            start_worker(host, pool.server, limit=limit)
-        yield
-    finally:
-        for host in hosts:
-            stop_worker(host)
-
-
-def submit(pool: Pool, vm: str) -> str:
-    answer = pool.api.post("/jobs/submit", json={"vm_identifier": vm, "provider": "local"})
-    assert answer.status_code == 200, answer.text
-    return str(answer.json()["job_id"])
+    with running_pool(SESSION_DIR / "pool", pool_limit=POOL_LIMIT) as made:
+        yield made
 
 
 def test_deploy_refuses_what_would_leave_workers_guessing(pool: Pool, tmp_path: Path) -> None:
@@ -128,7 +53,7 @@ def test_a_worker_started_without_a_config_fails_its_job_saying_so(pool: Pool) -
         env=pool.server.env(PREFECT_WORKER_QUERY_SECONDS="1"), stdout=log.open("wb"),
         stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        info = wait_for_job(pool.api, submit(pool, vm), timeout=120)
+        info = wait_for_job(pool.api, pool.submit(vm), timeout=120)
     finally:
         bare.terminate()
         bare.wait(timeout=60)
@@ -142,8 +67,8 @@ def test_eight_jobs_spread_over_two_hosts_within_the_pools_limit(pool: Pool) -> 
     for vm in vms:
         make_sample_ova(pool.inbox, vm, size_mib=32)
     running_seen: list[int] = []
-    with workers(pool, pool.a, pool.b):
-        jobs = [submit(pool, vm) for vm in vms]
+    with pool.workers(pool.a, pool.b):
+        jobs = [pool.submit(vm) for vm in vms]
 
         def all_done() -> bool:
             page = pool.api.get("/jobs/query", params={"status": "running", "limit": 200})
@@ -180,8 +105,8 @@ def test_a_dead_host_is_crashed_and_its_job_finishes_on_another(pool: Pool) -> N
     vm = unique("dies")
     # incompressible data, compressed by host a: its conversion takes seconds
     make_sample_ova(pool.inbox, vm, size_mib=448, random_mib=384)
-    with workers(pool, pool.a):
-        job = submit(pool, vm)
+    with pool.workers(pool.a):
+        job = pool.submit(vm)
         wait_until(lambda: any(pool.a.images.glob(f"{vm}/.*.partial")), timeout=180,
                    interval=0.1, what="host a converting")
         kill_host(pool.a)
@@ -191,7 +116,7 @@ def test_a_dead_host_is_crashed_and_its_job_finishes_on_another(pool: Pool) -> N
     info = wait_for_job(pool.api, job, timeout=2 * 30 + 90,
                         statuses=("failed", "completed", "cancelled"))
     assert info["status"] == "failed" and "heartbeat" in info["error"], info
-    with workers(pool, pool.b):
+    with pool.workers(pool.b):
         assert pool.api.post("/jobs/retry", json={"job_id": job}).status_code == 200
         info = wait_for_job(pool.api, job, timeout=300)
     assert info["status"] == "completed", info["error"]
@@ -201,7 +126,7 @@ def test_a_dead_host_is_crashed_and_its_job_finishes_on_another(pool: Pool) -> N
     assert "Cached" in _task_states(pool, job, "export"), _task_states(pool, job, "export")
     # host a's half-written disk is removed when its worker comes back; nothing finished there
     assert [p.name for p in (pool.a.images / vm).glob(".*.partial")] == left
-    with workers(pool, pool.a):
+    with pool.workers(pool.a):
         assert pool.a.disks(vm) == []
 
 
