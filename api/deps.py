@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from api.jobs import Jobs
+from api.metrics import Metrics
 from api.schedules import ScheduleBook
 from api.webhooks import Dispatcher, WebhookStore
 from core.config import Config
@@ -45,6 +46,11 @@ def get_dispatcher(request: Request) -> Dispatcher:
     return dispatcher
 
 
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
 def key_matches(given: str | None, expected: str) -> bool:
     """The one comparison of a presented API key (constant time)."""
     return bool(given) and secrets.compare_digest(str(given).encode(), expected.encode())
@@ -71,6 +77,16 @@ def require_api_key(
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def require_api_key_for_metrics(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header: Annotated[str | None, Depends(_header)],
+) -> None:
+    """/metrics needs the key too, unless daemon.metrics_public."""
+    if not request.app.state.settings.daemon.metrics_public:
+        require_api_key(request, bearer, header)
+
+
 SettingsDep = Annotated[Config, Depends(get_settings)]
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
 SchedulesDep = Annotated[ScheduleBook, Depends(get_schedules)]
@@ -78,3 +94,5 @@ PoliciesDep = Annotated[ScheduleBook, Depends(get_policies)]
 WebhooksDep = Annotated[WebhookStore, Depends(get_webhooks)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 ApiKeyDep = Depends(require_api_key)
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+MetricsKeyDep = Depends(require_api_key_for_metrics)

@@ -229,7 +229,7 @@ class EventHub:
             "timestamp": event.occurred.isoformat(), "job_id": run_id,
             "status": "running", "phase": payload.get("phase"),
             "progress": payload.get("percentage"), "bytes_done": payload.get("bytes_done"),
-            "bytes_total": payload.get("bytes_total"),
+            "bytes_total": payload.get("bytes_total"), "rate_bps": payload.get("rate_bps"),
             "vm": facts.get("vm") or payload.get("vm"), "provider": facts.get("provider"),
         }
 

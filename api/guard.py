@@ -29,9 +29,11 @@ def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
 class RequestGuard:
     """ASGI middleware: the key check and the body limit, ahead of routing and parsing."""
 
-    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int,
+                 public: tuple[str, ...] = ()) -> None:
         self.app = app
         self.api_key = api_key
+        self.public = PUBLIC_PATHS | frozenset(public)
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
@@ -39,7 +41,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = scope.get("headers", [])
-        if self.api_key and scope["path"] not in PUBLIC_PATHS:
+        if self.api_key and scope["path"] not in self.public:
             given = presented_key(headers)
             if not given:
                 await _answer(send, 401, "Unauthorized", "missing API key: send "

@@ -15,7 +15,18 @@ from api.errors import install_error_handlers
 from api.events import EventHub, JobEvent, stop
 from api.guard import RequestGuard
 from api.jobs import Jobs
-from api.routes import backup_policies, convert, health, jobs, schedules, vms, webhooks, websocket
+from api.metrics import Metrics
+from api.routes import (
+    backup_policies,
+    convert,
+    health,
+    jobs,
+    metrics,
+    schedules,
+    vms,
+    webhooks,
+    websocket,
+)
 from api.schedules import ScheduleBook
 from api.schemas import ERROR_RESPONSES
 from api.webhooks import Dispatcher, WebhookStore
@@ -39,10 +50,13 @@ def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
             app.state.policies = ScheduleBook(client, flow="backup-policy",
                                               deployment=deployment, parameter="policy")
             app.state.webhooks = store
-            app.state.dispatcher = dispatcher = Dispatcher(store, settings)
             # events missed while the daemon was down are replayed from the last one seen
             app.state.hub = hub = EventHub(app.state.jobs, since=datetime.fromisoformat(last)
                                            if last else None)
+            app.state.metrics = metrics = Metrics(outbox_backlog=store.backlog,
+                                                  websocket_clients=lambda: hub.clients)
+            app.state.dispatcher = dispatcher = Dispatcher(store, settings,
+                                                           attempted=metrics.delivery)
 
             saved = {"at": 0.0}
 
@@ -58,6 +72,7 @@ def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
             hub.add(dispatcher.on_event, detailed=True)  # webhooks carry the result
             hub.add(app.state.jobs.on_event)  # a finished job's kept answer goes stale
             hub.add(remember)
+            hub.add(metrics.on_event, detailed=True)  # step times come with the result
             tasks = [asyncio.create_task(hub.run(), name="events"),
                      asyncio.create_task(dispatcher.run(), name="webhooks")]
             try:
@@ -76,7 +91,9 @@ def create_app(settings: Config, *, deployment: str = DEPLOYMENT) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(RequestGuard, api_key=settings.api_key,
-                       max_body_bytes=settings.daemon.max_body_bytes)
-    for module in (health, vms, jobs, convert, schedules, backup_policies, webhooks, websocket):
+                       max_body_bytes=settings.daemon.max_body_bytes,
+                       public=("/metrics",) if settings.daemon.metrics_public else ())
+    for module in (health, vms, jobs, convert, schedules, backup_policies, webhooks, websocket,
+                   metrics):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     return app

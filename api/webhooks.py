@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -200,6 +200,13 @@ class WebhookStore:
                 "ON w.id = o.webhook_id WHERE o.status = 'pending' AND o.next_attempt <= ? "
                 "ORDER BY o.next_attempt LIMIT ?", (time.time(), limit)))
 
+    def backlog(self) -> int:
+        """Deliveries waiting for their first or next attempt."""
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM outbox WHERE status = 'pending'"
+                                   ).fetchone()
+        return int(row[0])
+
     def record(self, delivery_id: str, *, delivered: bool, status: int | None,
                error: str | None, next_attempt: float | None) -> None:
         with self._tx() as db:
@@ -237,8 +244,10 @@ class WebhookStore:
 class Dispatcher:
     """Delivers due outbox rows; woken by new events, else it looks every second."""
 
-    def __init__(self, store: WebhookStore, settings: Config) -> None:
+    def __init__(self, store: WebhookStore, settings: Config, *,
+                 attempted: Callable[..., None] | None = None) -> None:
         self.store = store
+        self.attempted = attempted  # told each attempt's outcome (metrics)
         self.allowed = settings.daemon.webhook_allowed_networks
         self.base = settings.daemon.webhook_retry_base
         self.ceiling = settings.daemon.webhook_retry_max
@@ -284,3 +293,5 @@ class Dispatcher:
                      f"retry in {retry - time.time():.0f} s" if retry else "giving up")
         await asyncio.to_thread(self.store.record, row["delivery_id"], delivered=error is None,
                                 status=status, error=error, next_attempt=retry)
+        if self.attempted is not None:
+            self.attempted(delivered=error is None, retrying=retry is not None)

@@ -64,6 +64,8 @@ class DaemonConfig(Section):
     prefect_host: str = "127.0.0.1"
     prefect_auth_string: SecretStr | None = None
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)  # larger bodies get 413
+    # GET /metrics without the API key (for a Prometheus that cannot send one)
+    metrics_public: bool = False
     # SIGTERM: running jobs get this long to finish; the rest resume at the next start
     shutdown_grace: Duration = 300.0
     # jobs a dead daemon left running run again at the next start, finished steps kept

@@ -163,6 +163,7 @@ class GuestOptions(Strict):
 class Hyper2kvmIntegration(GuestOptions):
     enabled: bool = True
     auto_convert: bool = True
+    format: Literal["qcow2", "raw"] | None = None  # None: hyper2kvm.default_format
     daemon_mode: bool = False
     instance: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     autostart: bool = False

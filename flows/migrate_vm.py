@@ -105,12 +105,13 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
     ensure_export_limit(settings.export.concurrent_exports)
     integration = job.hyper2kvm_integration
     h2k = settings.hyper2kvm
+    output_format = integration.format or h2k.default_format
     handoff: Path | None = None
     streamed = None
     if streams_in_flow(job, settings):
         streamed = timed("stream", lambda: stream_vm.with_options(
             retries=settings.export.max_retries)(job, vm, h2k.output_dir / safe_name(vm.name),
-                                                 h2k.default_format))
+                                                 output_format))
     if streamed is not None:
         export = ExportResult(vm=streamed.vm, directory=destination, files=[],
                               method="disks", streamed=True)
@@ -137,7 +138,7 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
         elif converts_in_flow(job):
             staged = timed("transfer", lambda: transfer_files(export, settings.source_roots()))
             disks = timed("convert", lambda: convert_disks(
-                staged, h2k.output_dir / safe_name(staged.vm.name), h2k.default_format,
+                staged, h2k.output_dir / safe_name(staged.vm.name), output_format,
                 h2k.compression))
             result = result.model_copy(update={"disks": disks, **make_bootable(
                 staged.vm, disks, h2k, integration, register=True,
