@@ -260,6 +260,8 @@ def exec_worker(settings: Config, config_path: str, *, limit: int | None,
                 name: str | None) -> None:
     """Become this host's Prefect worker; its runs read this host's config."""
     os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
+    # Prefect's worker looks for runs every 10 s by default: a job would wait that long
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
     command = worker_command(settings, limit=limit, name=name)
     logger.info("starting %s", " ".join(command[1:]))
     sys.stdout.flush()

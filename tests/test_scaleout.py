@@ -5,6 +5,7 @@ folders, and `hypervisord --no-serve` as the API (tests/pool_peers.py)."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,12 @@ def test_deploy_refuses_what_would_leave_workers_guessing(pool: Pool, tmp_path: 
     refused = hypervisord("deploy", "--config", str(no_results), env=pool.server.env())
     assert refused.returncode == 1
     assert "pool.results is not set" in refused.stderr
+    no_block = tmp_path / "no-block.yaml"
+    no_block.write_text(pool.deployer.read_text().replace(
+        f'results: "{pool.shared / "results"}"', 'results: "local-file-system/nowhere"'))
+    refused = hypervisord("deploy", "--config", str(no_block), env=pool.server.env())
+    assert refused.returncode == 1
+    assert "cannot load the storage block 'local-file-system/nowhere'" in refused.stderr
     no_server = {k: v for k, v in pool.server.env().items() if k != "PREFECT_API_URL"}
     refused = hypervisord("deploy", "--config", str(pool.deployer), env=no_server)
     assert refused.returncode == 1 and "PREFECT_API_URL is not set" in refused.stderr
@@ -60,6 +67,35 @@ def test_a_worker_started_without_a_config_fails_its_job_saying_so(pool: Pool) -
     assert info["status"] == "failed"
     assert "HYPERSDK_CONFIG is not set" in info["error"], info["error"]
     assert "hypervisord worker --config" in info["error"]
+
+
+def test_results_may_live_in_a_storage_block(pool: Pool, tmp_path: Path) -> None:
+    """pool.results as a block's slug: the runs write there, the API reads from there."""
+    folder = pool.shared / "block-results"
+    folder.mkdir()
+    made = subprocess.run(
+        [sys.executable, "-c", "from prefect.filesystems import LocalFileSystem; "
+         f"LocalFileSystem(basepath={str(folder)!r}).save('shared', overwrite=True)"],
+        env=pool.server.env(), capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    config = tmp_path / "config.yaml"
+    config.write_text(pool.deployer.read_text().replace(
+        f'results: "{pool.shared / "results"}"', 'results: "local-file-system/shared"'))
+    default_results = set((pool.shared / "results").iterdir())
+    vm = unique("in-block")
+    make_sample_ova(pool.inbox, vm, size_mib=8)
+    try:
+        deployed = hypervisord("deploy", "--config", str(config), env=pool.server.env())
+        assert deployed.returncode == 0, deployed.stderr
+        with pool.workers(pool.b):
+            info = wait_for_job(pool.api, pool.submit(vm), timeout=180)
+    finally:
+        assert hypervisord("deploy", "--config", str(pool.deployer),
+                           env=pool.server.env()).returncode == 0
+    assert info["status"] == "completed", info["error"]
+    assert info["result"]["domain_name"] == vm  # read back from the block's folder
+    assert any(folder.iterdir())
+    assert set((pool.shared / "results").iterdir()) == default_results
 
 
 def test_eight_jobs_spread_over_two_hosts_within_the_pools_limit(pool: Pool) -> None:
