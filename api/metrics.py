@@ -27,6 +27,7 @@ from tasks.progress import EXPORTING
 
 # seconds: a 10-second conversion to a 10-hour export of a large VM
 BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 36000)
+MAX_FOLLOWED = 20000  # jobs followed at once, as the event hub remembers them
 _EXCEPTION = re.compile(r"(?:^|exception: )([A-Z][A-Za-z]+):")
 
 
@@ -95,6 +96,9 @@ class Metrics(Collector):
             return
         provider = event.get("provider") or "unknown"
         job = self._jobs.get(job_id)
+        if job is None and len(self._jobs) >= MAX_FOLLOWED:
+            # runs deleted in Prefect never end: the oldest followed go first
+            del self._jobs[next(iter(self._jobs))]
         if name == "job.created":
             self._jobs.setdefault(job_id, _Job(provider=provider))
         elif name == "job.started":
