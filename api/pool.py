@@ -8,8 +8,8 @@ server, `prefect worker` processes on the conversion hosts run them, and hypervi
   sized by `export.concurrent_exports`; the storage block every host writes task and flow
   results to (`pool.results`); the three deployments (module-path entrypoints: the
   installed package is the code, so no pull step and no folder to point at; no
-  HYPERSDK_CONFIG either: each host's worker passes its own); and an automation that marks
-  Crashed a run whose host stopped sending heartbeats.
+  HYPERSDK_CONFIG either: each host's worker passes its own); and automations that mark
+  Crashed a run whose host stopped sending heartbeats, Cancelled one asked to cancel there.
 * `ready_worker` and `exec_worker` (hypervisord worker): the pool is deployed, what runs
   that died on this host left half-written is removed, then `prefect worker start` with
   this host's config.
@@ -44,6 +44,7 @@ RESULTS_ENV = "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 TAG = "hypersdk"
 CRASH_AUTOMATION = "hypersdk: crash runs whose host stopped"
+CANCEL_AUTOMATION = "hypersdk: cancel runs whose host stopped"
 
 
 def _api_url() -> str:
@@ -108,41 +109,59 @@ def job_variables(settings: Config, results: str) -> dict[str, Any]:
     }}
 
 
-async def _crash_automation(settings: Config) -> None:
-    """Prefect's recipe for zombie runs, limited to hypersdk's: a run that sent a heartbeat
-    and then nothing (no heartbeat, no final state) for two heartbeat periods is Crashed."""
+async def _automations(settings: Config) -> None:
+    """Prefect's recipe for zombie runs, limited to hypersdk's, and its counterpart for a
+    cancel that reaches a dead host.
+
+    * A run that sent a heartbeat and then nothing (no heartbeat, no state) for two
+      heartbeat periods is Crashed.
+    * A run asked to cancel whose host does not confirm within two periods is Cancelled:
+      its Cancelling event answers the first trigger, and no heartbeat follows to arm it
+      again, so without this it would stay Cancelling for good."""
     from prefect.automations import Automation
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
     silence = timedelta(seconds=2 * settings.pool.heartbeat)
-    automation = Automation(
-        name=CRASH_AUTOMATION,
-        description="Marks Crashed a hypersdk run whose host stopped sending heartbeats "
-                    "(made by hypervisord deploy)",
-        trigger=EventTrigger(
-            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
-            match_related=ResourceSpecification({"prefect.resource.id": f"prefect.tag.{TAG}"}),
-            after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.*"},
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=silence,
-        ),
-        actions=[ChangeFlowRunState(
-            name="Crashed", state=StateType.CRASHED, force=True,
-            message=f"the host running this job sent no heartbeat for "
-                    f"{int(silence.total_seconds())} s: it stopped or lost the server")],
-    )
-    try:
-        existing = await Automation.aread(name=CRASH_AUTOMATION)
-    except ValueError:
-        await automation.acreate()
-        return
-    automation.id = existing.id
-    await automation.aupdate()
+    ours: dict[str, Any] = {
+        "match": ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+        "match_related": ResourceSpecification({"prefect.resource.id": f"prefect.tag.{TAG}"}),
+        "for_each": {"prefect.resource.id"}, "posture": Posture.Proactive,
+        "threshold": 1, "within": silence}
+    seconds = int(silence.total_seconds())
+    made = [
+        Automation(
+            name=CRASH_AUTOMATION,
+            description="Marks Crashed a hypersdk run whose host stopped sending heartbeats "
+                        "(made by hypervisord deploy)",
+            trigger=EventTrigger(after={"prefect.flow-run.heartbeat"},
+                                 expect={"prefect.flow-run.*"}, **ours),
+            actions=[ChangeFlowRunState(
+                name="Crashed", state=StateType.CRASHED, force=True,
+                message=f"the host running this job sent no heartbeat for {seconds} s: it "
+                        "stopped or lost the server")]),
+        Automation(
+            name=CANCEL_AUTOMATION,
+            description="Marks Cancelled a hypersdk run asked to cancel whose host never "
+                        "confirmed (made by hypervisord deploy)",
+            trigger=EventTrigger(after={"prefect.flow-run.Cancelling"},
+                                 expect={f"prefect.flow-run.{state}" for state in (
+                                     "Cancelled", "Completed", "Failed", "Crashed")}, **ours),
+            actions=[ChangeFlowRunState(
+                name="Cancelled", state=StateType.CANCELLED, force=True,
+                message=f"cancelled; the host running this job did not confirm within "
+                        f"{seconds} s (it stopped; its worker removes the partial files "
+                        "when it starts again)")]),
+    ]
+    for automation in made:
+        try:
+            existing = await Automation.aread(name=automation.name)
+        except ValueError:
+            await automation.acreate()
+            continue
+        automation.id = existing.id
+        await automation.aupdate()
 
 
 async def deploy(settings: Config) -> list[str]:
@@ -177,7 +196,7 @@ async def deploy(settings: Config) -> list[str]:
             deployment.__pydantic_fields_set__.discard("schedules")
             await deployment.apply(work_pool_name=settings.pool.name)  # type: ignore[misc]
             deployed.append(f"{served.name}/{DEPLOYMENT}")
-    await _crash_automation(settings)
+    await _automations(settings)
     return deployed
 
 

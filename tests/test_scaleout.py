@@ -138,32 +138,49 @@ def _task_states(pool: Pool, job_id: str, name: str) -> list[str]:
 
 
 def test_a_dead_host_is_crashed_and_its_job_finishes_on_another(pool: Pool) -> None:
-    vm = unique("dies")
-    # incompressible data, compressed by host a: its conversion takes seconds
-    make_sample_ova(pool.inbox, vm, size_mib=448, random_mib=384)
+    """Host a dies while converting two VMs: one job is left alone (Crashed, then retried on
+    host b), the other is cancelled while no process can hear it (Cancelled)."""
+    dies, cancelled = unique("dies"), unique("dies-cancel")
+    for vm in (dies, cancelled):
+        # incompressible data, compressed by host a: its conversions take a while
+        make_sample_ova(pool.inbox, vm, size_mib=320, random_mib=256)
     with pool.workers(pool.a):
-        job = pool.submit(vm)
-        wait_until(lambda: any(pool.a.images.glob(f"{vm}/.*.partial")), timeout=180,
-                   interval=0.1, what="host a converting")
+        job, other = pool.submit(dies), pool.submit(cancelled)
+        wait_until(lambda: all(any(pool.a.images.glob(f"{vm}/.*.partial"))
+                               for vm in (dies, cancelled)), timeout=180, interval=0.1,
+                   what="host a converting both")
         kill_host(pool.a)
-    left = sorted(p.name for p in (pool.a.images / vm).glob(".*.partial"))
-    assert left, "the kill came after the conversion"
-    # no process of host a is left to say so: Prefect's heartbeat automation does
+    left = {vm: sorted(p.name for p in (pool.a.images / vm).glob(".*.partial"))
+            for vm in (dies, cancelled)}
+    assert all(left.values()), f"the kill came after a conversion: {left}"
+    answer = pool.api.post("/jobs/cancel", json={"job_id": other}).json()
+    assert answer["status"] == "cancelling", answer
+    # no process of host a is left to say so: Prefect's automations do
     info = wait_for_job(pool.api, job, timeout=2 * 30 + 90,
                         statuses=("failed", "completed", "cancelled"))
     assert info["status"] == "failed" and "heartbeat" in info["error"], info
+
+    def state(job_id: str) -> str:
+        return str(pool.rest("GET", f"/flow_runs/{job_id}").json()["state"]["type"])
+
+    wait_until(lambda: state(other) == "CANCELLED", timeout=2 * 30 + 60, interval=1,
+               what="the cancel finished by the server")
+    assert "did not confirm" in pool.api.get("/jobs/query", params={"job_id": other}).json()[
+        "error"]
     with pool.workers(pool.b):
         assert pool.api.post("/jobs/retry", json={"job_id": job}).status_code == 200
         info = wait_for_job(pool.api, job, timeout=300)
     assert info["status"] == "completed", info["error"]
-    assert pool.b.disks(vm) == [f"{vm}-disk1.qcow2"] and domain_defined(vm)
-    assert info["result"]["disks"][0]["path"] == str(pool.b.images / vm / f"{vm}-disk1.qcow2")
+    assert pool.b.disks(dies) == [f"{dies}-disk1.qcow2"] and domain_defined(dies)
+    assert info["result"]["disks"][0]["path"] == str(
+        pool.b.images / dies / f"{dies}-disk1.qcow2")
     # the export (shared folder, shared results) was not redone on host b
     assert "Cached" in _task_states(pool, job, "export"), _task_states(pool, job, "export")
-    # host a's half-written disk is removed when its worker comes back; nothing finished there
-    assert [p.name for p in (pool.a.images / vm).glob(".*.partial")] == left
+    # host a's half-written disks are removed when its worker comes back; nothing finished
+    assert {vm: sorted(p.name for p in (pool.a.images / vm).glob(".*.partial"))
+            for vm in (dies, cancelled)} == left
     with pool.workers(pool.a):
-        assert pool.a.disks(vm) == []
+        assert pool.a.disks(dies) == [] and pool.a.disks(cancelled) == []
 
 
 def test_a_serving_daemon_leaves_the_pools_deployments_alone(pool: Pool) -> None:
