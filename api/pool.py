@@ -18,6 +18,7 @@ server, `prefect worker` processes on the conversion hosts run them, and hypervi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -45,14 +46,6 @@ HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 TAG = "hypersdk"
 CRASH_AUTOMATION = "hypersdk: crash runs whose host stopped"
 CANCEL_AUTOMATION = "hypersdk: cancel runs whose host stopped"
-
-
-def _api_url() -> str:
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        raise ConfigError("PREFECT_API_URL is not set: name the Prefect server (on PostgreSQL) "
-                          "the workers poll")
-    return url
 
 
 async def _results_block(settings: Config) -> str:
@@ -172,15 +165,14 @@ async def deploy(settings: Config) -> list[str]:
     from flows.backup_policy import backup_policy
     from flows.convert_vm import convert_vm
     from flows.migrate_vm import migrate_vm
-    from tasks.export import EXPORT_LIMIT
+    from tasks.export import ensure_export_limit
 
-    _api_url()
     results = await _results_block(settings)
+    await asyncio.to_thread(ensure_export_limit, settings.export.concurrent_exports,
+                            update=True)
     deployed = []
     async with get_client() as client:
         await _work_pool(client, settings)
-        await client.upsert_global_concurrency_limit_by_name(
-            EXPORT_LIMIT, settings.export.concurrent_exports)
         for served in (migrate_vm, convert_vm, backup_policy):
             # daemon.workers runs of a job flow at once across the pool, enforced by the
             # server as a run is about to start: a worker never starts one beyond it (the
@@ -230,16 +222,15 @@ async def _active_vms(client: PrefectClient) -> set[str]:
     from api.recovery import INTERRUPTED, _runs
     from tasks.progress import LABEL
 
-    runs = await _runs(client, [*INTERRUPTED, StateType.RUNNING])
+    runs = await _runs(client, INTERRUPTED)  # running, pending or cancelling
     return {safe_name(str(run.labels[f"{LABEL}vm"])) for run in runs
             if (run.labels or {}).get(f"{LABEL}vm")}
 
 
-async def sweep_leftovers(settings: Config) -> list[Path]:
-    """Half-written files in this host's per-VM folders whose VM no run is working on:
-    what a run that died here (host crash, SIGKILL) left. Returns the folders swept."""
-    async with get_client() as client:
-        busy = await _active_vms(client)
+def sweep_leftovers(settings: Config, busy: set[str]) -> list[Path]:
+    """Half-written files in this host's per-VM folders whose VM is not in `busy` (no run
+    is working on it): what a run that died here (host crash, SIGKILL) left. Returns the
+    folders swept."""
     swept = []
     for root in (settings.export.base_path, settings.hyper2kvm.output_dir):
         if not root.is_dir():
@@ -254,7 +245,6 @@ async def sweep_leftovers(settings: Config) -> list[Path]:
 
 async def ready_worker(settings: Config) -> None:
     """The pool and its deployments are on the server; this host's leftovers are gone."""
-    _api_url()
     async with get_client() as client:
         try:
             await client.read_work_pool(settings.pool.name)
@@ -265,7 +255,8 @@ async def ready_worker(settings: Config) -> None:
         if not await pool_deployments(client):
             raise ConfigError(f"no hypersdk deployment on work pool {settings.pool.name!r}: "
                               "run `hypervisord deploy` first")
-    for folder in await sweep_leftovers(settings):
+        busy = await _active_vms(client)
+    for folder in sweep_leftovers(settings, busy):
         logger.warning("removed the partial files a dead run left in %s", folder)
 
 
