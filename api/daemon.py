@@ -277,7 +277,7 @@ def check_host(settings: Config) -> int:
     if guest.available():
         print(f"guest conversion: {guest.TOOL} (libguestfs with "
               f"{guest.accelerator(h2k.libvirt_uri)[0]})")
-    elif h2k.convert_guest:
+    elif h2k.convert_guest is True:
         print(f"hyper2kvm.convert_guest is on but {guest.TOOL} is not installed "
               "(Debian: apt install virt-v2v)")
         return 1

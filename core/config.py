@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from core.errors import ConfigError
+from core.models import GuestMode
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -271,8 +272,9 @@ class Hyper2kvmConfig(Section):
     network_map: dict[str, str] = Field(default_factory=dict)  # source network → libvirt
     storage_pools: bool = True  # each VM's output folder becomes pool hypersdk-<vm>
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
-    # guest conversion (virt-v2v-in-place) for jobs that do not say; None: where installed
-    convert_guest: bool | None = None
+    # guest conversion (virt-v2v-in-place) for jobs that do not say: "auto" converts where
+    # it is installed and finds an OS it can convert; true: always, or fail the job
+    convert_guest: GuestMode = "auto"
     guest_timeout: Duration = 3600.0
     virtio_win: Path | None = None  # a virtio-win ISO or folder: drivers for Windows guests
     verify_boot: Literal["off", "warn", "require"] = "warn"  # for jobs that do not say

@@ -13,6 +13,7 @@
     │   └── Unsupported        the platform or this driver cannot do that verb
     ├── VerificationError      a file's checksum or size is not what the manifest says
     ├── ConversionError        qemu-img refused or failed
+    │   └── GuestNotConvertible   guest conversion found no OS it can convert
     └── RegistrationError      libvirt refused the domain
         └── DomainExists       a domain of that name is already defined
 
@@ -72,6 +73,11 @@ class VerificationError(HypersdkError):
 
 class ConversionError(HypersdkError):
     """Disk conversion failed."""
+
+
+class GuestNotConvertible(ConversionError):
+    """Guest conversion found no operating system on the disks, or one it cannot convert:
+    a data-only VM, an appliance, a BSD, a bare boot sector."""
 
 
 class RegistrationError(HypersdkError):

@@ -113,6 +113,17 @@ class ExportResult(Strict):
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    def missing(self) -> str | None:
+        """What of the export is no longer there as it was written, or None."""
+        for file in self.files:
+            try:
+                size = file.path.stat().st_size
+            except OSError:
+                return f"{file.path} is gone"
+            if size != file.size:
+                return f"{file.path} is {size} bytes, not the {file.size} exported"
+        return None
+
 
 class ExportOptions(Strict):
     shutdown_vm: bool = False  # a running VM: guest shutdown, then power off at the timeout
@@ -136,12 +147,17 @@ class ExportOptions(Strict):
     keep_export: bool = False
 
 
+GuestMode = bool | Literal["auto"]
+
+
 class GuestOptions(Strict):
     """What makes a converted VM boot on KVM: guest conversion, the domain's buses, and
     the boot check. None: the config's hyper2kvm defaults."""
 
     compat_mode: bool | None = None  # SATA + e1000; None: as the guest's drivers allow
-    convert_guest: bool | None = None  # virt-v2v-in-place; None: hyper2kvm.convert_guest
+    # virt-v2v-in-place: true converts or fails the job; "auto" converts where it finds an
+    # OS it can convert and keeps the disks as copied where not; None: the config's
+    convert_guest: GuestMode | None = None
     verify_boot: Literal["off", "warn", "require"] | None = None
     boot_timeout: float | None = Field(default=None, gt=0, le=86400)
     boot_pattern: str | None = Field(
@@ -200,6 +216,28 @@ class JobStatus(StrEnum):
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+class FileState(Strict):
+    """A file as a step left it: enough to tell, before the step's result is reused, that
+    the file is still there and nothing wrote to it since."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileState:
+        stat = path.stat()
+        return cls(path=path, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+
+    def changed(self) -> str | None:
+        """How the file differs from this state now, or None."""
+        try:
+            now = FileState.of(self.path)
+        except OSError:
+            return f"{self.path} is gone"
+        return None if now == self else f"{self.path} was written to since"
+
+
 class ConvertedDisk(Strict):
     source: str
     path: Path
@@ -214,6 +252,8 @@ class ConvertedDisk(Strict):
 class GuestReport(Strict):
     """What guest conversion (virt-v2v-in-place) found in the guest and changed in it."""
 
+    # False: in "auto" mode it found no OS it can convert; the disks are as copied
+    converted: bool = True
     os_type: str | None = None  # linux, windows
     distribution: str | None = None  # debian, rhel, ...
     version: str | None = None
@@ -236,6 +276,7 @@ class BootCheck(Strict):
     mode: Literal["warn", "require"]
     seconds: float
     reason: str  # what showed it booted, or why it is thought not to
+    watched: bool = True  # False: not booted at all (no OS to wait for), `reason` says why
     console: list[str] = Field(default_factory=list)  # the console's last lines
 
 

@@ -1,5 +1,6 @@
 """The steps that make converted disks a VM that boots on KVM, shared by migrate-vm and
-convert-vm: guest conversion → register → boot check."""
+convert-vm: guest conversion → register → boot check. Each reuses its persisted result
+only while what it made still holds (tasks.reuse)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from typing import Any
 from core.config import Hyper2kvmConfig
 from core.models import ConvertedDisk, GuestOptions, VMInfo
 from flows.report import StepTimer
+from hyper2kvm import guest as guest_tool
+from hyper2kvm.registration import still_defined
 from tasks.boot import check_boot
-from tasks.guest import convert_guest_os, resolved
+from tasks.guest import GuestDone, convert_guest_os, resolved
 from tasks.register import register_domain
+from tasks.reuse import proven
 
 
 def make_bootable(vm: VMInfo, disks: list[ConvertedDisk], settings: Hyper2kvmConfig,
@@ -20,24 +24,36 @@ def make_bootable(vm: VMInfo, disks: list[ConvertedDisk], settings: Hyper2kvmCon
     they add to the MigrationResult."""
     options = resolved(options, settings)
     assert options.verify_boot is not None and options.boot_timeout is not None
-    guest = (timed("guest", lambda: convert_guest_os(vm, disks, settings))
-             if options.convert_guest else None)
-    warnings = [f"guest conversion: {warning}" for warning in (guest.warnings if guest else [])]
+    mode = options.convert_guest
+    warnings: list[str] = []
+    if mode == "auto" and not guest_tool.available():
+        warnings.append(f"guest conversion: skipped, {guest_tool.TOOL} is not installed on "
+                        "this host (Debian: apt install virt-v2v)")
+        mode = False
+    guest = None
+    if mode:
+        guest = timed("guest", lambda: proven(
+            GuestDone.changed, convert_guest_os, vm, disks, settings, mode=mode)).report
+        warnings += [f"guest conversion: {warning}" for warning in guest.warnings]
     fields: dict[str, Any] = {"guest": guest, "warnings": warnings}
     if not register:
         return fields
     compat = options.compat_mode
     if compat is None and guest is not None:
         compat = not guest.virtio  # virtio only where the guest has the drivers
-    registered = timed("register", lambda: register_domain(
-        vm, disks, settings, autostart=autostart, replace=replace, compat=compat))
+    registered = timed("register", lambda: proven(
+        still_defined, register_domain, vm, disks, settings, autostart=autostart,
+        replace=replace, compat=compat))
     fields.update(domain_name=registered.name, domain_uuid=registered.uuid,
                   storage_pool=registered.pool, libvirt_uri=registered.uri)
-    mode, timeout = options.verify_boot, options.boot_timeout
-    if mode != "off":
-        boot = timed("boot", lambda: check_boot(registered, mode=mode, timeout=timeout,
-                                                pattern=options.boot_pattern))
+    verify, timeout = options.verify_boot, options.boot_timeout
+    if verify != "off":
+        no_os = ("guest conversion found no operating system it can convert"
+                 if guest is not None and not guest.converted else None)
+        boot = timed("boot", lambda: check_boot(registered, mode=verify, timeout=timeout,
+                                                pattern=options.boot_pattern, no_os=no_os))
         if not boot.verified:
-            warnings.append(f"boot check: the VM did not boot: {boot.reason}")
+            warnings.append(f"boot check: {'the VM did not boot: ' if boot.watched else ''}"
+                            f"{boot.reason}")
         fields["boot"] = boot
     return fields

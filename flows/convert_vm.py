@@ -14,9 +14,11 @@ from core.paths import confine, confine_any, safe_name
 from core.process import exit_with_daemon
 from flows.bootable import make_bootable
 from flows.report import StepTimer, publish_report
-from hyper2kvm.staging import describe_source
+from hyper2kvm.convert import changed_outputs
+from hyper2kvm.staging import StagedVM, describe_source
 from tasks.convert import convert_disks
 from tasks.progress import JobProgress
+from tasks.reuse import proven
 from tasks.transfer import transfer_files
 from tasks.validate import check_this_host
 
@@ -57,9 +59,10 @@ def convert_confined(request: ConvertRequest, *, roots: list[Path],
     timed = StepTimer()
     export = describe_source(source)
     folder = output_folder(request, export.vm.name, output_root)
-    staged = timed("transfer", lambda: transfer_files(export, roots))
-    disks = timed("convert", lambda: convert_disks(
-        staged, folder, request.conversion_options.format or h2k.default_format,
+    staged = timed("transfer", lambda: proven(StagedVM.missing, transfer_files, export, roots))
+    disks = timed("convert", lambda: proven(
+        changed_outputs, convert_disks, staged, folder,
+        request.conversion_options.format or h2k.default_format,
         h2k.compression if request.conversion_options.compression is None
         else request.conversion_options.compression,
         request.conversion_options.preallocation, request.conversion_options.checksum))

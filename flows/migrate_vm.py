@@ -18,13 +18,16 @@ from core.process import exit_with_daemon
 from flows.bootable import make_bootable
 from flows.report import StepTimer, publish_report
 from hyper2kvm.boot import stop_boot_check
+from hyper2kvm.convert import changed_outputs
+from hyper2kvm.staging import StagedVM
 from providers import get_provider
 from providers.base import streams as provider_streams
 from tasks.convert import convert_disks
 from tasks.export import ensure_export_limit, export_vm, release_export_slot
 from tasks.handoff import await_daemon, write_watch_manifest
 from tasks.progress import LABEL, JobProgress
-from tasks.stream import stream_vm
+from tasks.reuse import proven
+from tasks.stream import stream_vm, streamed_disks_changed
 from tasks.transfer import transfer_files
 from tasks.validate import check_this_host, validate_job
 
@@ -109,9 +112,9 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
     handoff: Path | None = None
     streamed = None
     if streams_in_flow(job, settings):
-        streamed = timed("stream", lambda: stream_vm.with_options(
-            retries=settings.export.max_retries)(job, vm, h2k.output_dir / safe_name(vm.name),
-                                                 output_format))
+        streamed = timed("stream", lambda: proven(
+            streamed_disks_changed, stream_vm.with_options(retries=settings.export.max_retries),
+            job, vm, h2k.output_dir / safe_name(vm.name), output_format))
     if streamed is not None:
         export = ExportResult(vm=streamed.vm, directory=destination, files=[],
                               method="disks", streamed=True)
@@ -122,10 +125,9 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
             timed=timed))
     else:
         # an export to keep is packaged as export_method asks; else only what converts
-        export = timed("export", lambda: export_vm.with_options(
-            retries=settings.export.max_retries)(
-                job, destination, vm,
-                converts=converts_in_flow(job) and not job.options.keep_export))
+        export = timed("export", lambda: proven(
+            ExportResult.missing, export_vm.with_options(retries=settings.export.max_retries),
+            job, destination, vm, converts=converts_in_flow(job) and not job.options.keep_export))
         result = MigrationResult(vm=export.vm.name, export=export)
         if integration.enabled and integration.daemon_mode:
             job_id = str(current_run.id)
@@ -136,10 +138,11 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
                 "disks", "domain_name", "domain_uuid", "libvirt_uri", "storage_pool", "guest",
                 "boot", "warnings")})
         elif converts_in_flow(job):
-            staged = timed("transfer", lambda: transfer_files(export, settings.source_roots()))
-            disks = timed("convert", lambda: convert_disks(
-                staged, h2k.output_dir / safe_name(staged.vm.name), output_format,
-                h2k.compression))
+            staged = timed("transfer", lambda: proven(
+                StagedVM.missing, transfer_files, export, settings.source_roots()))
+            disks = timed("convert", lambda: proven(
+                changed_outputs, convert_disks, staged,
+                h2k.output_dir / safe_name(staged.vm.name), output_format, h2k.compression))
             result = result.model_copy(update={"disks": disks, **make_bootable(
                 staged.vm, disks, h2k, integration, register=True,
                 autostart=integration.autostart, replace=integration.replace_existing,

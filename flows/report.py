@@ -45,7 +45,10 @@ def report_markdown(result: MigrationResult, *, title: str, source: str,
                      f"`{result.libvirt_uri}`")
     if handoff:
         lines.append(f"* Handed to the hyper2kvm daemon: `{handoff}`")
-    if result.guest:
+    if result.guest and not result.guest.converted:
+        lines.append("* Guest: not converted (no operating system it can convert); disks as "
+                     "copied, compatible hardware")
+    elif result.guest:
         guest = result.guest
         lines.append(f"* Guest: {guest.distribution or guest.os_type or 'unknown OS'} "
                      f"{guest.version or ''} ({guest.arch or '?'}, {guest.firmware or '?'}), "

@@ -6,7 +6,14 @@ The registered domain is booted once as a transient copy of itself: the same har
 still run with the same MACs on a real network). Its serial console, and the guest
 agent where the guest has one, are watched until the guest shows it is up: a login
 prompt, or the job's own pattern. Known dead ends (no root file system, a kernel
-panic, emergency mode, no bootable disk) end the wait early.
+panic, emergency mode, no bootable disk, OVMF's UEFI shell) end the wait early.
+
+A getty's prompt is found even when other output follows it on the same line: a guest
+converted by virt-v2v runs its firstboot scripts (apt-get install qemu-guest-agent,
+printed on the console) while getty starts, and a prompt followed by "firstboot.sh[338]:
+Ign:1 http://deb.debian.org ..." was missed until the timeout (the demo's 600 s failure).
+A console that stays quiet is sent Enter now and then, so that a getty prints its prompt
+again; a console stream that ends while the guest runs is opened again.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from hyper2kvm import qemu_img
 from hyper2kvm.console import ConsoleWatch
 from hyper2kvm.registration import connect
 
-LOGIN_PROMPT = re.compile(r"(?m)^[^\n]*\blogin: ?$")
+# "<hostname> login: " at the start of a line, whatever follows it there
+LOGIN_PROMPT = re.compile(r"(?m)^(?!Last )\S+ login: ?")
 DEAD_ENDS = {
     "no root file system": re.compile(
         r"Gave up waiting for root|ALERT! .* does not exist|Unable to mount root fs|"
@@ -35,9 +43,15 @@ DEAD_ENDS = {
     "kernel panic": re.compile(r"Kernel panic - not syncing[^\n]*"),
     "emergency mode": re.compile(r"You are in emergency mode|Entering emergency mode"),
     "initramfs shell": re.compile(r"\(initramfs\) ?$", re.MULTILINE),
-    "no bootable disk": re.compile(r"No bootable device|not a bootable disk"),
+    "no bootable disk": re.compile(
+        r"No bootable device|not a bootable disk|No bootable option or device was found"),
+    # OVMF starts its shell once every boot option failed (and startup.nsh had its chance)
+    "UEFI shell": re.compile(r"(?m)^Shell> ?$"),
 }
+# what firmware prints as it hands over to the boot sector or loader (SeaBIOS, OVMF)
+_FIRMWARE_HANDOFF = re.compile(r"^Booting from |^BdsDxe: starting ")
 _AGENT_POLL_SECONDS = 3.0
+NUDGE_AFTER_SECONDS = 15.0  # of console silence: press Enter (a getty shows its prompt)
 
 
 @dataclass(frozen=True)
@@ -142,11 +156,15 @@ def _boot_and_watch(uri: str, xml: str, *, timeout: float, pattern: str | None,
             console = ConsoleWatch(uri, domain.name(), keep=keep)
             domain.resume()
             watched = {"up": up, **DEAD_ENDS}
+            nudged = time.monotonic()
             while True:
                 remaining = timeout - (time.monotonic() - started)
                 if remaining <= 0:
                     return BootOutcome(False, _silence(console, timeout, pattern),
                                        _since(started), console.last_lines())
+                if time.monotonic() - max(console.last_output, nudged) >= NUDGE_AFTER_SECONDS:
+                    console.send("\r")
+                    nudged = time.monotonic()
                 found = console.wait_for(watched, min(remaining, _AGENT_POLL_SECONDS))
                 if found == "up":
                     return BootOutcome(True, f"console showed {console.match(up)!r}",
@@ -180,11 +198,18 @@ def _agent_answers(domain: libvirt.virDomain) -> bool:
 
 
 def _silence(console: ConsoleWatch, timeout: float, pattern: str | None) -> str:
-    if not console.last_lines():
-        said = "nothing on its serial console (does the guest use one?)"
+    """Why the wait ran out, in words that tell "the guest hung at X" from "we saw
+    nothing"."""
+    lines = console.last_lines()
+    if not lines:
+        said = "the console showed nothing (does the guest use a serial console?)"
+    elif _FIRMWARE_HANDOFF.search(lines[-1]):
+        said = f"the console showed nothing after the firmware's {lines[-1]!r}"
     else:
-        said = f"no match for {pattern!r}" if pattern else "no login prompt"
-        said += " on its console, and no guest agent"
+        wanted = f"no match for {pattern!r}" if pattern else "no login prompt"
+        said = f"{wanted} and no guest agent; the console's last line: {lines[-1]!r}"
+    if console.reopened:
+        said += f" (its console stream was opened again {console.reopened} time(s))"
     return f"not up within {timeout:g} s: {said}"
 
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from core.errors import VerificationError
+from core.errors import ConversionError, VerificationError
 from core.files import partial_path
 from core.models import ConvertedDisk
 from core.paths import safe_name
@@ -52,6 +52,28 @@ class _Digest(threading.Thread):
             raise VerificationError(
                 f"{self.disk.disk.file or self.disk.path.name}: {self.disk.algorithm} "
                 f"{self.actual} does not match the manifest's {self.disk.digest}")
+
+
+def changed_outputs(disks: list[ConvertedDisk]) -> str | None:
+    """What no longer holds of converted disks (gone, another format or size, a backing
+    or data file, qcow2 corruption), or None. Guest conversion may have written to them
+    since; that step checks its own outputs."""
+    for disk in disks:
+        if not disk.path.is_file():
+            return f"{disk.path} is gone"
+        try:
+            facts = qemu_img.info(disk.path)
+            if disk.format == "qcow2":
+                qemu_img.check(disk.path)
+        except ConversionError as exc:
+            return f"{disk.path.name}: {exc}"
+        if facts.get("format") != disk.format or facts.get("virtual-size") != disk.virtual_size:
+            return (f"{disk.path.name} is {facts.get('format')} of {facts.get('virtual-size')} "
+                    f"bytes, not the {disk.format} of {disk.virtual_size} converted")
+        if "backing-filename" in facts or facts.get("format-specific", {}).get(
+                "data", {}).get("data-file"):
+            return f"{disk.path.name} has a backing or data file now"
+    return None
 
 
 def output_paths(vm_name: str, count: int, folder: Path, fmt: str) -> list[Path]:

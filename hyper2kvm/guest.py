@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from core.errors import ConversionError
+from core.errors import ConversionError, GuestNotConvertible
 from core.models import ConvertedDisk, GuestReport, VMInfo
 from core.process import die_with_parent
 from hyper2kvm.cpu import CpuChoice, choose_cpu, usable_domain_type
@@ -45,6 +45,12 @@ _STAGES = (
     ("Finishing off", 0.98),
 )
 _PROGRESS_LINE = re.compile(r"^\[\s*\d+\.\d\]\s+(?P<text>.+)$")
+# virt-v2v's reasons for a guest it cannot convert (no OS, or one it does not know): the
+# disks are untouched, unlike a failure while converting
+_NOT_CONVERTIBLE = re.compile(
+    r"inspection could not detect the source guest|no root device found|"
+    r"multi-boot operating systems are not supported|unable to convert this guest type|"
+    r"virt-v2v is unable to convert|not a supported guest|libguestfs thinks this is not a guest")
 
 
 def available() -> bool:
@@ -140,7 +146,10 @@ def convert_guest(
         lines, returncode = _run(command, env=env, log_file=log_file, timeout=timeout,
                                  on_line=on_line, on_stage=on_stage)
     if returncode != 0:
-        raise ConversionError(failure(lines, returncode, timeout))
+        reason = failure(lines, returncode, timeout)
+        if returncode is not None and _NOT_CONVERTIBLE.search(reason):
+            raise GuestNotConvertible(reason)
+        raise ConversionError(reason)
     report = parse_report(log_file.read_text(errors="replace"), lines)
     return report.model_copy(update={"accelerator": mode,
                                      "seconds": round(time.monotonic() - started, 1)})

@@ -64,6 +64,19 @@ def domain_exists(uri: str, name: str) -> bool:
         return True
 
 
+def still_defined(registered: Registered) -> str | None:
+    """How the domain differs from the one `registered` names now (gone, or another
+    domain of that name), or None."""
+    with connect(registered.uri) as conn:
+        try:
+            uuid = conn.lookupByName(registered.name).UUIDString()
+        except libvirt.libvirtError:
+            return f"domain {registered.name!r} is no longer defined on {registered.uri}"
+    if uuid != registered.uuid:
+        return f"domain {registered.name!r} is another domain now ({uuid})"
+    return None
+
+
 def define_domain(uri: str, xml: str, *, name: str, autostart: bool, replace: bool) -> Registered:
     """Define (persistently) the domain; refuse to overwrite one of the same name unless
     `replace`, or a domain whose disks qemu could not reach (hyper2kvm.access)."""

@@ -49,6 +49,17 @@ class StagedVM(BaseModel):
     disks: list[StagedDisk]
     verified: dict[str, str]  # file name → digest checked here
 
+    def missing(self) -> str | None:
+        """A staged disk whose file is gone or too short now, or None."""
+        for disk in self.disks:
+            try:
+                size = disk.path.stat().st_size
+            except OSError:
+                return f"{disk.path} is gone"
+            if size < disk.offset + disk.size:
+                return f"{disk.path} is {size} bytes, shorter than the disk staged in it"
+        return None
+
 
 def _check(name: str, actual: str, expected: tuple[str, str]) -> None:
     if actual != expected[1]:

@@ -88,6 +88,20 @@ def follow(client: httpx.Client, job_id: str) -> dict:
     return client.get("/jobs/query", params={"job_id": job_id}).json()
 
 
+def explain_failure(info: dict, images: Path, job_id: str) -> None:
+    """The job's error on one line, the guest's console as the boot check last saw it,
+    and what to do."""
+    first, _, rest = (info.get("error") or "no error recorded").partition("\n")
+    console.print(f"[red]job {info['status']}: {first}")
+    for line in rest.splitlines():
+        console.print(f"  {line}", markup=False, highlight=False)
+    if "boot check failed" in first:
+        console.print(f"what to do: the console's last lines above show where the guest "
+                      f"stopped; its disks are kept in {images}; the job's whole log: "
+                      f"hyperctl jobs logs {job_id}; once fixed, hyperctl jobs retry "
+                      f"{job_id} (finished steps are not redone)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT / "var" / "demo")
@@ -142,7 +156,7 @@ def main() -> int:
                           f"http://127.0.0.1:{args.ui_port}/runs/flow-run/{job_id}")
             info = follow(client, job_id)
             if info["status"] != "completed":
-                console.print(f"[red]job {info['status']}: {info.get('error')}")
+                explain_failure(info, data / "images" / name, job_id)
                 return 1
             result = info["result"] or {}
             guest, boot = result.get("guest") or {}, result.get("boot") or {}

@@ -1,31 +1,32 @@
 """The guest step: virt-v2v-in-place on the converted disks, with the job's progress and
 logs. While it runs the disks carry their partial names, so that a cancelled, crashed or
-failed conversion leaves none of them where a finished one would be."""
+failed conversion leaves none of them where a finished one would be.
+
+`auto` (the default) converts where virt-v2v finds an operating system it can convert;
+where it finds none (a data-only VM, an appliance, a BSD, a boot sector) the disks stay as
+copied and the job goes on with compatible hardware. `true` converts or fails the job."""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from pydantic import BaseModel, ConfigDict
 
 from core.config import Hyper2kvmConfig
-from core.errors import InvalidRequest
+from core.errors import GuestNotConvertible, InvalidRequest
 from core.files import partial_path
-from core.models import ConvertedDisk, GuestOptions, GuestReport, VMInfo
+from core.models import ConvertedDisk, FileState, GuestMode, GuestOptions, GuestReport, VMInfo
 from hyper2kvm import guest
 from tasks.progress import JobProgress
 
 
-def converts_guest(options: GuestOptions, settings: Hyper2kvmConfig) -> bool:
-    """The job's choice, else the config's, else: wherever virt-v2v-in-place is installed.
-    Asking for it where it is missing is an error, not a silent skip."""
-    wanted = options.convert_guest
-    if wanted is None:
-        wanted = settings.convert_guest
-    if wanted is None:
-        return guest.available()
-    if wanted and not guest.available():
+def guest_mode(options: GuestOptions, settings: Hyper2kvmConfig) -> GuestMode:
+    """The job's choice, else the config's. Asking for it (true) where virt-v2v-in-place
+    is missing is an error, not a silent skip; `auto` there converts nothing."""
+    wanted = settings.convert_guest if options.convert_guest is None else options.convert_guest
+    if wanted is True and not guest.available():
         raise InvalidRequest(f"guest conversion needs {guest.TOOL}, which is not installed "
                              "on this host (Debian: apt install virt-v2v); or set "
-                             "hyper2kvm_integration.convert_guest to false")
+                             "hyper2kvm_integration.convert_guest to false or \"auto\"")
     return wanted
 
 
@@ -33,15 +34,29 @@ def resolved(options: GuestOptions, settings: Hyper2kvmConfig) -> GuestOptions:
     """`options` with the config's defaults filled in: what another process (the watch
     daemon, with its own config) must do for this job."""
     return options.model_copy(update={
-        "convert_guest": converts_guest(options, settings),
+        "convert_guest": guest_mode(options, settings),
         "verify_boot": options.verify_boot or settings.verify_boot,
         "boot_timeout": options.boot_timeout or settings.boot_timeout})
 
 
+class GuestDone(BaseModel):
+    """The step's persisted result: the report, and the disks as the step left them (a
+    retry reuses the step only while they are still so)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    report: GuestReport
+    disks: list[FileState]
+
+    def changed(self) -> str | None:
+        return next((problem for disk in self.disks if (problem := disk.changed())), None)
+
+
 @task(name="guest", persist_result=True)
-def convert_guest_os(vm: VMInfo, disks: list[ConvertedDisk],
-                     settings: Hyper2kvmConfig) -> GuestReport:
-    """Make the guest on `disks` boot on KVM; on failure the disks are removed."""
+def convert_guest_os(vm: VMInfo, disks: list[ConvertedDisk], settings: Hyper2kvmConfig, *,
+                     mode: GuestMode = True) -> GuestDone:
+    """Make the guest on `disks` boot on KVM; on failure the disks are removed. In `auto`
+    mode a guest virt-v2v cannot convert keeps its disks as they were."""
     progress = JobProgress.for_current_run(vm.name)
     progress.start("guest", 0)
     logger = get_run_logger()
@@ -55,6 +70,15 @@ def convert_guest_os(vm: VMInfo, disks: list[ConvertedDisk],
             timeout=settings.guest_timeout, virtio_win=settings.virtio_win,
             on_line=lambda line: logger.info("virt-v2v: %s", line),
             on_stage=progress.step)
+    except GuestNotConvertible as exc:
+        if mode != "auto":
+            for partial in working:
+                partial.path.unlink(missing_ok=True)
+            raise
+        # inspection found nothing to convert and wrote nothing: the disks are as copied
+        report = GuestReport(converted=False, warnings=[
+            f"no operating system it can convert ({exc}); the disks are as copied and the "
+            "domain gets SATA disks and an e1000 NIC, as the source had them"])
     except BaseException:
         for partial in working:
             partial.path.unlink(missing_ok=True)
@@ -62,14 +86,12 @@ def convert_guest_os(vm: VMInfo, disks: list[ConvertedDisk],
     for disk, partial in zip(disks, working, strict=True):
         partial.path.rename(disk.path)
     progress.finish()
-    logger.info("guest: %s %s (%s, %s), kernels %s; %s; virtio drivers: %s; %.0f s with %s",
-                report.distribution or report.os_type or "unknown OS", report.version or "",
-                report.arch or "?", report.firmware or "?", ", ".join(report.kernels) or "-",
-                "; ".join(report.changes) or "no changes", "yes" if report.virtio else "no",
-                report.seconds, report.accelerator)
+    if report.converted:
+        logger.info("guest: %s %s (%s, %s), kernels %s; %s; virtio drivers: %s; %.0f s with "
+                    "%s", report.distribution or report.os_type or "unknown OS",
+                    report.version or "", report.arch or "?", report.firmware or "?",
+                    ", ".join(report.kernels) or "-", "; ".join(report.changes) or "no changes",
+                    "yes" if report.virtio else "no", report.seconds, report.accelerator)
     for warning in report.warnings:
-        logger.warning("virt-v2v warning: %s", warning)
-    return report
-
-
-
+        logger.warning("guest conversion: %s", warning)
+    return GuestDone(report=report, disks=[FileState.of(disk.path) for disk in disks])

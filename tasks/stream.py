@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from core.config import config_from_env
 from core.errors import ProviderError
 from core.models import ConvertedDisk, JobDefinition, VMInfo
-from hyper2kvm.convert import output_paths
+from hyper2kvm.convert import changed_outputs, output_paths
 from hyper2kvm.output import OutputImage
 from providers import get_provider
 from tasks.export import export_slot, only_transient
@@ -25,6 +25,11 @@ class StreamedVM(BaseModel):
 
     vm: VMInfo
     disks: list[ConvertedDisk]
+
+
+def streamed_disks_changed(streamed: StreamedVM | None) -> str | None:
+    """What no longer holds of the streamed disks (None: nothing was streamed)."""
+    return None if streamed is None else changed_outputs(streamed.disks)
 
 
 @task(name="stream", persist_result=True, retry_condition_fn=only_transient,

@@ -23,7 +23,7 @@ from core.models import JobDefinition, VMInfo
 from core.paths import safe_name
 from hyper2kvm.registration import connect, domain_exists
 from providers import get_provider
-from tasks.guest import converts_guest
+from tasks.guest import guest_mode
 from tasks.progress import LABEL, JobProgress, current_flow_run_id
 
 ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
@@ -101,7 +101,7 @@ def validate_job(job: JobDefinition, output_dir: Path, *, converts: bool) -> VMI
     name = safe_name(vm.name)
     replace = job.hyper2kvm_integration.replace_existing
     if converts:
-        converts_guest(job.hyper2kvm_integration, settings.hyper2kvm)  # or say why not
+        guest_mode(job.hyper2kvm_integration, settings.hyper2kvm)  # or say why not
     if converts and not replace:
         uri = settings.hyper2kvm.libvirt_uri
         if domain_exists(uri, name):

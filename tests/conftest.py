@@ -8,7 +8,9 @@ from tests.hyperv_sim import hyperv  # noqa: F401,E402 - fixtures
 from tests.oci_sim import oci_peer  # noqa: F401,E402 - fixtures
 from tests.peers import (  # noqa: F401 - fixtures
     api,
+    converted_guest,
     daemon,
+    daemons,
     guest_disk,
     libvirt_uri,
     prefect_server,

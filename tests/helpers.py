@@ -118,3 +118,45 @@ def domain_defined(name: str) -> bool:
 def qemu_img_running_on(path: Path) -> bool:
     done = subprocess.run(["pgrep", "-af", "qemu-img"], capture_output=True, text=True)
     return any(str(path) in line for line in done.stdout.splitlines())
+
+
+def boot_sector_disk(path: Path, message: bytes, *, wait_for_key: bool = False,
+                     size_mib: int = 1) -> Path:
+    """A raw disk whose boot sector (x86 real mode, hand-assembled) writes `message` to the
+    first serial port, waiting for the UART to take each byte, then halts; with
+    `wait_for_key` it first waits for a byte typed on that port (a getty that shows its
+    prompt only after Enter). The smallest guest that boots to a "login prompt"."""
+    wait = (b"\xba\xfd\x03"      # mov dx, 0x3fd (line status)
+            b"\xec"              # rx: in al, dx
+            b"\xa8\x01"          # test al, 1 (data ready)
+            b"\x74\xfb"          # jz rx
+            b"\xba\xf8\x03"      # mov dx, 0x3f8
+            b"\xec") if wait_for_key else b""  # in al, dx (take the byte)
+    start = 7 + len(wait)  # where `next` lands: after the setup and the wait
+    code = (b"\x31\xc0"          # xor ax, ax
+            b"\x8e\xd8"          # mov ds, ax
+            + b"\xbe" + (0x7C00 + start + 26).to_bytes(2, "little")  # mov si, message
+            + wait +
+            b"\xac"              # next: lodsb
+            b"\x84\xc0"          # test al, al
+            b"\x74\x12"          # jz done
+            b"\x88\xc3"          # mov bl, al
+            b"\xba\xfd\x03"      # mov dx, 0x3fd
+            b"\xec"              # tx: in al, dx
+            b"\xa8\x20"          # test al, 0x20 (transmitter empty)
+            b"\x74\xfb"          # jz tx
+            b"\x88\xd8"          # mov al, bl
+            b"\xba\xf8\x03"      # mov dx, 0x3f8
+            b"\xee"              # out dx, al
+            b"\xeb\xe9"          # jmp next
+            b"\xf4"              # done: hlt
+            b"\xeb\xfd")         # jmp done
+    sector = code + message + b"\x00"
+    assert len(code) == start + 26
+    assert len(sector) <= 510, "message too long for one boot sector"
+    with path.open("wb") as stream:
+        stream.truncate(size_mib * MIB)
+        stream.write(sector)
+        stream.seek(510)
+        stream.write(b"\x55\xaa")
+    return path

@@ -247,11 +247,11 @@ def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
                  config_name: str = "config.yaml", host: str = "127.0.0.1",
                  vsphere: str | None = None, clouds: str = "", embedded: bool = False,
                  extra_daemon: str = "", config: Path | None = None,
-                 environ: dict[str, str] | None = None) -> Daemon:
+                 environ: dict[str, str] | None = None, workers: int = 4) -> Daemon:
     """Start hypervisord on a free port with a config over the directories under `root`
     (or with an existing `config`, as a restart does); `embedded`: with its own Prefect
     server (none of the session's PREFECT_ settings); `extra_daemon`: more daemon: keys;
-    `environ`: its whole environment instead of this process's."""
+    `environ`: its whole environment instead of this process's; `workers`: jobs at once."""
     root.mkdir(parents=True, exist_ok=True)
     if config is None:
         port = free_port()
@@ -261,7 +261,7 @@ def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
         if embedded:
             daemon_keys += f"  prefect_ui_port: {free_port()}\n"
         config.write_text(config.read_text().replace("  workers: 4\n",
-                                                     f"  workers: 4\n{daemon_keys}"))
+                                                     f"  workers: {workers}\n{daemon_keys}"))
     else:
         port = int(config.read_text().split('address: "')[1].split('"')[0].rpartition(":")[2])
     env = dict(os.environ if environ is None else environ)
@@ -382,6 +382,33 @@ def guest_disk() -> Path:
     return build_guest_disk(timeout=1800)
 
 
+@pytest.fixture(scope="session")
+def converted_guest(guest_disk: Path, libvirt_uri: str) -> Path:
+    """`guest_disk` after guest conversion (virt-v2v-in-place), as qcow2: made once per
+    machine and virt-v2v version (~2 min under TCG), cached beside the guest. Tests only
+    read it (through overlays)."""
+    from core.models import ConvertedDisk, VMInfo
+    from hyper2kvm import qemu_img
+    from hyper2kvm.guest import TOOL, convert_guest
+
+    said = subprocess.run([TOOL, "--version"], capture_output=True, text=True, check=True)
+    version = said.stdout.split()[-1]
+    cached = guest_disk.parent / f"converted-{version}.qcow2"
+    if cached.is_file():
+        return cached
+    with tempfile.TemporaryDirectory(dir=guest_disk.parent) as work:
+        disk = Path(work) / "guest.qcow2"
+        qemu_img.convert(qemu_img.DiskSource(guest_disk, "raw"), disk, output_format="qcow2")
+        vm = VMInfo(identifier="guest", name="guest", provider="local", memory_mb=1024)
+        convert_guest(vm, [ConvertedDisk(source="guest", path=disk, format="qcow2",
+                                         virtual_size=guest_disk.stat().st_size,
+                                         actual_size=0, seconds=0)],
+                      uri=libvirt_uri, log_file=Path(work) / "v2v.log", timeout=1800)
+        disk.chmod(0o644)
+        disk.rename(cached)
+    return cached
+
+
 def wait_for_job(client: httpx.Client, job_id: str, *, timeout: float = 120,
                  statuses: tuple[str, ...] = ("completed", "failed", "cancelled")) -> dict:
     def finished() -> dict | None:
@@ -389,3 +416,41 @@ def wait_for_job(client: httpx.Client, job_id: str, *, timeout: float = 120,
         return info if info["status"] in statuses else None
 
     return wait_until(finished, timeout=timeout, interval=0.5, what=f"job {job_id}")
+
+
+def job_logs(client: httpx.Client, job_id: str) -> list[str]:
+    return [line["message"] for line in client.get(f"/jobs/logs/{job_id}").json()["logs"]]
+
+
+class Daemons:
+    """The daemons a test starts, over one set of directories; all stopped at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[Daemon] = []
+
+    def start(self, *, extra_daemon: str = "", workers: int = 4) -> Daemon:
+        daemon = start_daemon(self.root, api_key="crash-key", embedded=True,
+                              extra_daemon=extra_daemon, workers=workers)
+        self.started.append(daemon)
+        return daemon
+
+    def restart(self, daemon: Daemon) -> Daemon:
+        """hypervisord started again over the same directories and config."""
+        again = start_daemon(self.root, api_key=daemon.api_key, embedded=True,
+                             config=daemon.config)
+        self.started.append(again)
+        return again
+
+    def stop_all(self) -> None:
+        for daemon in self.started:
+            if daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGTERM)
+                daemon.process.wait(timeout=120)
+
+
+@pytest.fixture
+def daemons(libvirt_uri: str, tmp_path: Path) -> Iterator[Daemons]:
+    started = Daemons(tmp_path / "daemon")
+    yield started
+    started.stop_all()

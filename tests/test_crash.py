@@ -8,16 +8,16 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from api.recovery import flow_processes
 from core.process import alive
+from hyper2kvm import qemu_img
 from tests.helpers import make_random_raw, qemu_img_running_on
-from tests.peers import Daemon, start_daemon, unique, wait_for_job, wait_until
+from tests.peers import Daemon, Daemons, job_logs, unique, wait_for_job, wait_until
 
 MIB = 2**20
 
@@ -69,50 +69,24 @@ def server_answers(port: int) -> bool:
 
 def export_slots(daemon: Daemon) -> int:
     """The export limit's taken slots, from the daemon's own Prefect server."""
+    return int(prefect_api(daemon, "v2/concurrency_limits/hypersdk-exports")["active_slots"])
+
+
+def prefect_api(daemon: Daemon, path: str) -> Any:
+    """GET from the daemon's own Prefect server, with its credential."""
     credential = (daemon.root / "db" / "prefect" / "auth_string").read_text().strip()
     user, _, password = credential.partition(":")
-    answer = httpx.get(f"http://127.0.0.1:{prefect_port(daemon)}/api/v2/concurrency_limits/"
-                       "hypersdk-exports", auth=(user, password), timeout=10)
+    answer = httpx.get(f"http://127.0.0.1:{prefect_port(daemon)}/api/{path}",
+                       auth=(user, password), timeout=10)
     answer.raise_for_status()
-    return int(answer.json()["active_slots"])
+    return answer.json()
 
 
-def job_logs(client: httpx.Client, job_id: str) -> list[str]:
-    return [line["message"] for line in client.get(f"/jobs/logs/{job_id}").json()["logs"]]
-
-
-class Daemons:
-    """The daemons a test starts, over one set of directories; all stopped at the end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.started: list[Daemon] = []
-
-    def start(self, *, extra_daemon: str = "") -> Daemon:
-        daemon = start_daemon(self.root, api_key="crash-key", embedded=True,
-                              extra_daemon=extra_daemon)
-        self.started.append(daemon)
-        return daemon
-
-    def restart(self, daemon: Daemon) -> Daemon:
-        """hypervisord started again over the same directories and config."""
-        again = start_daemon(self.root, api_key=daemon.api_key, embedded=True,
-                             config=daemon.config)
-        self.started.append(again)
-        return again
-
-    def stop_all(self) -> None:
-        for daemon in self.started:
-            if daemon.process.poll() is None:
-                daemon.process.send_signal(signal.SIGTERM)
-                daemon.process.wait(timeout=120)
-
-
-@pytest.fixture
-def daemons(libvirt_uri: str, tmp_path: Path) -> Iterator[Daemons]:
-    started = Daemons(tmp_path / "daemon")
-    yield started
-    started.stop_all()
+def state_history(daemon: Daemon, job_id: str) -> list[tuple[str, str]]:
+    """The job's flow-run states in order: (type, message)."""
+    states = prefect_api(daemon, f"flow_run_states/?flow_run_id={job_id}")
+    return [(state["type"], state["message"] or "")
+            for state in sorted(states, key=lambda state: state["timestamp"])]
 
 
 @pytest.fixture
@@ -130,6 +104,9 @@ def test_a_daemon_killed_with_sigkill_starts_again_and_its_job_resumes_without_r
     port = prefect_port(own_daemon)
     flow_pids = flow_processes(own_daemon.process.pid)
     assert flow_pids, "the job's flow-run process is the daemon's child"
+    # the kill lands while converting: qemu-img is writing the partial output
+    assert qemu_img_running_on(own_daemon.images)
+    assert list((own_daemon.images / name).glob(".*.partial")), "no partial output at the kill"
     own_daemon.process.kill()  # SIGKILL: no clean-up of its own
     own_daemon.process.wait()
     # nothing it started outlives it: the Prefect server, the flow run, its qemu-img
@@ -149,6 +126,8 @@ def test_a_daemon_killed_with_sigkill_starts_again_and_its_job_resumes_without_r
     folder = again.images / name
     assert not list(folder.glob(".*.partial"))
     assert [p.name for p in folder.iterdir()] == [f"{name}-disk1.qcow2"]
+    # the resumed conversion made the whole disk, not a copy of the half the kill left
+    assert qemu_img.compare(own_daemon.inbox / f"{name}.raw", folder / f"{name}-disk1.qcow2")
     assert export_slots(again) == 0
     stop(again)
 
@@ -189,6 +168,8 @@ def test_sigterm_lets_a_short_job_finish_and_stops_a_long_one_to_resume_later(
         daemons: Daemons) -> None:
     daemon = daemons.start(extra_daemon="  shutdown_grace: 3s\n")
     _name, job_id = job_in_phase(daemon, "long", 768, "export")
+    with daemon.client() as client:
+        assert progress(client, job_id)["status"] == "running"  # at the signal
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(timeout=90) == 0  # the grace, then a clean exit
     daemon.config.write_text(daemon.config.read_text().replace(
@@ -197,6 +178,12 @@ def test_sigterm_lets_a_short_job_finish_and_stops_a_long_one_to_resume_later(
     with again.client() as client:
         info = wait_for_job(client, job_id, timeout=300)
         assert info["status"] == "completed", info["error"]  # not cancelled: resumed
+        # it was stopped by the drain and put back in line, then ran again to the end
+        history = state_history(again, job_id)
+        resumed = next(i for i, (_kind, message) in enumerate(history)
+                       if message.startswith("resumed: hypervisord stopped while it ran"))
+        kinds = [kind for kind, _message in history]
+        assert "RUNNING" in kinds[:resumed] and "RUNNING" in kinds[resumed:], history
         short = unique("short")
         make_random_raw(again.inbox, short, 8)
         short_job = client.post("/jobs/submit", json={"vm_identifier": short}).json()["job_id"]

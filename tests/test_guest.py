@@ -23,8 +23,8 @@ from hyper2kvm.cpu import domain_type_and_cpu
 from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml
 from hyper2kvm.registration import define_domain, undefine_domain
 from hyper2kvm.sample import make_sample_ova
-from tasks.guest import converts_guest
-from tests.helpers import domain_defined
+from tasks.guest import guest_mode
+from tests.helpers import boot_sector_disk, domain_defined
 from tests.peers import LIBVIRT_URI, Daemon, unique, wait_for_job, wait_until
 
 BOOT_TIMEOUT = 600  # seconds; a TCG boot of the guest takes ~40 s here
@@ -62,6 +62,7 @@ def _disk_buses(name: str) -> set[str]:
     return {target.get("bus", "") for target in xml.iterfind("devices/disk/target")}
 
 
+@pytest.mark.timeout(BOOT_TIMEOUT + 300 + 3600 + 120)
 def test_vmware_guest_boots_only_after_guest_conversion(
     api: httpx.Client, daemon: Daemon, guest_disk: Path
 ) -> None:
@@ -97,6 +98,7 @@ def test_vmware_guest_boots_only_after_guest_conversion(
         "virt-v2v: Converting", "boot check: ")), timeout=60, what="the steps' logs")
 
 
+@pytest.mark.timeout(1000)
 def test_failed_guest_conversion_fails_the_job_with_the_reason_and_no_domain(
     api: httpx.Client, daemon: Daemon, sample_vm: str
 ) -> None:
@@ -110,6 +112,7 @@ def test_failed_guest_conversion_fails_the_job_with_the_reason_and_no_domain(
     assert disks == [], disks
 
 
+@pytest.mark.timeout(900)
 def test_cancel_during_guest_conversion_kills_it_and_leaves_nothing(
     api: httpx.Client, daemon: Daemon, guest_disk: Path
 ) -> None:
@@ -136,11 +139,32 @@ def test_cancel_during_guest_conversion_kills_it_and_leaves_nothing(
     assert not domain_defined(name)
 
 
+@pytest.mark.timeout(900)
+def test_a_vm_with_no_os_it_knows_migrates_in_auto_mode_on_compatible_hardware(
+    api: httpx.Client, daemon: Daemon, tmp_path: Path
+) -> None:
+    name = unique("bootsector")  # boots, prints a prompt, and is no OS virt-v2v knows
+    raw = boot_sector_disk(tmp_path / "disk.raw", f"\r\n{name} login: ".encode(), size_mib=8)
+    make_sample_ova(daemon.inbox, name, guest_disk=raw)
+    job = wait_for_job(api, _submit(api, name, convert_guest="auto", verify_boot="require",
+                                    boot_pattern=r"\S+ login:"), timeout=600)
+    assert job["status"] == "completed", job["error"]
+    result = job["result"]
+    assert result["guest"]["converted"] is False, result["guest"]
+    assert any("no operating system it can convert" in warning
+               for warning in result["warnings"]), result["warnings"]
+    assert _disk_buses(name) == {"sata"}  # as the source had it: no virtio drivers needed
+    assert qemu_img.compare(raw, Path(result["disks"][0]["path"]))  # the bytes as copied
+    # its own pattern makes the boot check watch it, and it comes up
+    assert result["boot"]["verified"] is True and result["boot"]["watched"] is True
+
+
 def _v2v_running() -> bool:
     found = subprocess.run(["pgrep", "-f", "virt-v2v-in-place"], capture_output=True)
     return found.returncode == 0
 
 
+@pytest.mark.timeout(900)
 def test_require_fails_the_job_of_a_vm_that_does_not_boot(
     api: httpx.Client, daemon: Daemon, sample_vm: str
 ) -> None:
@@ -200,16 +224,17 @@ def test_guest_conversion_is_bounded_by_its_timeout(libvirt_uri: str, tmp_path: 
     assert "virt-v2v-in-place" in (tmp_path / "v2v.log").read_text()
 
 
-def test_asking_for_guest_conversion_without_the_tool_is_an_error(
+def test_guest_conversion_is_auto_by_default_and_true_needs_the_tool(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     settings = Hyper2kvmConfig()
-    assert converts_guest(Hyper2kvmIntegration(), settings) is False  # default: if installed
+    assert guest_mode(Hyper2kvmIntegration(), settings) == "auto"
+    assert guest_mode(Hyper2kvmIntegration(convert_guest=False), settings) is False
     with pytest.raises(InvalidRequest, match="virt-v2v-in-place, which is not installed"):
-        converts_guest(Hyper2kvmIntegration(convert_guest=True), settings)
+        guest_mode(Hyper2kvmIntegration(convert_guest=True), settings)
     monkeypatch.setenv("PATH", os.environ["PATH"] + ":/usr/bin")
-    assert converts_guest(Hyper2kvmIntegration(), settings) is True
+    assert guest_mode(Hyper2kvmIntegration(convert_guest=True), settings) is True
 
 
 def test_guest_report_reads_virt_v2v_facts_even_with_debug_lines_cut_into_them() -> None:

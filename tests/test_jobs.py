@@ -6,7 +6,6 @@ qemu:///embed driver cannot be shared with them)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ from hyper2kvm import ova, qemu_img
 from hyper2kvm.detect import detect_format
 from hyper2kvm.sample import make_disk
 from tests.helpers import (
+    boot_sector_disk,
     domain_defined,
     domain_facts,
     make_random_raw,
@@ -25,7 +25,7 @@ from tests.helpers import (
     source_disk_as_raw,
     start_and_stop,
 )
-from tests.peers import Daemon, unique, wait_for_job, wait_until
+from tests.peers import Daemon, Daemons, job_logs, unique, wait_for_job, wait_until
 
 
 def submit(api: httpx.Client, **job) -> str:
@@ -235,17 +235,30 @@ def test_cancel_kills_qemu_img_and_removes_partial_output(
     assert again.status_code == 409 and "already ended" in again.json()["message"]
 
 
-def test_cancel_before_start_never_runs(api: httpx.Client, daemon: Daemon,
-                                        sample_vm: str) -> None:
-    job_id = submit(api, vm_identifier=sample_vm)
-    answer = api.post("/jobs/cancel", json={"job_id": job_id}).json()
-    info = wait_for_job(api, job_id)
-    assert info["status"] == "cancelled"
-    if answer["status"] == "cancelled":  # caught before the runner took it
-        time.sleep(3)
-        logs = api.get(f"/jobs/logs/{job_id}").json()["logs"]
-        assert not any("exporting" in line["message"] for line in logs)
-        assert not (daemon.exports / sample_vm).exists()
+def test_cancel_before_start_never_runs(daemons: Daemons, tmp_path: Path) -> None:
+    daemon = daemons.start(workers=1)
+    busy = unique("busy")  # holds the one slot: its boot check waits ~15 s for a prompt
+    boot_sector_disk(daemon.inbox / f"{busy}.raw", b"\r\nbusy login: ", wait_for_key=True)
+    waiting = unique("waiting")
+    make_random_raw(daemon.inbox, waiting, 8)
+    with daemon.client() as client:
+        first = submit(client, vm_identifier=busy, hyper2kvm_integration={
+            "verify_boot": "warn", "boot_timeout": 120})
+        wait_until(lambda: client.get(f"/jobs/progress/{first}").json()["status"] == "running",
+                   timeout=60, interval=0.1, what="the first job to take the slot")
+        job_id = submit(client, vm_identifier=waiting)
+        answer = client.post("/jobs/cancel", json={"job_id": job_id}).json()
+        assert answer["status"] == "cancelled", answer  # it had not started: no slot free
+        assert wait_for_job(client, first, timeout=300)["status"] == "completed"
+        # a later job gets the slot (the runner takes the oldest due run first): the
+        # cancelled one, older, was passed over
+        later = unique("later")
+        make_random_raw(daemon.inbox, later, 8)
+        assert wait_for_job(client, submit(client, vm_identifier=later))["status"] == "completed"
+        info = client.get("/jobs/query", params={"job_id": job_id}).json()
+        assert (info["status"], info["state"]) == ("cancelled", "Cancelled"), info
+        assert job_logs(client, job_id) == []
+    assert not (daemon.exports / waiting).exists()
 
 
 def test_retry_of_a_failed_job_skips_finished_steps(api: httpx.Client, daemon: Daemon,
@@ -261,8 +274,10 @@ def test_retry_of_a_failed_job_skips_finished_steps(api: httpx.Client, daemon: D
     assert retried.status_code == 200, retried.text
     info = wait_for_job(api, job_id, statuses=("completed", "failed"))
     assert info["status"] == "completed", info["error"]
-    time.sleep(3)  # Prefect ships logs in batches
-    messages = [line["message"] for line in api.get(f"/jobs/logs/{job_id}").json()["logs"]]
+    # Prefect ships logs in batches: wait for the run's last line
+    messages = wait_until(lambda: (lines := job_logs(api, job_id)) and any(
+        line.startswith("migration of") for line in lines) and lines, timeout=60,
+        what="the run's last log line")
     assert sum("exporting" in m for m in messages) == 1, "export ran twice"
     assert sum("staged 1 disk" in m for m in messages) == 1, "transfer ran twice"
     assert sum(m.startswith("converted ") for m in messages) == 1

@@ -98,6 +98,7 @@ def test_results_may_live_in_a_storage_block(pool: Pool, tmp_path: Path) -> None
     assert set((pool.shared / "results").iterdir()) == default_results
 
 
+@pytest.mark.timeout(600 + 120)  # its eight jobs may take their 600 s
 def test_eight_jobs_spread_over_two_hosts_within_the_pools_limit(pool: Pool) -> None:
     vms = [unique("spread") for _ in range(8)]
     for vm in vms:

@@ -338,6 +338,7 @@ def test_every_operation_but_health_refuses_a_client_without_the_key(
             assert answer.status_code == expected, (method, path, answer.text)
 
 
+@pytest.mark.timeout(900 + 120)  # schemathesis alone may take its 900 s
 def test_a_fuzzer_on_the_openapi_spec_finds_no_error_and_no_lie(own_daemon: Daemon,
                                                                 tmp_path: Path) -> None:
     """schemathesis, every check (server errors, status codes, content types and bodies

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
-import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -279,6 +278,6 @@ def test_cancel_mid_stream_stops_it_and_leaves_nothing(
     finally:
         vcsim_proxy.throttle.rate = 0
     wait_until(lambda: not nbd_helpers(), timeout=30, what="the stream's processes to end")
-    time.sleep(1)
-    assert not [p for p in output.rglob("*") if p.is_file()]
+    wait_until(lambda: not [p for p in output.rglob("*") if p.is_file()], timeout=30,
+               what="the partial outputs to be removed")
     assert not [p for p in daemon.exports.rglob(f"*{name}*") if p.is_file()]
