@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -263,7 +264,7 @@ def start_daemon(root: Path, *, api_key: str | None, args: tuple[str, ...] = (),
         config.write_text(config.read_text().replace("  workers: 4\n",
                                                      f"  workers: {workers}\n{daemon_keys}"))
     else:
-        port = int(config.read_text().split('address: "')[1].split('"')[0].rpartition(":")[2])
+        port = int(yaml.safe_load(config.read_text())["daemon"]["address"].rpartition(":")[2])
     env = dict(os.environ if environ is None else environ)
     if embedded:
         env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}

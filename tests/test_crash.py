@@ -72,14 +72,24 @@ def export_slots(daemon: Daemon) -> int:
     return int(prefect_api(daemon, "v2/concurrency_limits/hypersdk-exports")["active_slots"])
 
 
-def prefect_api(daemon: Daemon, path: str) -> Any:
-    """GET from the daemon's own Prefect server, with its credential."""
+def prefect_api(daemon: Daemon, path: str, body: Any = None) -> Any:
+    """GET (or POST `body` to) the daemon's own Prefect server, with its credential."""
     credential = (daemon.root / "db" / "prefect" / "auth_string").read_text().strip()
     user, _, password = credential.partition(":")
-    answer = httpx.get(f"http://127.0.0.1:{prefect_port(daemon)}/api/{path}",
-                       auth=(user, password), timeout=10)
+    answer = httpx.request("GET" if body is None else "POST",
+                           f"http://127.0.0.1:{prefect_port(daemon)}/api/{path}", json=body,
+                           auth=(user, password), timeout=10)
     answer.raise_for_status()
     return answer.json()
+
+
+def step_states(daemon: Daemon, job_id: str, step: str) -> list[str]:
+    """The states of the job's runs of `step` (a task), oldest first: a step reused on a
+    retry or resume shows as Cached, one run again as Completed."""
+    runs = prefect_api(daemon, "task_runs/filter", {
+        "flow_runs": {"id": {"any_": [job_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+    return [run["state"]["name"] for run in runs if run["task_key"].startswith(f"{step}-")
+            or run["name"].startswith(f"{step}-")]
 
 
 def state_history(daemon: Daemon, job_id: str) -> list[tuple[str, str]]:
