@@ -33,6 +33,8 @@ class DiskInfo(Strict):
 
     name: str
     capacity_bytes: int = Field(ge=0)
+    # what a thin disk holds (OVF populatedSize, a local file's blocks); None: not known
+    allocated_bytes: int | None = Field(default=None, ge=0)
     format: str = "vmdk"
     controller: str = "scsi"
     unit: int | None = None  # position on its controller (OVF AddressOnParent)

@@ -104,9 +104,11 @@ def parse_ovf(text: str | bytes) -> OvfDescriptor:
         capacity *= allocation_units(_attr(disk, "capacityAllocationUnits"))
         file_ref = _attr(disk, "fileRef")
         fmt = _attr(disk, "format") or ""
+        populated = _attr(disk, "populatedSize")
         disks_by_id[disk_id] = DiskInfo(
             name=disk_id,
             capacity_bytes=capacity,
+            allocated_bytes=int(populated) if populated and populated.isdigit() else None,
             format="vmdk" if "vmdk" in fmt.lower() or not fmt else fmt.rsplit("/", 1)[-1],
             file=files[file_ref].href if file_ref in files else None,
         )

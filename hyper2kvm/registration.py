@@ -95,7 +95,9 @@ def define_domain(uri: str, xml: str, *, name: str, autostart: bool, replace: bo
                 raise RegistrationError(f"domain {name!r} is running; stop it before replacing")
             existing.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         try:
-            domain = conn.defineXML(xml)
+            # validated against libvirt's schema: a definition it would only refuse at
+            # start is refused now
+            domain = conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
             if autostart:
                 domain.setAutostart(1)
         except libvirt.libvirtError as exc:

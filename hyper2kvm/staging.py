@@ -164,7 +164,10 @@ def describe_disk(source: Path) -> DiskInfo:
         capacity = parse_vmdk(source).capacity_bytes
     else:
         capacity = qemu_img.info(DiskSource(source, fmt))["virtual-size"]
-    return DiskInfo(name="disk1", capacity_bytes=capacity, format=fmt, file=source.name)
+    # the blocks the file holds: a raw disk's data, a lower bound for a compressed one
+    allocated = min(capacity, source.stat().st_blocks * 512)
+    return DiskInfo(name="disk1", capacity_bytes=capacity, allocated_bytes=allocated,
+                    format=fmt, file=source.name)
 
 
 def describe_source(source: Path) -> ExportResult:

@@ -17,10 +17,18 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.context import get_run_context
 
-from core.config import CONFIG_ENV, Config, config_from_env
+from core.config import CONFIG_ENV, Config, Hyper2kvmConfig, config_from_env
 from core.errors import ConfigError, Conflict, InvalidRequest
 from core.models import JobDefinition, VMInfo
 from core.paths import safe_name
+from hyper2kvm.cpu import pick_domain_type
+from hyper2kvm.destination import (
+    firmware_problem,
+    network_problems,
+    size_warnings,
+    space_problem,
+)
+from hyper2kvm.domain import NetworkMap
 from hyper2kvm.registration import connect, domain_exists
 from providers import get_provider
 from tasks.guest import guest_mode
@@ -86,6 +94,25 @@ def check_this_host(settings: Config, *, provider: str, converts: bool) -> None:
             pass
 
 
+def check_destination(vm: VMInfo, output_format: str | None, h2k: Hyper2kvmConfig) -> None:
+    """The domain we will define can start here, and its disks fit (hyper2kvm.destination):
+    every problem at once, in one error; what is only a warning goes to the log."""
+    uri = h2k.libvirt_uri
+    problems = network_problems(uri, vm, NetworkMap(default=h2k.network,
+                                                    by_source=h2k.network_map))
+    needed = sum(disk.allocated_bytes or 0 for disk in vm.disks)
+    if (room := space_problem(h2k.output_dir / safe_name(vm.name), needed)) is not None:
+        problems.append(room)
+    domain_type = pick_domain_type(h2k.domain_type, uri)
+    if (firmware := firmware_problem(uri, vm, domain_type)) is not None:
+        problems.append(firmware)
+    if problems:
+        raise InvalidRequest(f"this host cannot run {vm.name} as it would be defined: "
+                             + "; ".join(problems))
+    for warning in size_warnings(uri, vm):
+        get_run_logger().warning("%s (the domain is defined as the source had it)", warning)
+
+
 @task(name="validate", persist_result=True)
 def validate_job(job: JobDefinition, output_dir: Path, *, converts: bool) -> VMInfo:
     """The VM exists and no other job is migrating it; when the job converts, neither
@@ -102,6 +129,7 @@ def validate_job(job: JobDefinition, output_dir: Path, *, converts: bool) -> VMI
     replace = job.hyper2kvm_integration.replace_existing
     if converts:
         guest_mode(job.hyper2kvm_integration, settings.hyper2kvm)  # or say why not
+        check_destination(vm, job.hyper2kvm_integration.format, settings.hyper2kvm)
     if converts and not replace:
         uri = settings.hyper2kvm.libvirt_uri
         if domain_exists(uri, name):

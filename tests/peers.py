@@ -455,3 +455,30 @@ def daemons(libvirt_uri: str, tmp_path: Path) -> Iterator[Daemons]:
     started = Daemons(tmp_path / "daemon")
     yield started
     started.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_daemon(libvirt_uri: str,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon with its own Prefect server for a module's tests (each start costs
+    ~15 s), SIGTERMed at the end."""
+    started = Daemons(tmp_path_factory.mktemp("module") / "daemon")
+    started.root.parent.chmod(0o711)  # qemu passes through to the images
+    yield started.start()
+    started.stop_all()
+
+
+@pytest.fixture
+def editable_daemon(module_daemon: Daemon) -> Iterator[Daemon]:
+    """The module's daemon, for a test that changes its config (`configure`): restored
+    after the test."""
+    config = module_daemon.config.read_text()
+    yield module_daemon
+    module_daemon.config.write_text(config)
+
+
+def configure(daemon: Daemon, **hyper2kvm: Any) -> None:
+    """Change the daemon's hyper2kvm settings; the next flow run reads them."""
+    config = yaml.safe_load(daemon.config.read_text())
+    config["hyper2kvm"].update(hyper2kvm)
+    daemon.config.write_text(yaml.safe_dump(config))

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import libvirt
 import pytest
-import yaml
 
 from api.recovery import flow_processes
 from core.process import alive
@@ -28,6 +26,7 @@ from tests.peers import (
     LIBVIRT_URI,
     Daemon,
     Daemons,
+    configure,
     job_logs,
     unique,
     wait_for_job,
@@ -36,30 +35,6 @@ from tests.peers import (
 from tests.test_crash import progress, step_states, stop
 
 pytestmark = pytest.mark.timeout(1200)  # a retry's 600 s after a first attempt's 300 s
-
-
-@pytest.fixture(scope="module")
-def shared(libvirt_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One daemon for the module's tests (each starts ~15 s), SIGTERMed at the end."""
-    started = Daemons(tmp_path_factory.mktemp("retry") / "daemon")
-    started.root.parent.chmod(0o711)  # qemu passes through to the images
-    yield started.start()
-    started.stop_all()
-
-
-@pytest.fixture
-def daemon(shared: Daemon) -> Iterator[Daemon]:
-    """The module's daemon, its config as a test found it restored after the test."""
-    config = shared.config.read_text()
-    yield shared
-    shared.config.write_text(config)
-
-
-def configure(daemon: Daemon, **hyper2kvm: Any) -> None:
-    """Change the daemon's hyper2kvm settings; the next flow run reads them."""
-    config = yaml.safe_load(daemon.config.read_text())
-    config["hyper2kvm"].update(hyper2kvm)
-    daemon.config.write_text(yaml.safe_dump(config))
 
 
 def submit(client: httpx.Client, name: str) -> str:
@@ -120,7 +95,8 @@ def prompt_vm(daemon: Daemon, *, after_enter: bool) -> tuple[str, Path]:
     return name, disk
 
 
-def test_retry_after_a_failed_guest_step_converts_the_disks_again(daemon: Daemon) -> None:
+def test_retry_after_a_failed_guest_step_converts_the_disks_again(editable_daemon: Daemon) -> None:
+    daemon = editable_daemon
     configure(daemon, convert_guest="auto", guest_timeout="1s")
     name = unique("guestfail")
     source = make_random_raw(daemon.inbox, name, 64)
@@ -141,7 +117,9 @@ def test_retry_after_a_failed_guest_step_converts_the_disks_again(daemon: Daemon
     same_disk(info, source)
 
 
-def test_retry_after_a_required_boot_check_failed_defines_the_domain_again(daemon: Daemon) -> None:
+def test_retry_after_a_required_boot_check_failed_defines_the_domain_again(
+        editable_daemon: Daemon) -> None:
+    daemon = editable_daemon
     # the prompt comes only after Enter, which the check types after 15 s of silence
     configure(daemon, verify_boot="require", boot_timeout="5s")
     name, source = prompt_vm(daemon, after_enter=True)
@@ -163,7 +141,8 @@ def test_retry_after_a_required_boot_check_failed_defines_the_domain_again(daemo
     same_disk(info, source)
 
 
-def test_retry_after_a_failed_register_completes(daemon: Daemon) -> None:
+def test_retry_after_a_failed_register_completes(editable_daemon: Daemon) -> None:
+    daemon = editable_daemon
     name = unique("regfail")
     source = make_random_raw(daemon.inbox, name, 768)
     conn = libvirt.open(LIBVIRT_URI)
@@ -188,7 +167,9 @@ def test_retry_after_a_failed_register_completes(daemon: Daemon) -> None:
 
 
 @pytest.mark.parametrize("step", ["convert", "guest", "boot"])
-def test_a_job_cancelled_in_any_step_completes_when_retried(daemon: Daemon, step: str) -> None:
+def test_a_job_cancelled_in_any_step_completes_when_retried(editable_daemon: Daemon,
+                                                            step: str) -> None:
+    daemon = editable_daemon
     configure(daemon, convert_guest="auto" if step == "guest" else False,
               verify_boot="warn" if step == "boot" else "off", boot_timeout="5m")
     if step == "boot":

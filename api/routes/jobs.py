@@ -23,9 +23,11 @@ from api.schemas import (
     JobSubmitted,
 )
 from core.config import Config
-from core.errors import Conflict
+from core.errors import Conflict, RegistrationError
 from core.models import JobDefinition, JobStatus
+from core.paths import safe_name
 from flows.migrate_vm import converts_in_flow, export_dir
+from hyper2kvm.registration import domain_exists
 from providers import get_provider
 from tasks.validate import vm_tag
 
@@ -40,7 +42,22 @@ def validate_job(job: JobDefinition, settings: Config) -> tuple[str, Path]:
     with get_provider(job.provider, settings) as provider:
         vm = provider.get_vm(job.vm_identifier)
         provider.check_export(vm, job.options, converts=converts_in_flow(job))
+    if converts_in_flow(job) and not job.hyper2kvm_integration.replace_existing:
+        refuse_existing_domain(vm.name, settings.hyper2kvm.libvirt_uri)
     return vm_tag(job.provider, vm.identifier), folder
+
+
+def refuse_existing_domain(vm_name: str, uri: str) -> None:
+    """A domain of the VM's name is defined already: 409 now, not after the copy. (Where
+    this host's libvirt does not answer, the conversion host's validate step checks.)"""
+    name = safe_name(vm_name)
+    try:
+        exists = domain_exists(uri, name)
+    except RegistrationError:
+        return
+    if exists:
+        raise Conflict(f"a libvirt domain named {name!r} already exists on {uri}; set "
+                       "hyper2kvm_integration.replace_existing to replace it")
 
 
 @router.post("/submit", response_model=JobSubmitted | JobsSubmitted)

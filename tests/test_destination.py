@@ -1,0 +1,123 @@
+"""The destination is checked before the copy (tasks.validate.check_destination,
+hyper2kvm.destination): a NIC on a network that cannot start, an output folder without
+room, a domain name already taken, each refused before any byte moves, with a message
+that names the thing and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import libvirt
+import pytest
+
+from core.models import NicInfo, VMInfo
+from hyper2kvm.destination import firmware_problem, size_warnings
+from hyper2kvm.sample import make_sample_ova
+from tests.helpers import domain_defined, make_random_raw, start_and_stop
+from tests.peers import LIBVIRT_URI, Daemon, configure, unique, wait_for_job
+
+
+@pytest.fixture
+def inactive_network(libvirt_uri: str) -> Iterator[str]:
+    """A libvirt network that is defined but neither active nor set to autostart (as
+    libvirt's `default` is on these machines)."""
+    name = unique("net")[:15]
+    conn = libvirt.open(libvirt_uri)
+    network = conn.networkDefineXML(f"<network><name>{name}</name><bridge name='{name}'/>"
+                                    "</network>")
+    try:
+        yield name
+    finally:
+        network.undefine()
+        conn.close()
+
+
+def submit(client: httpx.Client, name: str, **integration: object) -> httpx.Response:
+    return client.post("/jobs/submit", json={"vm_identifier": name,
+                                             "hyper2kvm_integration": integration})
+
+
+def nothing_copied(daemon: Daemon, name: str) -> None:
+    assert not (daemon.exports / name).exists()
+    assert not (daemon.images / name).exists()
+
+
+def test_a_nic_on_an_inactive_network_fails_in_validate_before_any_byte_moves(
+        editable_daemon: Daemon, inactive_network: str) -> None:
+    daemon = editable_daemon
+    configure(daemon, network=inactive_network)
+    name = unique("netdown")
+    make_sample_ova(daemon.inbox, name, mac="00:50:56:ab:cd:ef")
+    with daemon.client() as client:
+        answer = submit(client, name)
+        assert answer.status_code == 200, answer.text
+        job_id = answer.json()["job_id"]
+        info = wait_for_job(client, job_id)
+        phase = client.get(f"/jobs/progress/{job_id}").json()["phase"]
+    assert info["status"] == "failed"
+    assert (f"NIC 1 (00:50:56:ab:cd:ef, source network 'VM Network') maps to libvirt network "
+            f"'{inactive_network}', which is not active on {LIBVIRT_URI}: `virsh net-start "
+            f"{inactive_network}`") in info["error"], info["error"]
+    assert "hyper2kvm.network_map" in info["error"]
+    assert phase in ("validate", "pending"), phase  # no export, no convert began
+    nothing_copied(daemon, name)
+
+    # mapped to user-mode networking, the same VM migrates and its domain starts
+    configure(daemon, network=inactive_network, network_map={"VM Network": "user"})
+    with daemon.client() as client:
+        info = wait_for_job(client, submit(client, name).json()["job_id"], timeout=300)
+    assert info["status"] == "completed", info["error"]
+    assert start_and_stop(name), "the migrated domain does not start"
+
+
+def test_a_full_output_folder_fails_in_validate(editable_daemon: Daemon,
+                                                tmp_path: Path) -> None:
+    daemon = editable_daemon
+    full = tmp_path / "small"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], check=True)
+    try:
+        configure(daemon, output_dir=str(full))
+        name = unique("nospace")
+        make_random_raw(daemon.inbox, name, 8)  # 8 MiB of data: more than 1 MiB of room
+        with daemon.client() as client:
+            info = wait_for_job(client, submit(client, name).json()["job_id"])
+        assert info["status"] == "failed"
+        assert f"{full} has 0.00 GiB free, the disks need 0.01 GiB" in info["error"], info
+        assert list(full.iterdir()) == []
+        assert not (daemon.exports / name).exists()
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_a_taken_domain_name_is_a_409_at_submit(api: httpx.Client, daemon: Daemon) -> None:
+    name = unique("taken")
+    make_sample_ova(daemon.inbox, name)
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        conn.defineXML(f"<domain type='qemu'><name>{name}</name><memory>65536</memory>"
+                       "<os><type arch='x86_64'>hvm</type></os></domain>")
+        answer = submit(api, name)
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["message"] == (
+            f"a libvirt domain named {name!r} already exists on {LIBVIRT_URI}; set "
+            "hyper2kvm_integration.replace_existing to replace it")
+        answer = submit(api, name, replace_existing=True)
+        assert answer.status_code == 200, answer.text
+        assert wait_for_job(api, answer.json()["job_id"])["status"] == "completed"
+    finally:
+        if domain_defined(name):
+            conn.lookupByName(name).undefine()
+        conn.close()
+
+
+def test_firmware_and_size_of_the_vm_against_this_host(libvirt_uri: str) -> None:
+    vm = VMInfo(identifier="big", name="big", provider="local", firmware="efi",
+                secure_boot=True, cpus=4096, memory_mb=1 << 30,
+                nics=[NicInfo(mac="00:50:56:ab:cd:ef")])
+    assert firmware_problem(libvirt_uri, vm, "qemu") is None  # ovmf is installed here
+    warnings = size_warnings(libvirt_uri, vm)
+    assert len(warnings) == 2 and "4096 vCPUs" in warnings[0], warnings
