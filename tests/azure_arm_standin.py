@@ -63,6 +63,8 @@ class State:
     vms: dict[str, dict[str, Any]] = field(default_factory=dict)  # by lower-case id
     disks: dict[str, dict[str, Any]] = field(default_factory=dict)
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (disk name, power state of the VM it belongs to) at each snapshot, kept for good
+    captures: list[tuple[str, str]] = field(default_factory=list)
     nics: dict[str, dict[str, Any]] = field(default_factory=dict)
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=set)
@@ -187,6 +189,12 @@ class StandIn:
 
     def power(self, vm_id: str) -> str:
         return str(self.state.vms[vm_id.lower()]["_power"])
+
+    def powers_at_snapshot(self, vm_name: str) -> list[str]:
+        """The VM's power state when each of its disks was snapshotted."""
+        with self.state.lock:
+            return [power for disk, power in self.state.captures
+                    if disk.startswith(f"{vm_name}-")]
 
     def snapshots(self) -> list[dict[str, Any]]:
         with self.state.lock:
@@ -425,8 +433,13 @@ class Handler(BaseHTTPRequestHandler):
                            "provisioningState": "Succeeded", "diskState": "Unattached",
                            "timeCreated": datetime.now(UTC).isoformat()},
             "_blob": disk["_blob"], "_snapshot": snapshot_blob, "_access": False}
+        owners = [vm["_power"] for vm in self.state.vms.values() if disk["id"].lower() in {
+            d["managedDisk"]["id"].lower() for d in (
+                vm["properties"]["storageProfile"]["osDisk"],
+                *vm["properties"]["storageProfile"]["dataDisks"])}]
         with self.state.lock:
             self.state.snapshots[snapshot_id.lower()] = snapshot
+            self.state.captures += [(disk["name"], power) for power in owners]
         return 200, self._public(snapshot), None
 
     def _get_snapshot(self, query: dict[str, str], rg: str, name: str) -> tuple[

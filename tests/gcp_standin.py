@@ -71,6 +71,8 @@ class State:
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)  # by zone/name
     disks: dict[str, dict[str, Any]] = field(default_factory=dict)  # by zone/name
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (disk name, status of the instances using it) at each image made from a disk
+    captures: list[tuple[str, str]] = field(default_factory=list)
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     builds: dict[str, dict[str, Any]] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=set)
@@ -139,6 +141,12 @@ class StandIn:
 
     def status(self, zone: str, name: str) -> str:
         return str(self.state.instances[f"{zone}/{name}"]["status"])
+
+    def statuses_at_image(self, instance: str) -> list[str]:
+        """The instance's status when an image was made of each of its disks."""
+        with self.state.lock:
+            return [status for disk, status in self.state.captures
+                    if disk.startswith(f"{instance}-")]
 
     def images(self) -> list[dict[str, Any]]:
         with self.state.lock:
@@ -362,6 +370,7 @@ class Handler(BaseHTTPRequestHandler):
         subprocess.run(["cp", "--sparse=always", disk["_raw"], str(copy)], check=True)
         link = f"{state.base}/global/images/{name}"
         with state.lock:
+            state.captures += [(disk["name"], user["status"]) for user in users]
             state.images[name] = {
                 "kind": "compute#image", "id": str(uuid.uuid4().int >> 65), "name": name,
                 "sourceDisk": disk["selfLink"], "diskSizeGb": disk["sizeGb"],

@@ -156,8 +156,10 @@ def test_running_vm_deallocated_exported_and_started_again(
     result = provider.export(f"{group}/{name}", tmp_path / "out", method="vmdk",
                              options=ExportOptions(shutdown_vm=True, restore_power_state=True),
                              progress=progress, job="run-job")
-    assert powers == ["deallocated"]  # while its disks were read
-    assert azure.standin.power(vm_id) == "running"  # and started again after
+    # deallocated while its disks were captured, started again as soon as they were
+    assert azure.standin.powers_at_snapshot(name) == ["deallocated", "deallocated"]
+    assert powers == ["running"]  # the reads came after the restart
+    assert azure.standin.power(vm_id) == "running"
     assert sum(moved) == 96 * MIB  # each disk's every byte once, holes included
     disks = [f.path for f in result.files if f.role == "disk"]
     assert [p.suffix for p in disks] == [".vmdk", ".vmdk"]
