@@ -51,7 +51,10 @@ DEAD_ENDS = {
 # what firmware prints as it hands over to the boot sector or loader (SeaBIOS, OVMF)
 _FIRMWARE_HANDOFF = re.compile(r"^Booting from |^BdsDxe: starting ")
 _AGENT_POLL_SECONDS = 3.0
-NUDGE_AFTER_SECONDS = 15.0  # of console silence: press Enter (a getty shows its prompt)
+# press Enter (a getty shows its prompt again) after this much console silence, and at
+# least this often on a console that keeps printing (a prompt garbled by other output)
+NUDGE_AFTER_SECONDS = 15.0
+NUDGE_EVERY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -162,9 +165,11 @@ def _boot_and_watch(uri: str, xml: str, *, timeout: float, pattern: str | None,
                 if remaining <= 0:
                     return BootOutcome(False, _silence(console, timeout, pattern),
                                        _since(started), console.last_lines())
-                if time.monotonic() - max(console.last_output, nudged) >= NUDGE_AFTER_SECONDS:
+                now = time.monotonic()
+                if (now - max(console.last_output, nudged) >= NUDGE_AFTER_SECONDS
+                        or now - nudged >= NUDGE_EVERY_SECONDS):
                     console.send("\r")
-                    nudged = time.monotonic()
+                    nudged = now
                 found = console.wait_for(watched, min(remaining, _AGENT_POLL_SECONDS))
                 if found == "up":
                     return BootOutcome(True, f"console showed {console.match(up)!r}",

@@ -56,16 +56,17 @@ def space_problem(folder: Path, needed: int) -> str | None:
 
 
 def firmware_problem(uri: str, vm: VMInfo, domain_type: str) -> str | None:
-    """A UEFI VM (with Secure Boot) on a host whose libvirt offers no such firmware for
-    the machine type and domain type we define."""
-    if vm.firmware != "efi":
-        return None
+    """The machine type we define (q35) missing for this domain type, or a UEFI VM (with
+    Secure Boot) on a host whose libvirt offers no such firmware for it."""
     with connect(uri) as conn:
         try:
             caps = ET.fromstring(conn.getDomainCapabilities(None, "x86_64", "q35",
                                                             domain_type, 0))
         except libvirt.libvirtError as exc:
-            return f"libvirt on {uri} cannot say what q35 {domain_type} domains support: {exc}"
+            return (f"libvirt on {uri} has no q35 machine for {domain_type} domains, which "
+                    f"the domain would be: {exc}")
+    if vm.firmware != "efi":
+        return None
     firmware = {value.text for value in caps.iterfind("os/enum[@name='firmware']/value")}
     loaders = [value.text or "" for value in caps.iterfind("os/loader/value")]
     secure = {value.text for value in caps.iterfind("os/loader/enum[@name='secure']/value")}
