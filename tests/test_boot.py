@@ -4,9 +4,11 @@ disk with nothing to boot, and the demo's converted Debian guest booted ten time
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from core.models import NicInfo, VMInfo
@@ -20,9 +22,9 @@ from tests.peers import unique
 
 
 def _boot(uri: str, disk: Path, fmt: str = "raw", *, timeout: float, firmware: str = "bios",
-          memory_mb: int = 256, pattern: str | None = None) -> BootOutcome:
+          memory_mb: int = 256, pattern: str | None = None, name: str = "") -> BootOutcome:
     """Define a VM on `disk` as a migration would (one NIC), boot-check it, undefine it."""
-    name = unique("boot")
+    name = name or unique("boot")
     domain_type, cpu = domain_type_and_cpu("auto", uri)
     vm = VMInfo(identifier=name, name=name, provider="local", memory_mb=memory_mb,
                 firmware=firmware, nics=[NicInfo(mac="52:54:00:5e:00:09", network="VM Network")])
@@ -57,7 +59,7 @@ def test_a_getty_that_prompts_only_after_enter_is_sent_enter(
     assert "quiet login:" in outcome.reason
 
 
-def test_a_guest_that_prints_nothing_is_reported_as_such(
+def test_a_guest_that_prints_nothing_times_out_says_so_and_writes_nothing(
     libvirt_uri: str, tmp_path: Path
 ) -> None:
     disk = tmp_path / "spin.raw"
@@ -66,11 +68,22 @@ def test_a_guest_that_prints_nothing_is_reported_as_such(
         stream.write(b"\xeb\xfe")
         stream.seek(510)
         stream.write(b"\x55\xaa")
-    outcome = _boot(libvirt_uri, disk, timeout=20)
+    before = hashlib.sha256(disk.read_bytes()).hexdigest()
+    name = unique("spin")
+    outcome = _boot(libvirt_uri, disk, timeout=20, name=name)
     assert not outcome.booted
     assert outcome.reason.startswith("not up within 20 s: the console showed nothing after "
                                      "the firmware's 'Booting from Hard Disk"), outcome
     assert outcome.console and outcome.console[-1].startswith("Booting from Hard Disk")
+    assert outcome.seconds >= 20
+    # the disk was only read (through an overlay), and nothing is left beside it
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spin.raw"]
+    conn = libvirt.open(libvirt_uri)
+    try:
+        assert not [d.name() for d in conn.listAllDomains() if d.name().startswith(name)]
+    finally:
+        conn.close()
 
 
 def test_a_guest_that_stops_at_a_dead_end_shows_its_last_lines(
