@@ -5,6 +5,9 @@ must notice by itself. Two ways, one per kind of child:
 
 * a program we exec (qemu-img, the Prefect server) asks the kernel for SIGKILL when its
   parent dies (`die_with_parent`, run in the child before exec);
+* a program that starts helpers of its own (virt-v2v starts qemu-nbd, and leaves it
+  running when it is killed, even by SIGTERM) runs under a shell that kills the whole
+  process group when our process dies (`group_dying_with_parent`);
 * a flow-run process (spawned by Prefect's runner from whatever thread, where the kernel's
   parent-death signal would follow that thread, not the daemon) watches its parent and
   exits once it is gone (`exit_with_daemon`); its own qemu-img children follow it."""
@@ -27,6 +30,20 @@ def die_with_parent() -> None:
     """Runs in a child between fork and exec: SIGKILL it when its parent dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def terminate_with_parent() -> None:
+    """Runs in a child between fork and exec: SIGTERM it when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def group_dying_with_parent(command: list[str]) -> list[str]:
+    """`command` under a shell that, told by the kernel that our process died (start it
+    with `start_new_session=True, preexec_fn=terminate_with_parent`), kills its whole
+    process group: the program and every helper it started. The shell exits with the
+    program's status."""
+    return ["/bin/sh", "-c", 'trap "kill -KILL 0" TERM; "$@" & wait $!', "sh", *command]
 
 
 def exit_with_daemon(*, poll: float = 0.5) -> None:

@@ -25,7 +25,7 @@ from typing import Literal
 
 from core.errors import ConversionError, GuestNotConvertible
 from core.models import ConvertedDisk, GuestReport, VMInfo
-from core.process import die_with_parent
+from core.process import group_dying_with_parent, terminate_with_parent
 from hyper2kvm.cpu import CpuChoice, choose_cpu, usable_domain_type
 from hyper2kvm.domain import disk_target
 
@@ -170,10 +170,12 @@ def _run(
     messages: list[str] = []
     timed_out = threading.Event()
     with log_file.open("w") as log:
+        # its own process group, killed whole on timeout, at the end, and when we die
+        # (virt-v2v leaves its qemu-nbd running when it is killed)
         process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
-            preexec_fn=die_with_parent)
+            group_dying_with_parent(command), env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+            start_new_session=True, preexec_fn=terminate_with_parent)
 
         def expire() -> None:
             timed_out.set()

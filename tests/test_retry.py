@@ -82,6 +82,13 @@ def same_disk(info: dict, source: Path) -> None:
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".partial")]
 
 
+def holding(folder: Path) -> list[str]:
+    """Processes whose command line names a file in `folder` (qemu-nbd serving a disk)."""
+    found = subprocess.run(["pgrep", "-a", "-f", str(folder)], capture_output=True,
+                           text=True).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
+
+
 def v2v_running() -> bool:
     return subprocess.run(["pgrep", "-f", "virt-v2v-in-place"], capture_output=True
                           ).returncode == 0
@@ -212,8 +219,10 @@ def test_a_daemon_killed_during_guest_conversion_resumes_and_completes(
     flow_pids = flow_processes(daemon.process.pid)
     daemon.process.send_signal(signal.SIGKILL)
     daemon.process.wait()
-    wait_until(lambda: not any(alive(pid) for pid in flow_pids) and not v2v_running(),
-               timeout=60, what="the flow run and virt-v2v to die with the daemon")
+    # the flow run, virt-v2v and every helper it started (its qemu-nbd on the disk) die
+    wait_until(lambda: not any(alive(pid) for pid in flow_pids) and not v2v_running()
+               and not holding(daemon.images / name), timeout=60,
+               what="the flow run, virt-v2v and its helpers to die with the daemon")
     again = daemons.restart(daemon)
     with again.client() as client:
         info = wait_for_job(client, job_id, timeout=600)
