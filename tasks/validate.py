@@ -94,7 +94,7 @@ def check_this_host(settings: Config, *, provider: str, converts: bool) -> None:
             pass
 
 
-def check_destination(vm: VMInfo, output_format: str | None, h2k: Hyper2kvmConfig) -> None:
+def check_destination(vm: VMInfo, h2k: Hyper2kvmConfig) -> None:
     """The domain we will define can start here, and its disks fit (hyper2kvm.destination):
     every problem at once, in one error; what is only a warning goes to the log."""
     uri = h2k.libvirt_uri
@@ -129,7 +129,7 @@ def validate_job(job: JobDefinition, output_dir: Path, *, converts: bool) -> VMI
     replace = job.hyper2kvm_integration.replace_existing
     if converts:
         guest_mode(job.hyper2kvm_integration, settings.hyper2kvm)  # or say why not
-        check_destination(vm, job.hyper2kvm_integration.format, settings.hyper2kvm)
+        check_destination(vm, settings.hyper2kvm)
     if converts and not replace:
         uri = settings.hyper2kvm.libvirt_uri
         if domain_exists(uri, name):
