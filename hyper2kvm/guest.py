@@ -44,6 +44,11 @@ _STAGES = (
     ("Closing the overlay", 0.95),
     ("Finishing off", 0.98),
 )
+# from the start to "Inspecting the source": ~15 s under TCG here. A libguestfs appliance
+# whose kernel hangs under TCG (seen in CI: stuck in PCI enumeration for 14 min) never gets
+# there; it is killed and started again, once
+APPLIANCE_UP_SECONDS = 300.0
+LAUNCH_ATTEMPTS = 2
 _PROGRESS_LINE = re.compile(r"^\[\s*\d+\.\d\]\s+(?P<text>.+)$")
 # virt-v2v's reasons for a guest it cannot convert (no OS, or one it does not know): the
 # disks are untouched, unlike a failure while converting
@@ -143,8 +148,21 @@ def convert_guest(
         if virtio_win is not None:
             env["VIRTIO_WIN"] = str(virtio_win)
         command = [TOOL, "-v", "-i", "libvirtxml", str(source)]
-        lines, returncode = _run(command, env=env, log_file=log_file, timeout=timeout,
-                                 on_line=on_line, on_stage=on_stage)
+        log_file.write_text("")  # this conversion's log; each attempt adds to it
+        for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+            left = timeout - (time.monotonic() - started)
+            lines, returncode, hung = _run(
+                command, env=env, log_file=log_file, timeout=left,
+                launch_timeout=APPLIANCE_UP_SECONDS if left > APPLIANCE_UP_SECONDS else None,
+                on_line=on_line, on_stage=on_stage)
+            if not hung:
+                break
+            # nothing is written before the inspection: starting again is safe
+            on_line(f"the libguestfs appliance did not come up within "
+                    f"{APPLIANCE_UP_SECONDS:g} s (attempt {attempt} of {LAUNCH_ATTEMPTS})")
+        else:
+            raise ConversionError(f"{TOOL}: the libguestfs appliance did not come up within "
+                                  f"{APPLIANCE_UP_SECONDS:g} s, {LAUNCH_ATTEMPTS} times")
     if returncode != 0:
         reason = failure(lines, returncode, timeout)
         if returncode is not None and _NOT_CONVERTIBLE.search(reason):
@@ -161,15 +179,20 @@ def _run(
     env: dict[str, str],
     log_file: Path,
     timeout: float,
+    launch_timeout: float | None,
     on_line: Callable[[str], None],
     on_stage: Callable[[str, float], None],
-) -> tuple[list[str], int | None]:
+) -> tuple[list[str], int | None, bool]:
     """Run `command` in its own process group (killed whole on timeout, and when we die);
     every line to `log_file`, virt-v2v's own lines (not libguestfs's debug) to `on_line`.
-    Returns those lines and the exit code, None when the timeout killed it."""
+    Returns those lines, the exit code (None when killed) and whether it was killed
+    because the appliance did not come up (no inspection within `launch_timeout`, if
+    given)."""
     messages: list[str] = []
     timed_out = threading.Event()
-    with log_file.open("w") as log:
+    inspecting = threading.Event()
+    hung = threading.Event()
+    with log_file.open("a") as log:
         # its own process group, killed whole on timeout, at the end, and when we die
         # (virt-v2v leaves its qemu-nbd running when it is killed)
         process = subprocess.Popen(
@@ -181,8 +204,16 @@ def _run(
             timed_out.set()
             _kill_group(process)
 
+        def launch_check() -> None:
+            if not inspecting.is_set():
+                hung.set()
+                _kill_group(process)
+
         timer = threading.Timer(timeout, expire)
         timer.start()
+        watchdog = threading.Timer(launch_timeout or 0, launch_check)
+        if launch_timeout is not None:
+            watchdog.start()
         try:
             assert process.stdout is not None
             for raw in process.stdout:
@@ -191,6 +222,8 @@ def _run(
                 progress = _PROGRESS_LINE.match(line)
                 if progress:
                     text = progress.group("text")
+                    if text.startswith("Inspecting the source"):
+                        inspecting.set()
                     messages.append(text)
                     on_line(text)
                     for prefix, fraction in _STAGES:
@@ -202,8 +235,10 @@ def _run(
             returncode = process.wait()
         finally:
             timer.cancel()
+            watchdog.cancel()
             _kill_group(process)  # the appliance and helpers it started
-    return messages, None if timed_out.is_set() else returncode
+    killed = timed_out.is_set() or hung.is_set()
+    return messages, None if killed else returncode, hung.is_set() and not timed_out.is_set()
 
 
 def _kill_group(process: subprocess.Popen[str]) -> None:

@@ -192,6 +192,37 @@ def test_guest_conversion_is_auto_by_default_and_true_needs_the_tool(
     assert guest_mode(Hyper2kvmIntegration(convert_guest=True), settings) is True
 
 
+def test_an_appliance_that_never_comes_up_is_started_again_then_given_up(
+    libvirt_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.errors import ConversionError
+    from core.models import ConvertedDisk
+    from hyper2kvm import guest
+    from hyper2kvm.sample import make_disk
+
+    hang = tmp_path / "qemu-that-hangs"  # libguestfs's QEMU, stuck as a hung kernel is
+    hang.write_text("#!/bin/sh\nexec sleep 6017\n")  # a duration nothing else sleeps
+    hang.chmod(0o755)
+    monkeypatch.setenv("LIBGUESTFS_HV", str(hang))
+    monkeypatch.setattr(guest, "APPLIANCE_UP_SECONDS", 5.0)
+    raw = tmp_path / "data.raw"
+    make_disk(raw, size_mib=16)
+    disk = ConvertedDisk(source="data", path=raw, format="raw", virtual_size=16 << 20,
+                         actual_size=0, seconds=0)
+    vm = VMInfo(identifier="data", name="data", provider="local")
+    said: list[str] = []
+    with pytest.raises(ConversionError, match="did not come up within 5 s, 2 times"):
+        guest.convert_guest(vm, [disk], uri=libvirt_uri, log_file=tmp_path / "v2v.log",
+                            timeout=120, on_line=said.append)
+    assert [line for line in said if "did not come up" in line] == [
+        "the libguestfs appliance did not come up within 5 s (attempt 1 of 2)",
+        "the libguestfs appliance did not come up within 5 s (attempt 2 of 2)"]
+    # virt-v2v, its helpers on the disk and the hung "QEMU" are all gone
+    for trace in (str(tmp_path), "sleep 6017"):
+        found = subprocess.run(["pgrep", "-a", "-f", trace], capture_output=True, text=True)
+        assert found.stdout == "", found.stdout
+
+
 def test_guest_report_reads_virt_v2v_facts_even_with_debug_lines_cut_into_them() -> None:
     from hyper2kvm.guest import parse_report
 
