@@ -19,6 +19,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from hyper2kvm.sample import make_sample_ova
 from tests.peers import (
     SESSION_DIR,
     Daemon,
@@ -106,7 +107,11 @@ def test_websocket_needs_the_key(daemon: Daemon) -> None:
 
 
 def test_several_websocket_clients_follow_a_job_to_completion(
-        api: httpx.Client, daemon: Daemon, sample_vm: str) -> None:
+        api: httpx.Client, daemon: Daemon) -> None:
+    # a VM whose conversion lasts seconds: progress events come at most twice a second,
+    # and a job over in a blink may send only its first (0 %)
+    sample_vm = unique("ws")
+    make_sample_ova(daemon.inbox, sample_vm, size_mib=256, random_mib=192)
     key = daemon.api_key
     clients = [connect(ws_url(daemon), additional_headers={"Authorization": f"Bearer {key}"})
                for _ in range(3)]
