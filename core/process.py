@@ -26,16 +26,19 @@ _PR_SET_PDEATHSIG = 1
 _watching = False
 
 
+def _signal_when_parent_dies(signum: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signum)
+
+
 def die_with_parent() -> None:
     """Runs in a child between fork and exec: SIGKILL it when its parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _signal_when_parent_dies(signal.SIGKILL)
 
 
 def terminate_with_parent() -> None:
     """Runs in a child between fork and exec: SIGTERM it when its parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _signal_when_parent_dies(signal.SIGTERM)
 
 
 def group_dying_with_parent(command: list[str]) -> list[str]:

@@ -64,6 +64,15 @@ def domain_exists(uri: str, name: str) -> bool:
         return True
 
 
+def name_taken(uri: str, name: str) -> str | None:
+    """Why a new domain cannot be named `name` here (one of that name is defined), or
+    None."""
+    if not domain_exists(uri, name):
+        return None
+    return (f"a libvirt domain named {name!r} already exists on {uri}; set "
+            "hyper2kvm_integration.replace_existing to replace it")
+
+
 def still_defined(registered: Registered) -> str | None:
     """How the domain differs from the one `registered` names now (gone, or another
     domain of that name), or None."""

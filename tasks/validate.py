@@ -29,7 +29,7 @@ from hyper2kvm.destination import (
     space_problem,
 )
 from hyper2kvm.domain import NetworkMap
-from hyper2kvm.registration import connect, domain_exists
+from hyper2kvm.registration import connect, name_taken
 from providers import get_provider
 from tasks.guest import guest_mode
 from tasks.progress import LABEL, JobProgress, current_flow_run_id
@@ -132,9 +132,8 @@ def validate_job(job: JobDefinition, output_dir: Path, *, converts: bool) -> VMI
         check_destination(vm, settings.hyper2kvm)
     if converts and not replace:
         uri = settings.hyper2kvm.libvirt_uri
-        if domain_exists(uri, name):
-            raise InvalidRequest(f"a libvirt domain named {name!r} already exists on {uri}; "
-                                 "set hyper2kvm_integration.replace_existing to replace it")
+        if (taken := name_taken(uri, name)) is not None:
+            raise InvalidRequest(taken)
         existing = sorted(p.name for p in (output_dir / name).glob(f"{name}-disk*"))
         if existing:
             raise InvalidRequest(f"{output_dir / name} already holds {', '.join(existing)}; "

@@ -27,7 +27,7 @@ from core.errors import Conflict, RegistrationError
 from core.models import JobDefinition, JobStatus
 from core.paths import safe_name
 from flows.migrate_vm import converts_in_flow, export_dir
-from hyper2kvm.registration import domain_exists
+from hyper2kvm.registration import name_taken
 from providers import get_provider
 from tasks.validate import vm_tag
 
@@ -50,14 +50,12 @@ def validate_job(job: JobDefinition, settings: Config) -> tuple[str, Path]:
 def refuse_existing_domain(vm_name: str, uri: str) -> None:
     """A domain of the VM's name is defined already: 409 now, not after the copy. (Where
     this host's libvirt does not answer, the conversion host's validate step checks.)"""
-    name = safe_name(vm_name)
     try:
-        exists = domain_exists(uri, name)
+        taken = name_taken(uri, safe_name(vm_name))
     except RegistrationError:
         return
-    if exists:
-        raise Conflict(f"a libvirt domain named {name!r} already exists on {uri}; set "
-                       "hyper2kvm_integration.replace_existing to replace it")
+    if taken is not None:
+        raise Conflict(taken)
 
 
 @router.post("/submit", response_model=JobSubmitted | JobsSubmitted)
