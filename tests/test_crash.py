@@ -17,7 +17,7 @@ from api.recovery import flow_processes
 from core.process import alive
 from hyper2kvm import qemu_img
 from tests.helpers import make_random_raw, qemu_img_running_on
-from tests.peers import Daemon, Daemons, unique, wait_for_job, wait_until
+from tests.peers import Daemon, Daemons, configure, unique, wait_for_job, wait_until
 
 MIB = 2**20
 
@@ -106,6 +106,9 @@ def own_daemon(daemons: Daemons) -> Daemon:
 
 def test_a_daemon_killed_with_sigkill_starts_again_and_its_job_resumes_without_redoing_steps(
         daemons: Daemons, own_daemon: Daemon) -> None:
+    # compressing random data keeps qemu-img at work for seconds (a plain copy of these
+    # 768 MiB is over in 0.3 s, before a poll could see it)
+    configure(own_daemon, compression=True)
     name, job_id = job_in_phase(own_daemon, "big", 768, "convert")
     # the kill lands while converting: qemu-img is writing the partial output
     wait_until(lambda: qemu_img_running_on(own_daemon.images)
