@@ -258,6 +258,15 @@ class ProvidersConfig(Section):
         }
 
 
+class UefiFirmware(Section):
+    """The OVMF build UEFI VMs get, instead of the one libvirt picks from its firmware
+    descriptors (a custom or vendor build, one this host's descriptors do not list)."""
+
+    code: Path  # the firmware, read-only (e.g. /usr/share/OVMF/OVMF_CODE_4M.fd)
+    vars: Path  # the template each domain's own NVRAM starts from (OVMF_VARS_4M.fd)
+    secure_boot: bool = False  # a Secure Boot build (with SMM): VMs that use Secure Boot
+
+
 class Hyper2kvmConfig(Section):
     path: str = "hyper2kvm"
     daemon_enabled: bool = False
@@ -272,6 +281,7 @@ class Hyper2kvmConfig(Section):
     network_map: dict[str, str] = Field(default_factory=dict)  # source network → libvirt
     storage_pools: bool = True  # each VM's output folder becomes pool hypersdk-<vm>
     domain_type: Literal["auto", "kvm", "qemu"] = "auto"
+    uefi_firmware: UefiFirmware | None = None  # None: libvirt picks (os firmware='efi')
     # guest conversion (virt-v2v-in-place) for jobs that do not say: "auto" converts where
     # it is installed and finds an OS it can convert; true: always, or fail the job
     convert_guest: GuestMode = "auto"

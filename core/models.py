@@ -186,6 +186,8 @@ class Hyper2kvmIntegration(GuestOptions):
     instance: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     autostart: bool = False
     replace_existing: bool = False
+    # more vCPUs or memory than this host has fails validate (else: a warning in the result)
+    strict: bool = False
 
 
 class JobDefinition(Strict):
@@ -279,6 +281,7 @@ class BootCheck(Strict):
     seconds: float
     reason: str  # what showed it booted, or why it is thought not to
     watched: bool = True  # False: not booted at all (no OS to wait for), `reason` says why
+    starts: bool = True  # the domain as defined started (paused) on this host
     console: list[str] = Field(default_factory=list)  # the console's last lines
 
 

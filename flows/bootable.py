@@ -10,6 +10,7 @@ from core.config import Hyper2kvmConfig
 from core.models import ConvertedDisk, GuestOptions, VMInfo
 from flows.report import StepTimer
 from hyper2kvm import guest as guest_tool
+from hyper2kvm.destination import size_warnings
 from hyper2kvm.registration import still_defined
 from tasks.boot import check_boot
 from tasks.guest import GuestDone, convert_guest_os, resolved
@@ -38,6 +39,8 @@ def make_bootable(vm: VMInfo, disks: list[ConvertedDisk], settings: Hyper2kvmCon
     fields: dict[str, Any] = {"guest": guest, "warnings": warnings}
     if not register:
         return fields
+    warnings += [f"host: {warning}; the domain is defined as the source had it"
+                 for warning in size_warnings(settings.libvirt_uri, vm)]
     compat = options.compat_mode
     if compat is None and guest is not None:
         compat = not guest.virtio  # virtio only where the guest has the drivers

@@ -126,9 +126,8 @@ def _throwaway(domain: ET.Element, work: Path, name: str) -> str:
         if nvram is not None or os_element.get("firmware") == "efi":
             if nvram is None:
                 nvram = ET.SubElement(os_element, "nvram")
-            nvram.text = str(work / "VARS.fd")
-            for attribute in ("template", "format"):
-                nvram.attrib.pop(attribute, None)
+            nvram.text = str(work / "VARS.fd")  # a fresh one, from the domain's template
+            nvram.attrib.pop("format", None)
         if os_element.find("bios") is None:
             ET.SubElement(os_element, "bios", useserial="yes")
     devices = domain.find("devices")

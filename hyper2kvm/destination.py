@@ -11,6 +11,7 @@ from pathlib import Path
 
 import libvirt
 
+from core.config import UefiFirmware
 from core.models import VMInfo
 from hyper2kvm.domain import NetworkMap
 from hyper2kvm.registration import connect
@@ -55,9 +56,11 @@ def space_problem(folder: Path, needed: int) -> str | None:
             "GiB: free space there, or point hyper2kvm.output_dir elsewhere")
 
 
-def firmware_problem(uri: str, vm: VMInfo, domain_type: str) -> str | None:
+def firmware_problem(uri: str, vm: VMInfo, domain_type: str, *,
+                     uefi: UefiFirmware | None = None) -> str | None:
     """The machine type we define (q35) missing for this domain type, or a UEFI VM (with
-    Secure Boot) on a host whose libvirt offers no such firmware for it."""
+    Secure Boot) on a host whose libvirt offers no such firmware for it, or whose
+    configured firmware (`uefi`, hyper2kvm.uefi_firmware) is not there or cannot do it."""
     with connect(uri) as conn:
         try:
             caps = ET.fromstring(conn.getDomainCapabilities(None, "x86_64", "q35",
@@ -67,6 +70,8 @@ def firmware_problem(uri: str, vm: VMInfo, domain_type: str) -> str | None:
                     f"the domain would be: {exc}")
     if vm.firmware != "efi":
         return None
+    if uefi is not None:
+        return _configured_firmware_problem(vm, uefi)
     firmware = {value.text for value in caps.iterfind("os/enum[@name='firmware']/value")}
     loaders = [value.text or "" for value in caps.iterfind("os/loader/value")]
     secure = {value.text for value in caps.iterfind("os/loader/enum[@name='secure']/value")}
@@ -76,6 +81,19 @@ def firmware_problem(uri: str, vm: VMInfo, domain_type: str) -> str | None:
     if vm.secure_boot and "yes" not in secure:
         return (f"{vm.name} boots with UEFI Secure Boot and libvirt on {uri} has no OVMF build "
                 "with Secure Boot for q35: install one (Debian: apt install ovmf)")
+    return None
+
+
+def _configured_firmware_problem(vm: VMInfo, uefi: UefiFirmware) -> str | None:
+    for key, path in (("code", uefi.code), ("vars", uefi.vars)):
+        if not path.is_file():
+            return (f"{vm.name} boots with UEFI and hyper2kvm.uefi_firmware.{key} {path} is "
+                    "not a file: point it at the OVMF build (Debian: apt install ovmf; "
+                    "/usr/share/OVMF), or remove uefi_firmware to let libvirt pick")
+    if vm.secure_boot and not uefi.secure_boot:
+        return (f"{vm.name} boots with UEFI Secure Boot and hyper2kvm.uefi_firmware is not a "
+                "Secure Boot build: point it at one (e.g. OVMF_CODE_4M.secboot.fd with "
+                "OVMF_VARS_4M.ms.fd) and set secure_boot: true")
     return None
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from core.config import UefiFirmware
 from core.models import VMInfo
 from hyper2kvm.cpu import CpuChoice
 
@@ -52,11 +53,13 @@ def domain_xml(
     networks: NetworkMap | None = None,
     compat: bool | None = None,
     cpu: CpuChoice | None = None,
+    uefi: UefiFirmware | None = None,
 ) -> str:
     """The domain definition for `vm` with its converted `disks`, in boot order. In
     compatibility mode (default: for Windows guests) disks are SATA and NICs e1000, which
     guests without virtio drivers can use. `cpu` comes from hyper2kvm.cpu.choose_cpu;
-    without it QEMU's baseline CPU."""
+    without it QEMU's baseline CPU. A UEFI VM gets `uefi`'s OVMF build, or the one libvirt
+    picks for it."""
     networks = networks or NetworkMap()
     compat = needs_compat(vm) if compat is None else compat
     bus, prefix, nic_model = ("sata", "sd", "e1000") if compat else ("virtio", "vd", "virtio")
@@ -73,19 +76,24 @@ def domain_xml(
         source.set("guest_os", vm.guest_os)
 
     os_element = ET.SubElement(domain, "os")
-    if vm.firmware == "efi":
+    efi = vm.firmware == "efi"
+    if efi and uefi is None:
         os_element.set("firmware", "efi")
     ET.SubElement(os_element, "type", arch="x86_64", machine="q35").text = "hvm"
-    if vm.firmware == "efi":
+    if efi and uefi is None:
         firmware = ET.SubElement(os_element, "firmware")
         ET.SubElement(firmware, "feature", enabled="yes" if vm.secure_boot else "no",
                       name="secure-boot")
+    elif efi and uefi is not None:
+        ET.SubElement(os_element, "loader", readonly="yes", type="pflash",
+                      secure="yes" if uefi.secure_boot else "no").text = str(uefi.code)
+        ET.SubElement(os_element, "nvram", template=str(uefi.vars))  # libvirt names it
     ET.SubElement(os_element, "boot", dev="hd")
 
     features = ET.SubElement(domain, "features")
     ET.SubElement(features, "acpi")
     ET.SubElement(features, "apic")
-    if vm.secure_boot:
+    if vm.secure_boot or (efi and uefi is not None and uefi.secure_boot):
         ET.SubElement(features, "smm", state="on")
     cpu_element = cpu.element() if cpu else None
     if cpu_element is not None:

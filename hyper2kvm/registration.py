@@ -150,17 +150,23 @@ def _pool_path(pool: libvirt.virStoragePool) -> Path | None:
     return Path(path) if path else None
 
 
-def starts(uri: str, name: str) -> bool:
-    """Start the domain under QEMU for real, then stop it: did it run?"""
+def start_problem(uri: str, name: str, *, paused: bool = True) -> str | None:
+    """Start the defined domain as it is defined, then stop it: why it cannot start here
+    (an inactive network, a missing bridge or firmware), or None. `paused`: QEMU starts
+    with every device and its vCPUs never run, so the guest sends nothing on its networks
+    and writes nothing to its disks: safe while the source VM still runs. A domain already
+    running has started."""
     with connect(uri) as conn:
         try:
             domain = conn.lookupByName(name)
-            domain.create()
-            running = bool(domain.isActive())
-            domain.destroy()
+            if domain.isActive():
+                return None
+            domain.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
         except libvirt.libvirtError as exc:
-            raise RegistrationError(f"domain {name!r} does not start: {exc}") from None
-        return running
+            return f"domain {name!r} as defined does not start on {uri}: {exc}"
+        with contextlib.suppress(libvirt.libvirtError):  # it stopped of itself: it started
+            domain.destroy()
+        return None
 
 
 def undefine_domain(uri: str, name: str) -> bool:

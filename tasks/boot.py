@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from core.errors import VerificationError
 from core.models import BootCheck
 from hyper2kvm.boot import BootOutcome, verify_boot
-from hyper2kvm.registration import Registered, undefine_domain
+from hyper2kvm.registration import Registered, start_problem, undefine_domain
 from tasks.progress import JobProgress
 
 CONSOLE_LINES = 10  # of the console, in the job's error and the Prefect artifact
@@ -19,14 +19,21 @@ CONSOLE_LINES = 10  # of the console, in the job's error and the Prefect artifac
 @task(name="boot-check", persist_result=True)
 def check_boot(registered: Registered, *, mode: Literal["warn", "require"], timeout: float,
                pattern: str | None, no_os: str | None = None) -> BootCheck:
-    """`require`: a guest that does not come up fails the job (and its domain is
-    undefined; the disks stay for a look). `warn`: the job completes with the warning.
-    `no_os`: why no login prompt can come (guest conversion found no OS); then, unless
-    the job names its own `pattern`, that is the answer, without a wait."""
+    """First the domain as defined starts, paused (its networks, firmware and devices are
+    there), then a throwaway copy boots. `require`: a guest that does not come up fails
+    the job (and its domain is undefined; the disks stay for a look). `warn`: the job
+    completes with the warning. `no_os`: why no login prompt can come (guest conversion
+    found no OS); then, unless the job names its own `pattern`, that is the answer,
+    without a wait."""
     progress = JobProgress.for_current_run(registered.name)
     progress.start("boot", 0)
-    watched = not no_os or pattern is not None
-    if not watched:
+    progress.step("starting the domain as defined, paused", 0.0)
+    cannot_start = start_problem(registered.uri, registered.name)
+    watched = cannot_start is None and (not no_os or pattern is not None)
+    if cannot_start is not None:
+        outcome = BootOutcome(False, f"{cannot_start} (started paused: the guest never ran)",
+                              0.0)
+    elif not watched:
         outcome = BootOutcome(False, f"not checked: {no_os}, so no login prompt can come "
                                      "(a boot_pattern makes the check watch for it)", 0.0)
     else:
@@ -35,7 +42,7 @@ def check_boot(registered: Registered, *, mode: Literal["warn", "require"], time
                               pattern=pattern)
     result = BootCheck(verified=outcome.booted, mode=mode, seconds=outcome.seconds,
                        reason=outcome.reason, console=outcome.console,
-                       watched=watched)
+                       watched=watched, starts=cannot_start is None)
     logger = get_run_logger()
     if outcome.booted:
         logger.info("boot check: %s booted in %.1f s (%s)", registered.name, outcome.seconds,

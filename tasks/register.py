@@ -38,6 +38,7 @@ def register_domain(
         cpu=cpu,
         networks=NetworkMap(default=settings.network, by_source=settings.network_map),
         compat=compat,
+        uefi=settings.uefi_firmware,
     )
     registered = define_domain(settings.libvirt_uri, xml, name=name, autostart=autostart,
                                replace=replace)

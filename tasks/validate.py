@@ -94,9 +94,10 @@ def check_this_host(settings: Config, *, provider: str, converts: bool) -> None:
             pass
 
 
-def check_destination(vm: VMInfo, h2k: Hyper2kvmConfig) -> None:
+def check_destination(vm: VMInfo, h2k: Hyper2kvmConfig, *, strict: bool = False) -> None:
     """The domain we will define can start here, and its disks fit (hyper2kvm.destination):
-    every problem at once, in one error; what is only a warning goes to the log."""
+    every problem at once, in one error. A VM larger than this host is a problem only when
+    `strict`; else the result warns of it (flows.bootable)."""
     uri = h2k.libvirt_uri
     problems = network_problems(uri, vm, NetworkMap(default=h2k.network,
                                                     by_source=h2k.network_map))
@@ -104,13 +105,14 @@ def check_destination(vm: VMInfo, h2k: Hyper2kvmConfig) -> None:
     if (room := space_problem(h2k.output_dir / safe_name(vm.name), needed)) is not None:
         problems.append(room)
     domain_type = pick_domain_type(h2k.domain_type, uri)
-    if (firmware := firmware_problem(uri, vm, domain_type)) is not None:
+    if (firmware := firmware_problem(uri, vm, domain_type, uefi=h2k.uefi_firmware)) is not None:
         problems.append(firmware)
+    if strict:
+        problems += [f"{warning} (hyper2kvm_integration.strict)"
+                     for warning in size_warnings(uri, vm)]
     if problems:
         raise InvalidRequest(f"this host cannot run {vm.name} as it would be defined: "
                              + "; ".join(problems))
-    for warning in size_warnings(uri, vm):
-        get_run_logger().warning("%s (the domain is defined as the source had it)", warning)
 
 
 @task(name="validate", persist_result=True)
@@ -129,7 +131,7 @@ def validate_job(job: JobDefinition, output_dir: Path, *, converts: bool) -> VMI
     replace = job.hyper2kvm_integration.replace_existing
     if converts:
         guest_mode(job.hyper2kvm_integration, settings.hyper2kvm)  # or say why not
-        check_destination(vm, settings.hyper2kvm)
+        check_destination(vm, settings.hyper2kvm, strict=job.hyper2kvm_integration.strict)
     if converts and not replace:
         uri = settings.hyper2kvm.libvirt_uri
         if (taken := name_taken(uri, name)) is not None:

@@ -5,6 +5,7 @@ that names the thing and the fix."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from core.models import NicInfo, VMInfo
 from hyper2kvm.destination import firmware_problem, size_warnings
 from hyper2kvm.sample import make_sample_ova
-from tests.helpers import domain_defined, make_random_raw, start_and_stop
+from tests.helpers import domain_defined, domain_xml, make_random_raw, start_and_stop
 from tests.peers import LIBVIRT_URI, Daemon, configure, unique, wait_for_job
 
 
@@ -68,9 +69,46 @@ def test_a_nic_on_an_inactive_network_fails_in_validate_before_any_byte_moves(
     # mapped to user-mode networking, the same VM migrates and its domain starts
     configure(daemon, network=inactive_network, network_map={"VM Network": "user"})
     with daemon.client() as client:
-        info = wait_for_job(client, submit(client, name).json()["job_id"], timeout=300)
+        # the sample has no OS to boot: the start as defined is what is checked here
+        info = wait_for_job(client, submit(client, name, verify_boot="warn",
+                                           boot_timeout=5).json()["job_id"], timeout=300)
     assert info["status"] == "completed", info["error"]
+    assert info["result"]["boot"]["starts"] is True, info["result"]["boot"]
     assert start_and_stop(name), "the migrated domain does not start"
+
+
+def test_a_domain_that_cannot_start_as_defined_fails_the_boot_check(
+        editable_daemon: Daemon, inactive_network: str) -> None:
+    """A network set to autostart passes validate (it is active after libvirt's next
+    start) but is not active now: the boot check starts the domain as defined, paused,
+    and sees it cannot start."""
+    daemon = editable_daemon
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        conn.networkLookupByName(inactive_network).setAutostart(1)
+    finally:
+        conn.close()
+    configure(daemon, network=inactive_network)
+    name = unique("nostart")
+    make_sample_ova(daemon.inbox, name)
+    with daemon.client() as client:
+        failed = wait_for_job(client, submit(client, name, verify_boot="require").json()[
+            "job_id"], timeout=300)
+        assert failed["status"] == "failed"
+        assert (f"domain {name!r} as defined does not start on {LIBVIRT_URI}"
+                in failed["error"]), failed["error"]
+        assert f"network '{inactive_network}' is not active" in failed["error"]
+        assert not domain_defined(name)  # require: not left defined
+
+        warned = wait_for_job(client, submit(client, name, verify_boot="warn",
+                                             replace_existing=True).json()["job_id"],
+                              timeout=300)
+    assert warned["status"] == "completed", warned["error"]
+    boot = warned["result"]["boot"]
+    assert boot["starts"] is False and boot["watched"] is False, boot
+    assert any("as defined does not start" in warning
+               for warning in warned["result"]["warnings"]), warned["result"]["warnings"]
+    assert domain_defined(name)
 
 
 def test_a_full_output_folder_fails_in_validate(editable_daemon: Daemon,
@@ -112,6 +150,54 @@ def test_a_taken_domain_name_is_a_409_at_submit(api: httpx.Client, daemon: Daemo
         if domain_defined(name):
             conn.lookupByName(name).undefine()
         conn.close()
+
+
+OVMF = Path("/usr/share/OVMF")
+
+
+def test_a_uefi_vm_without_its_firmware_fails_in_validate_and_with_it_starts(
+        editable_daemon: Daemon, tmp_path: Path) -> None:
+    daemon = editable_daemon
+    missing = tmp_path / "OVMF_CODE_4M.fd"  # the firmware path pointed elsewhere
+    configure(daemon, uefi_firmware={"code": str(missing),
+                                     "vars": str(OVMF / "OVMF_VARS_4M.fd")})
+    name = unique("uefi")
+    make_sample_ova(daemon.inbox, name, firmware="efi")
+    with daemon.client() as client:
+        failed = wait_for_job(client, submit(client, name).json()["job_id"])
+        assert failed["status"] == "failed"
+        assert (f"{name} boots with UEFI and hyper2kvm.uefi_firmware.code {missing} is not "
+                "a file") in failed["error"], failed["error"]
+        nothing_copied(daemon, name)
+
+        configure(daemon, uefi_firmware={"code": str(OVMF / "OVMF_CODE_4M.fd"),
+                                         "vars": str(OVMF / "OVMF_VARS_4M.fd")})
+        # nothing on the disk to boot: OVMF ends at its shell, which ends the check
+        done = wait_for_job(client, submit(client, name, verify_boot="warn").json()[
+            "job_id"], timeout=300)
+    assert done["status"] == "completed", done["error"]
+    assert done["result"]["boot"]["starts"] is True, done["result"]["boot"]
+    assert "UEFI shell" in done["result"]["boot"]["reason"], done["result"]["boot"]
+    loader = domain_xml(name).find("os/loader")
+    assert loader is not None and loader.text == str(OVMF / "OVMF_CODE_4M.fd")
+    assert start_and_stop(name)
+
+
+def test_a_vm_larger_than_this_host_is_a_warning_or_with_strict_a_failure(
+        api: httpx.Client, daemon: Daemon) -> None:
+    name = unique("huge")
+    cpus = os.cpu_count() or 1
+    make_sample_ova(daemon.inbox, name, cpus=cpus + 1)
+    strict = wait_for_job(api, submit(api, name, strict=True).json()["job_id"])
+    assert strict["status"] == "failed"
+    assert (f"{name} has {cpus + 1} vCPUs, this host {cpus} CPUs "
+            "(hyper2kvm_integration.strict)") in strict["error"], strict["error"]
+    nothing_copied(daemon, name)
+    warned = wait_for_job(api, submit(api, name).json()["job_id"])
+    assert warned["status"] == "completed", warned["error"]
+    assert (f"host: {name} has {cpus + 1} vCPUs, this host {cpus} CPUs; the domain is "
+            "defined as the source had it") in warned["result"]["warnings"]
+    assert domain_xml(name).findtext("vcpu") == str(cpus + 1)
 
 
 def test_firmware_and_size_of_the_vm_against_this_host(libvirt_uri: str) -> None:

@@ -75,6 +75,7 @@ def test_vmware_guest_boots_only_after_guest_conversion(
     assert guest["virtio"] is True and "open-vm-tools" in guest["removed"], guest
     assert any("initramfs" in change for change in guest["changes"]), guest
     assert result["boot"]["verified"] is True, result["boot"]
+    assert result["boot"]["starts"] is True, result["boot"]  # as defined, paused, first
     assert "login:" in result["boot"]["reason"], result["boot"]
     assert _disk_buses(converted) == {"virtio"}
     disk = Path(result["disks"][0]["path"])
