@@ -18,6 +18,11 @@ Measured against moto 5.2, what is added:
   an instance reports its image's `BootMode`, as EC2 does.
 * Authentication: moto's own IAM checks are on (every request is signed by a known
   access key of a user with a policy); the key pair of that user is printed at start.
+* Assumed-role credentials expire, as on AWS: a request signed with them after their
+  `Expiration` is refused, `ExpiredToken` (400; `ExpiredTokenException`, 403, from the
+  JSON services such as EBS), where moto accepts them forever. A role tagged
+  `moto-test:session-seconds` = N hands out credentials that expire after N seconds (AWS's
+  shortest is 900 s; a test cannot wait that long).
 
 A volume's content and faults are set through the API, with tags on the volume (so
 that product code and tests talk to this server only over HTTP):
@@ -43,16 +48,24 @@ from pathlib import Path
 from typing import Any
 
 from moto import settings
-from moto.core.exceptions import ServiceException
+from moto.core.exceptions import JsonRESTError, ServiceException, _RESTError
 from moto.core.responses import ActionResult
 from moto.ebs.models import EBSSnapshot, ebs_backends
 from moto.ebs.responses import EBSResponse
 from moto.ec2.models import EC2Backend
 from moto.ec2.models.instances import Instance
 from moto.ec2.responses import EC2Response
-from moto.iam.access_control import IAMRequestBase
+from moto.core.utils import utcnow
+from moto.iam.access_control import (
+    AssumedRoleAccessKey,
+    CreateAccessKeyFailure,
+    IAMRequest,
+    IAMRequestBase,
+    S3IAMRequest,
+)
 from moto.iam.models import iam_backends
 from moto.s3.models import s3_backends
+from moto.sts.models import STSBackend, sts_backends
 
 ACCOUNT = "123456789012"
 BLOCK_SIZE = 512 * 1024
@@ -330,7 +343,70 @@ def create_aws_request(self: IAMRequestBase) -> Any:
     return request
 
 
+# ---- assumed-role credentials that expire ------------------------------------------------
+
+EXPIRED = "The security token included in the request is expired"
+
+
+class ExpiredToken(_RESTError):
+    code = 400
+
+    def __init__(self) -> None:
+        super().__init__("ExpiredToken", EXPIRED)
+
+
+class ExpiredTokenException(JsonRESTError):
+    code = 403
+
+    def __init__(self) -> None:
+        super().__init__("ExpiredTokenException", EXPIRED)
+
+
+_assume_role = STSBackend.assume_role
+
+
+def assume_role(self: STSBackend, region_name: str, role_session_name: str, role_arn: str,
+                policy: str, duration: int, external_id: str) -> Any:
+    try:
+        role = iam_backends[ACCOUNT]["global"].get_role_by_arn(role_arn)
+    except Exception:  # noqa: BLE001 - a role of another account: as moto has it
+        role = None
+    tags = {tag["Key"]: tag["Value"] for tag in role.tags} if role is not None else {}
+    if f"{TAG}session-seconds" in tags:
+        duration = int(tags[f"{TAG}session-seconds"])
+    return _assume_role(self, region_name=region_name, role_session_name=role_session_name,
+                        role_arn=role_arn, policy=policy, duration=duration,
+                        external_id=external_id)
+
+
+_assumed_key_init = AssumedRoleAccessKey.__init__
+
+
+def assumed_key_init(self: AssumedRoleAccessKey, account_id: str, partition: str,
+                     access_key_id: str, headers: dict[str, str]) -> None:
+    _assumed_key_init(self, account_id, partition, access_key_id, headers)
+    for role in sts_backends[account_id][partition].assumed_roles:
+        if role.access_key_id == access_key_id and utcnow() >= role.expiration:
+            raise CreateAccessKeyFailure(reason="ExpiredToken")
+
+
+def _expiring(original: Any) -> Any:
+    def raise_invalid_access_key(self: IAMRequestBase, reason: str) -> None:
+        if reason == "ExpiredToken":
+            if self._service in ("ebs",):
+                raise ExpiredTokenException()
+            raise ExpiredToken()
+        original(self, reason)
+    return raise_invalid_access_key
+
+
 def install() -> None:
+    STSBackend.assume_role = assume_role  # type: ignore[method-assign]
+    AssumedRoleAccessKey.__init__ = assumed_key_init  # type: ignore[method-assign]
+    IAMRequest._raise_invalid_access_key = _expiring(  # type: ignore[method-assign]
+        IAMRequest._raise_invalid_access_key)
+    S3IAMRequest._raise_invalid_access_key = _expiring(  # type: ignore[method-assign]
+        S3IAMRequest._raise_invalid_access_key)
     IAMRequestBase._create_aws_request = create_aws_request  # type: ignore[method-assign]
     EC2Backend.create_snapshot = create_snapshot  # type: ignore[method-assign]
     EC2Backend.delete_snapshot = delete_snapshot  # type: ignore[method-assign]

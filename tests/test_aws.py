@@ -6,6 +6,7 @@ credentials, an instance that is not there, an arm64 instance, VM Export's limit
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -276,3 +277,34 @@ def test_role_arn_is_assumed_and_its_policy_applies(moto: Moto, tmp_path: Path) 
         provider.export(instance["InstanceId"], tmp_path / "out", method="disks",
                         options=ExportOptions())
     assert not any((tmp_path / "out").iterdir())
+
+
+def test_an_assumed_roles_credentials_are_refreshed_during_a_long_export(
+        moto: Moto, tmp_path: Path) -> None:
+    """STS credentials expire (here: after 2 s, the role's tag tells moto so); an export
+    that outlasts them assumes the role again and completes."""
+    iam = moto.client("iam")
+    name = unique("hypersdk-short")
+    trust = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "sts:AssumeRole",
+        "Principal": {"AWS": "arn:aws:iam::123456789012:user/hypersdk-test"}}]}
+    role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust),
+                           Tags=[{"Key": "moto-test:session-seconds", "Value": "2"}])["Role"]
+    iam.put_role_policy(RoleName=name, PolicyName="all", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*",
+                                                "Resource": "*"}]}))
+    image = tmp_path / "volume.raw"
+    image.write_bytes(os.urandom(4 << 20))  # 8 blocks of 512 KiB
+    instance = moto.instance(unique("t-aws-expiring"), volumes_gib=[1], contents=[image],
+                             volume_tags=[{"moto-test:block-delay": "0.6"}])
+    config = AWSProviderConfig.model_validate({
+        "region": REGION, "access_key_id": moto.access_key, "secret_access_key": moto.secret_key,
+        "endpoint_url": moto.url, "role_arn": role["Arn"]})
+    # one block at a time: the reads outlast the credentials several times over
+    settings = Config.model_validate({"export": {"part_concurrency": 1}})
+    provider = AWSProvider(config, settings=settings)
+    result = provider.export(instance["InstanceId"], tmp_path / "out", method="disks",
+                             options=ExportOptions(), job="expiring-job")
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert disk.read_bytes()[: 4 << 20] == image.read_bytes()
+    assert moto.snapshots_of_job("expiring-job") == []

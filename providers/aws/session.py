@@ -5,12 +5,21 @@ service when a compatible cloud is used, and botocore's errors mapped onto
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import boto3
 import botocore.exceptions
+import botocore.session
 from botocore.config import Config as BotoConfig
+from botocore.credentials import (
+    AssumeRoleCredentialFetcher,
+    CredentialProvider,
+    CredentialResolver,
+    Credentials,
+    DeferredRefreshableCredentials,
+)
 
 from core.config import AWSProviderConfig
 from core.errors import AuthFailed, HypersdkError, NotFound, ProviderError, Transient
@@ -90,19 +99,43 @@ def _session(config: AWSProviderConfig) -> boto3.session.Session:
         raise AuthFailed(f"AWS: {exc}") from None
 
 
+class _Given(CredentialProvider):  # type: ignore[misc]
+    """The one source of a session's credentials: those it was given."""
+
+    METHOD = "assume-role"
+
+    def __init__(self, credentials: Credentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def load(self) -> Credentials:
+        return self._credentials
+
+
 def _assume(session: boto3.session.Session, config: AWSProviderConfig,
             client_config: BotoConfig) -> boto3.session.Session:
-    sts = session.client("sts", endpoint_url=config.endpoint_url, config=client_config,
-                         verify=_verify(config))
+    """A session with the role's credentials, assumed again (botocore's own fetcher, as
+    for a profile's role_arn) before they expire: STS's last an hour at most, and an
+    export can last longer."""
+    source = session.get_credentials()
+    if source is None:
+        raise AuthFailed(f"AWS assume role {config.role_arn}: no credentials to assume it "
+                         "with (access_key_id, a profile, or the environment)")
+    fetcher = AssumeRoleCredentialFetcher(
+        client_creator=functools.partial(session.client, endpoint_url=config.endpoint_url,
+                                         config=client_config, verify=_verify(config)),
+        source_credentials=source, role_arn=config.role_arn,
+        extra_args={"RoleSessionName": "hypersdk"})
+    credentials = DeferredRefreshableCredentials(refresh_using=fetcher.fetch_credentials,
+                                                 method="assume-role")
     try:
-        answer = sts.assume_role(RoleArn=config.role_arn, RoleSessionName="hypersdk")
+        credentials.get_frozen_credentials()  # assumed now: a refusal is said here, once
     except Exception as exc:  # noqa: BLE001 - mapped
         raise map_error(exc, f"AWS assume role {config.role_arn}") from None
-    credentials = answer["Credentials"]
-    return boto3.session.Session(aws_access_key_id=credentials["AccessKeyId"],
-                                 aws_secret_access_key=credentials["SecretAccessKey"],
-                                 aws_session_token=credentials["SessionToken"],
-                                 region_name=config.region)
+    role_session = botocore.session.Session()
+    role_session.register_component("credential_provider", CredentialResolver([
+        _Given(credentials)]))
+    return boto3.session.Session(botocore_session=role_session, region_name=config.region)
 
 
 def _verify(config: AWSProviderConfig) -> str | None:
@@ -135,10 +168,8 @@ _CLIENTS: ClientCache[AWSProviderConfig, Clients] = ClientCache(make_clients)
 
 def clients_for(config: AWSProviderConfig, *, pool_size: int) -> Clients:
     """The process's clients for this account and these credentials (boto3 clients are
-    thread-safe and keep their connection pools). An assumed role's credentials expire
-    within the hour: those clients are made afresh for each provider object."""
-    if config.role_arn:
-        return make_clients(config, pool_size=pool_size)
+    thread-safe and keep their connection pools; an assumed role's credentials renew
+    themselves)."""
     return _CLIENTS.get(config, pool_size=pool_size)
 
 
