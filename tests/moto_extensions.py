@@ -29,7 +29,12 @@ that product code and tests talk to this server only over HTTP):
 `moto-test:content` = path of a raw file holding the volume's first bytes;
 `moto-test:fail-blocks` = `INDEX:TIMES,...` (those block reads answer 500 that many
 times); `moto-test:corrupt-blocks` = `INDEX,...` (their checksum is wrong);
-`moto-test:block-delay` = seconds each block read takes.
+`moto-test:block-delay` = seconds each block read takes;
+`moto-test:snapshot-seconds` = N: its snapshots are `pending` for N seconds, their
+`Progress` rising, and the EBS direct APIs refuse them until `completed` (moto: completed
+at once); `moto-test:snapshot-invisible-seconds` = N: for N seconds after it is made,
+`describe_snapshots` of its snapshot answers InvalidSnapshot.NotFound (EC2 is eventually
+consistent: a new resource may not be visible to the next call).
 """
 
 from __future__ import annotations
@@ -50,12 +55,14 @@ from typing import Any
 from moto import settings
 from moto.core.exceptions import JsonRESTError, ServiceException, _RESTError
 from moto.core.responses import ActionResult
+from moto.core.utils import utcnow
 from moto.ebs.models import EBSSnapshot, ebs_backends
 from moto.ebs.responses import EBSResponse
+from moto.ec2.exceptions import InvalidSnapshotIdError
 from moto.ec2.models import EC2Backend
+from moto.ec2.models.elastic_block_store import Snapshot
 from moto.ec2.models.instances import Instance
 from moto.ec2.responses import EC2Response
-from moto.core.utils import utcnow
 from moto.iam.access_control import (
     AssumedRoleAccessKey,
     CreateAccessKeyFailure,
@@ -118,6 +125,8 @@ def _register_with_ebs(backend: EC2Backend, snapshot: Any) -> None:
 
 _create_snapshot = EC2Backend.create_snapshot
 _delete_snapshot = EC2Backend.delete_snapshot
+_describe_snapshots = EC2Backend.describe_snapshots
+_made_at: dict[str, float] = {}  # snapshot id → when it was made (monotonic)
 
 
 def create_snapshot(self: EC2Backend, volume_id: str, description: str,
@@ -125,7 +134,35 @@ def create_snapshot(self: EC2Backend, volume_id: str, description: str,
     snapshot = _create_snapshot(self, volume_id, description, owner_id, from_ami)
     if not from_ami:
         _register_with_ebs(self, snapshot)
+        _made_at[snapshot.id] = time.monotonic()
+        _advance(snapshot)
     return snapshot
+
+
+def _since_made(snapshot: Any) -> float:
+    return time.monotonic() - _made_at.get(snapshot.id, float("-inf"))
+
+
+def _advance(snapshot: Any) -> None:
+    """A snapshot's state and progress by the time since it was made."""
+    seconds = float(_tags(snapshot.volume).get(f"{TAG}snapshot-seconds", 0))
+    done = min(1.0, _since_made(snapshot) / seconds) if seconds else 1.0
+    snapshot.status = "completed" if done >= 1.0 else "pending"
+    snapshot.moto_test_progress = f"{int(done * 100)}%"
+
+
+def describe_snapshots(self: EC2Backend, snapshot_ids: list[str] | None = None,
+                       filters: Any = None) -> list[Any]:
+    for snapshot_id in snapshot_ids or []:
+        snapshot = self.snapshots.get(snapshot_id)
+        if snapshot is not None and _since_made(snapshot) < float(
+                _tags(snapshot.volume).get(f"{TAG}snapshot-invisible-seconds", 0)):
+            raise InvalidSnapshotIdError()
+    matches = _describe_snapshots(self, snapshot_ids, filters)
+    for snapshot in matches:
+        if snapshot.id in _made_at:
+            _advance(snapshot)
+    return matches
 
 
 def delete_snapshot(self: EC2Backend, snapshot_id: str) -> Any:
@@ -141,6 +178,12 @@ def _ebs_snapshot(response: EBSResponse, snapshot_id: str) -> EBSSnapshot:
     snapshot = response.ebs_backend.snapshots.get(snapshot_id)
     if snapshot is None:
         raise ResourceNotFound(f"The snapshot '{snapshot_id}' does not exist.")
+    made = response.ebs_backend.ec2_backend.snapshots.get(snapshot_id)
+    if made is not None and snapshot_id in _made_at:
+        _advance(made)
+        if made.status != "completed":
+            raise ServiceException("ValidationException",
+                                   f"The snapshot '{snapshot_id}' is not completed yet.")
     return snapshot
 
 
@@ -410,6 +453,9 @@ def install() -> None:
     IAMRequestBase._create_aws_request = create_aws_request  # type: ignore[method-assign]
     EC2Backend.create_snapshot = create_snapshot  # type: ignore[method-assign]
     EC2Backend.delete_snapshot = delete_snapshot  # type: ignore[method-assign]
+    EC2Backend.describe_snapshots = describe_snapshots  # type: ignore[method-assign]
+    Snapshot.progress = property(  # type: ignore[method-assign,assignment]
+        lambda self: getattr(self, "moto_test_progress", "100%"))
     EBSResponse.list_snapshot_blocks = list_snapshot_blocks  # type: ignore[method-assign]
     EBSResponse.get_snapshot_block = get_snapshot_block  # type: ignore[method-assign]
     EC2Response.register_image = register_image  # type: ignore[method-assign]

@@ -308,3 +308,22 @@ def test_an_assumed_roles_credentials_are_refreshed_during_a_long_export(
     disk = next(f.path for f in result.files if f.role == "disk")
     assert disk.read_bytes()[: 4 << 20] == image.read_bytes()
     assert moto.snapshots_of_job("expiring-job") == []
+
+
+def test_a_new_snapshot_not_yet_visible_then_pending_is_waited_for(
+        moto: Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """EC2 is eventually consistent: the snapshot just made is InvalidSnapshot.NotFound to
+    describe_snapshots for a while, then pending with its progress, then completed."""
+    image = tmp_path / "volume.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    instance = moto.instance(unique("t-aws-pending"), volumes_gib=[1], contents=[image],
+                             volume_tags=[{"moto-test:snapshot-invisible-seconds": "3",
+                                           "moto-test:snapshot-seconds": "8"}])
+    caplog.set_level("INFO")
+    result = _provider(moto).export(instance["InstanceId"], tmp_path / "out", method="disks",
+                                    options=ExportOptions(), job="pending-job")
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert disk.read_bytes()[: 1 << 20] == image.read_bytes()
+    assert "not visible yet" in caplog.text, caplog.text
+    assert ": pending " in caplog.text and ": completed 100%" in caplog.text, caplog.text
+    assert moto.snapshots_of_job("pending-job") == []

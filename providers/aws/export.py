@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from core.errors import InvalidRequest, ProviderError, VerificationError
+from core.errors import InvalidRequest, NotFound, ProviderError, VerificationError
 from core.models import ExportedFile, ExportOptions, VMInfo
 from hyper2kvm.vmdk import parse_vmdk
 from providers.aws.session import Clients, call, map_error
@@ -137,13 +137,24 @@ def create_snapshots(clients: Clients, vm: VMInfo, job: str | None) -> dict[str,
 
 
 def wait_snapshots(clients: Clients, snapshot_ids: list[str], *, timeout: float = 6 * 3600,
-                   interval: float = 2.0) -> None:
-    """Until every snapshot is completed; one in state error fails the export."""
-    deadline = time.monotonic() + timeout
+                   interval: float = 2.0, visible_within: float = 120.0) -> None:
+    """Until every snapshot is completed, its progress logged; one in state error fails
+    the export. EC2 is eventually consistent: a snapshot just made may be
+    InvalidSnapshot.NotFound for a while (`visible_within` seconds at most)."""
+    started = time.monotonic()
+    deadline = started + timeout
     reported: dict[str, str] = {}
     while True:
-        answer = call(clients.ec2.describe_snapshots, "describe_snapshots",
-                      SnapshotIds=snapshot_ids)
+        try:
+            answer = call(clients.ec2.describe_snapshots, "describe_snapshots",
+                          SnapshotIds=snapshot_ids)
+        except NotFound:
+            if time.monotonic() - started > visible_within:
+                raise
+            log.info("snapshots %s: not visible yet (EC2 is eventually consistent)",
+                     ", ".join(snapshot_ids))
+            time.sleep(interval)
+            continue
         states = {s["SnapshotId"]: s for s in answer["Snapshots"]}
         for snapshot_id, snapshot in states.items():
             if snapshot["State"] == "error":
