@@ -300,6 +300,9 @@ class ExportConfig(Section):
     # parallel reads within one disk (EBS blocks, object ranges) for ranged transports
     part_concurrency: int = Field(default=8, ge=1, le=128)
     part_retries: int = Field(default=5, ge=0, le=20)  # per part (block, range), with backoff
+    # how long one part keeps being retried while the service throttles or is busy (its
+    # Retry-After honoured) before the export fails: waiting costs less than starting over
+    throttle_budget: Duration = Field(default=600.0, ge=0)
 
 
 class DatabaseConfig(Section):

@@ -60,7 +60,22 @@ class AuthFailed(ProviderError):
 
 
 class Transient(ProviderError):
-    """A failure worth retrying."""
+    """A failure worth retrying; `retry_after`: seconds the service asked to wait
+    (Retry-After), where it said."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after(headers: object) -> float | None:
+    """A response's Retry-After in seconds (the delay form; an HTTP date is ignored)."""
+    getter = getattr(headers, "get", None)
+    value = (getter("retry-after") or getter("Retry-After")) if getter else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 class Unsupported(ProviderError):

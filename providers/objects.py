@@ -45,7 +45,8 @@ def read_object(target: Path, *, size: int, fetch_range: Callable[[int, int], by
                          fetch=lambda part: fetch_range(part.offset, part.length),
                          concurrency=reading.part_concurrency, retries=reading.retries,
                          progress=reading.progress, what=what,
-                         also_hash=[c.running for c in checks], stop=reading.stop)
+                         also_hash=[c.running for c in checks], stop=reading.stop,
+                         budget=reading.budget)
     try:
         for check in checks:
             check.check(what)

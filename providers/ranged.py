@@ -5,7 +5,9 @@ snapshot blocks, S3/GCS/OCI objects, Azure page ranges, a datastore's files).
 * Parts are fetched by a pool of threads, a bounded window ahead of the oldest one, so
   memory stays at `window` parts whatever the disk's size.
 * Each part is retried on its own (`Transient`, a checksum that does not match) with
-  exponential backoff: a cut connection costs that part, not the disk.
+  exponential backoff: a cut connection costs that part, not the disk. A service that
+  throttles or is busy is waited out (its Retry-After honoured) for up to `budget`
+  seconds per part, past the retry count: the export goes on where it was.
 * Regions no part covers, and parts that are all zeros, are never written: they stay
   holes of the sparse file.
 * The SHA-256 of the whole file (holes as zeros) is computed in order, in the calling
@@ -67,13 +69,15 @@ class Reading:
     retries: int
     progress: Callable[[int], None] | None
     stop: threading.Event = field(default_factory=threading.Event, compare=False)
+    budget: float = 0.0  # seconds a part keeps being retried while the service is busy
 
     @classmethod
     def from_settings(cls, dest: Path, export: ExportConfig,
                       progress: Callable[[int], None] | None) -> Reading:
         return cls(dest=dest, disk_concurrency=export.disk_concurrency,
                    part_concurrency=export.part_concurrency, part_size=export.chunk_size,
-                   retries=export.part_retries, progress=progress)
+                   retries=export.part_retries, progress=progress,
+                   budget=export.throttle_budget)
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,12 @@ def map_in_context(fn: Callable[[Any], T], items: list[Any], *, workers: int,
 
 
 def _fetch_with_retry(fetch: Fetch, part: Part, *, retries: int, retried: _Retries,
-                      what: str) -> bytes:
+                      what: str, budget: float = 0.0,
+                      stop: threading.Event | None = None) -> bytes:
+    """`retries` tries for any failure; a `Transient` one is also tried again while less
+    than `budget` seconds have passed since the part first failed."""
     failures = 0
+    first_failure = 0.0
     while True:
         try:
             data = fetch(part)
@@ -139,13 +147,23 @@ def _fetch_with_retry(fetch: Fetch, part: Part, *, retries: int, retried: _Retri
             return data
         except (Transient, VerificationError) as exc:
             failures += 1
-            if failures > retries:
+            now = time.monotonic()
+            first_failure = first_failure or now
+            left = first_failure + budget - now if isinstance(exc, Transient) else 0.0
+            if failures > retries and left <= 0:
                 raise
             retried.add()
-            delay = min(0.2 * 2 ** failures, 10) * (0.5 + random.random())  # noqa: S311
-            log.info("%s: part at %d failed (%s); retry %d/%d in %.1f s", what, part.offset,
-                     exc, failures, retries, delay)
-            time.sleep(delay)
+            asked = exc.retry_after if isinstance(exc, Transient) else None
+            delay = asked if asked is not None else (
+                min(0.2 * 2 ** min(failures, 16), 10) * (0.5 + random.random()))  # noqa: S311
+            if failures > retries:
+                delay = min(delay, left)
+            log.info("%s: part at %d failed (%s); retry %d in %.1f s", what, part.offset, exc,
+                     failures, delay)
+            if stop is not None and stop.wait(delay):
+                raise Transient(f"{what}: stopped") from None
+            if stop is None:
+                time.sleep(delay)
 
 
 class _InOrderHash:
@@ -194,6 +212,7 @@ def read_ranges(
     what: str = "",
     also_hash: Sequence[Updatable] = (),
     stop: threading.Event | None = None,
+    budget: float = 0.0,
 ) -> RangedFile:
     """Fill `target` (`size` bytes) with `parts` (sorted by offset, not overlapping),
     each fetched by `fetch`. Progress counts every byte of the file once: a part's bytes
@@ -212,7 +231,8 @@ def read_ranges(
     def fetch_and_write(fd: int, part: Part) -> bytes:
         if stop.is_set():
             raise Transient(f"{what}: stopped")
-        data = _fetch_with_retry(fetch, part, retries=retries, retried=retried, what=what)
+        data = _fetch_with_retry(fetch, part, retries=retries, retried=retried, what=what,
+                                 budget=budget, stop=stop)
         if not all_zeros(data):  # all zeros: leave the hole
             os.pwrite(fd, data, part.offset)
             start_writeback(fd, part.offset, len(data))

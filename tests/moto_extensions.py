@@ -30,6 +30,8 @@ that product code and tests talk to this server only over HTTP):
 `moto-test:fail-blocks` = `INDEX:TIMES,...` (those block reads answer 500 that many
 times); `moto-test:corrupt-blocks` = `INDEX,...` (their checksum is wrong);
 `moto-test:block-delay` = seconds each block read takes;
+`moto-test:throttle-seconds` = N: from its first block read on, for N seconds, every
+block read of its snapshots answers RequestThrottledException (HTTP 400, as EBS does);
 `moto-test:snapshot-seconds` = N: its snapshots are `pending` for N seconds, their
 `Progress` rising, and the EBS direct APIs refuse them until `completed` (moto: completed
 at once); `moto-test:snapshot-invisible-seconds` = N: for N seconds after it is made,
@@ -81,6 +83,7 @@ TAG = "moto-test:"
 
 _lock = threading.Lock()
 _failures_left: dict[tuple[str, int], int] = {}
+_first_read: dict[str, float] = {}  # snapshot id → its first block read (monotonic)
 _export_tasks: dict[str, dict[str, Any]] = {}
 
 
@@ -218,6 +221,12 @@ def get_snapshot_block(self: EBSResponse) -> ActionResult:
     if block is None or self._get_param("BlockToken") != block.block_token:
         raise ResourceNotFound(f"block {index} of {snapshot_id} is not in the snapshot")
     tags = _block_faults(snapshot_id, self.ebs_backend.ec2_backend)
+    throttled = float(tags.get(f"{TAG}throttle-seconds", 0))
+    if throttled:
+        with _lock:
+            first = _first_read.setdefault(snapshot_id, time.monotonic())
+        if time.monotonic() - first < throttled:
+            raise ServiceException("RequestThrottledException", "Rate exceeded")
     delay = float(tags.get(f"{TAG}block-delay", 0))
     if delay:
         time.sleep(delay)

@@ -327,3 +327,21 @@ def test_a_new_snapshot_not_yet_visible_then_pending_is_waited_for(
     assert "not visible yet" in caplog.text, caplog.text
     assert ": pending " in caplog.text and ": completed 100%" in caplog.text, caplog.text
     assert moto.snapshots_of_job("pending-job") == []
+
+
+def test_throttling_longer_than_the_retries_is_waited_out_not_restarted(
+        moto: Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """EBS throttles block reads for 20 s (five retries back off ~12 s): the parts wait
+    within the throttle budget and the one snapshot is read to the end."""
+    image = tmp_path / "volume.raw"
+    image.write_bytes(os.urandom(2 << 20))
+    instance = moto.instance(unique("t-aws-throttled"), volumes_gib=[1], contents=[image],
+                             volume_tags=[{"moto-test:throttle-seconds": "20"}])
+    caplog.set_level("INFO")
+    result = _provider(moto).export(instance["InstanceId"], tmp_path / "out", method="disks",
+                                    options=ExportOptions(), job="throttled-job")
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert disk.read_bytes()[: 2 << 20] == image.read_bytes()
+    assert "RequestThrottledException" in caplog.text
+    assert caplog.text.count("snapshots snap-") == 1  # one snapshot made, once
+    assert moto.snapshots_of_job("throttled-job") == []

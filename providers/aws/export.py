@@ -240,7 +240,7 @@ def read_snapshot(clients: Clients, snapshot_id: str, target: Path, reading: Rea
                          fetch=block_reader(clients, snapshot_id),
                          concurrency=reading.part_concurrency, retries=reading.retries,
                          progress=reading.progress, what=f"snapshot {snapshot_id}",
-                         stop=reading.stop)
+                         stop=reading.stop, budget=reading.budget)
     log.info("snapshot %s: %d bytes of data read into %s (%d block reads retried)",
              snapshot_id, result.fetched, target.name, result.retried)
     return result

@@ -22,7 +22,14 @@ from botocore.credentials import (
 )
 
 from core.config import AWSProviderConfig
-from core.errors import AuthFailed, HypersdkError, NotFound, ProviderError, Transient
+from core.errors import (
+    AuthFailed,
+    HypersdkError,
+    NotFound,
+    ProviderError,
+    Transient,
+    retry_after,
+)
 from providers.clients import ClientCache
 
 _NOT_FOUND = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed",
@@ -53,7 +60,8 @@ def map_error(exc: BaseException, what: str) -> HypersdkError:
         if code in _AUTH or status in (401, 403):
             return AuthFailed(f"{what}: AWS refused the request ({code}: {message})")
         if code in _TRANSIENT or status == 429 or status >= 500:
-            return Transient(f"{what}: {code or status}: {message}")
+            return Transient(f"{what}: {code or status}: {message}", retry_after=retry_after(
+                exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})))
         return ProviderError(f"{what}: {code}: {message}")
     if isinstance(exc, botocore.exceptions.NoCredentialsError
                   | botocore.exceptions.PartialCredentialsError

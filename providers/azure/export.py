@@ -146,7 +146,7 @@ def read_snapshot(clients: Clients, sas_url: str, target: Path, reading: Reading
                          parts=page_parts(blob, disk_size, reading.part_size, what),
                          fetch=range_reader(blob, what), concurrency=reading.part_concurrency,
                          retries=reading.retries, progress=reading.progress, what=what,
-                         stop=reading.stop)
+                         stop=reading.stop, budget=reading.budget)
     log.info("%s: %d bytes of data read into %s (%d range reads retried)", what,
              result.fetched, target.name, result.retried)
     return result

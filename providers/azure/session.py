@@ -24,7 +24,14 @@ from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 
 from core.config import AzureProviderConfig
-from core.errors import AuthFailed, HypersdkError, NotFound, ProviderError, Transient
+from core.errors import (
+    AuthFailed,
+    HypersdkError,
+    NotFound,
+    ProviderError,
+    Transient,
+    retry_after,
+)
 from providers.clients import ClientCache
 
 
@@ -44,7 +51,9 @@ def map_error(exc: BaseException, what: str) -> HypersdkError:
         if status == 404:
             return NotFound(f"{what}: {_message(exc)}")
         if status == 429 or status >= 500:
-            return Transient(f"{what}: HTTP {status}: {_message(exc)}")
+            headers = getattr(exc.response, "headers", None)
+            return Transient(f"{what}: HTTP {status}: {_message(exc)}",
+                             retry_after=retry_after(headers))
         return ProviderError(f"{what}: {_message(exc)}")
     if isinstance(exc, ServiceRequestError | ServiceResponseError | ConnectionError
                   | TimeoutError):
