@@ -21,6 +21,7 @@ import secrets
 import ssl
 import subprocess
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -69,6 +70,9 @@ class State:
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # how long the background copy of an incremental snapshot of a Premium SSD v2 or Ultra
+    # disk lasts here (on Azure: minutes to hours); no access is granted before it ends
+    copy_seconds: float = 6.0
 
     def rid(self, group: str, kind: str, name: str) -> str:
         return (f"/subscriptions/{self.subscription}/resourceGroups/{group}/providers/"
@@ -117,7 +121,8 @@ class StandIn:
         self.url = f"https://127.0.0.1:{server.server_address[1]}"
 
     def add_disk(self, group: str, name: str, *, size: int, content: Path | None,
-                 generation: str = "V1", os_type: str | None = None) -> str:
+                 generation: str = "V1", os_type: str | None = None,
+                 sku: str = "Premium_LRS") -> str:
         blob = _vhd_blob(self.state, f"{group}-{name}", content, size)
         disk_id = self.state.rid(group, "Microsoft.Compute/disks", name)
         properties: dict[str, Any] = {
@@ -129,7 +134,7 @@ class StandIn:
         with self.state.lock:
             self.state.disks[disk_id.lower()] = {
                 "id": disk_id, "name": name, "type": "Microsoft.Compute/disks",
-                "location": "westeurope", "sku": {"name": "Premium_LRS", "tier": "Premium"},
+                "location": "westeurope", "sku": {"name": sku, "tier": sku.split("_")[0]},
                 "properties": properties, "_blob": blob}
         return disk_id
 
@@ -137,11 +142,12 @@ class StandIn:
                disks: list[tuple[int, Path | None]], generation: str = "V1",
                os_type: str = "Linux", running: bool = False, secure_boot: bool = False,
                macs: tuple[str, ...] = ("00-0D-3A-11-22-33",),
-               tags: dict[str, str] | None = None) -> str:
-        """A VM whose disks (size in bytes, raw content) are page blobs in Azurite."""
+               tags: dict[str, str] | None = None, sku: str = "Premium_LRS") -> str:
+        """A VM whose disks (size in bytes, raw content; SKU `sku`) are page blobs in
+        Azurite."""
         disk_ids = [self.add_disk(group, f"{name}-disk{i}", size=s, content=c,
                                   generation=generation,
-                                  os_type=os_type if i == 0 else None)
+                                  os_type=os_type if i == 0 else None, sku=sku)
                     for i, (s, c) in enumerate(disks)]
         nic_ids = []
         for index, mac in enumerate(macs):
@@ -433,6 +439,10 @@ class Handler(BaseHTTPRequestHandler):
                            "provisioningState": "Succeeded", "diskState": "Unattached",
                            "timeCreated": datetime.now(UTC).isoformat()},
             "_blob": disk["_blob"], "_snapshot": snapshot_blob, "_access": False}
+        if disk["sku"]["name"] in ("PremiumV2_LRS", "UltraSSD_LRS"):  # not instant-access
+            snapshot["_copy_started"] = time.monotonic()
+            snapshot["_copied_at"] = snapshot["_copy_started"] + self.state.copy_seconds
+            self._copying(snapshot)
         owners = [vm["_power"] for vm in self.state.vms.values() if disk["id"].lower() in {
             d["managedDisk"]["id"].lower() for d in (
                 vm["properties"]["storageProfile"]["osDisk"],
@@ -444,7 +454,24 @@ class Handler(BaseHTTPRequestHandler):
 
     def _get_snapshot(self, query: dict[str, str], rg: str, name: str) -> tuple[
             int, Any, None]:
-        return 200, self._public(self._snapshot(rg, name)), None
+        snapshot = self._snapshot(rg, name)
+        self._copying(snapshot)
+        return 200, self._public(snapshot), None
+
+    @staticmethod
+    def _copying(snapshot: dict[str, Any]) -> bool:
+        """Where the snapshot's background copy is still running, its completionPercent
+        and snapshotAccessState (Pending) say so; once done, 100 and Available."""
+        left = snapshot.get("_copied_at", 0.0) - time.monotonic()
+        copying = left > 0
+        started = snapshot.get("_copy_started")
+        properties = snapshot["properties"]
+        if started is not None:
+            whole = snapshot["_copied_at"] - started
+            properties["completionPercent"] = (
+                100.0 if not copying else round(100.0 * (1 - left / whole), 1))
+            properties["snapshotAccessState"] = "Pending" if copying else "Available"
+        return copying
 
     def _delete_snapshot(self, query: dict[str, str], rg: str, name: str) -> tuple[
             int, None, None]:
@@ -468,6 +495,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._operation_started(None, revoke)
         if self._body().get("access") != "Read":
             raise ArmError(400, "InvalidParameter", "access must be Read.")
+        if self._copying(snapshot):
+            raise ArmError(409, "OperationNotAllowed", f"Snapshot {name} cannot be accessed "
+                           "while its background copy is in progress (completionPercent "
+                           f"{snapshot['properties']['completionPercent']}).")
         sas = generate_blob_sas(AZURITE_ACCOUNT, CONTAINER, snapshot["_blob"],
                                 snapshot=snapshot["_snapshot"], account_key=AZURITE_KEY,
                                 permission=BlobSasPermissions(read=True),

@@ -178,3 +178,19 @@ def test_refused_credentials_missing_vm_and_unreachable_arm(azure: Azure) -> Non
     with pytest.raises(Transient, match="cannot reach Azure"):
         _provider(azure, arm_endpoint=f"https://127.0.0.1:{free_port()}").list_vms(VMFilter())
     assert azure.secret not in repr(_provider(azure).config)
+
+
+def test_a_snapshot_still_copying_is_waited_for_before_access_is_granted(
+        azure: Azure, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Snapshots of Premium SSD v2 and Ultra disks are not instant-access: until their
+    background copy ends (completionPercent 100) Azure refuses to grant access."""
+    group, name = unique("rg"), unique("t-az-v2")
+    images = _images(tmp_path, name)
+    azure.standin.add_vm(group, name, disks=[(64 * MIB, images[0])], sku="PremiumV2_LRS")
+    caplog.set_level("INFO")
+    result = _provider(azure).export(f"{group}/{name}", tmp_path / "out", method="disks",
+                                     options=ExportOptions(), job="copying-job")
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert qemu_img.compare(images[0], disk)
+    assert "background copy" in caplog.text and "% done" in caplog.text, caplog.text
+    assert [s for s in azure.standin.snapshots() if name in s["name"]] == []

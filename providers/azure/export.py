@@ -22,7 +22,7 @@ from azure.mgmt.compute.models import (
 )
 from azure.storage.blob import BlobClient
 
-from core.errors import InvalidRequest, VerificationError
+from core.errors import InvalidRequest, ProviderError, VerificationError
 from core.models import ExportedFile, ExportOptions, VMInfo
 from providers.azure.inventory import parse_id
 from providers.azure.session import Clients, call, map_error
@@ -73,8 +73,39 @@ def create_snapshot(clients: Clients, disk_id: str, location: str, job: str | No
     return str(snapshot.id)
 
 
+def wait_copied(clients: Clients, snapshot_id: str, *, timeout: float = 24 * 3600,
+                interval: float = 2.0) -> None:
+    """Until the snapshot is readable: an incremental snapshot of a Premium SSD v2 or
+    Ultra disk (or any still copying) is not instant-access; its background copy's
+    `completionPercent` reaches 100 and `snapshotAccessState` leaves Pending first."""
+    group, name = parse_id(snapshot_id)
+    deadline = time.monotonic() + timeout
+    said = None
+    while True:
+        snapshot = call(lambda: clients.compute.snapshots.get(group, name),
+                        f"snapshot {name}")
+        properties = snapshot.properties
+        percent = properties.completion_percent
+        state = properties.snapshot_access_state
+        if properties.copy_completion_error is not None:
+            error = properties.copy_completion_error
+            raise ProviderError(f"snapshot {name}: its background copy failed "
+                                f"({error.error_code}: {error.error_message})")
+        if (percent is None or percent >= 100) and state != "Pending":
+            return
+        if (percent, state) != said:
+            said = (percent, state)
+            log.info("snapshot %s: background copy %.0f%% done (%s); access is granted "
+                     "once it ends", name, percent or 0, state or "copying")
+        if time.monotonic() > deadline:
+            raise ProviderError(f"snapshot {name}: background copy not done after "
+                                f"{timeout:.0f} s")
+        time.sleep(interval)
+
+
 def grant_read(clients: Clients, snapshot_id: str) -> str:
     group, name = parse_id(snapshot_id)
+    wait_copied(clients, snapshot_id)
     access = call(lambda: clients.compute.snapshots.begin_grant_access(
         group, name, GrantAccessData(access="Read", duration_in_seconds=ACCESS_SECONDS)
     ).result(), f"read access to {name}")
