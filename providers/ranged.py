@@ -131,20 +131,17 @@ def map_in_context(fn: Callable[[Any], T], items: list[Any], *, workers: int,
             raise
 
 
-def _fetch_with_retry(fetch: Fetch, part: Part, *, retries: int, retried: _Retries,
-                      what: str, budget: float = 0.0,
-                      stop: threading.Event | None = None) -> bytes:
-    """`retries` tries for any failure; a `Transient` one is also tried again while less
-    than `budget` seconds have passed since the part first failed."""
+def with_retries(call: Callable[[], T], *, retries: int, what: str, budget: float = 0.0,
+                 stop: threading.Event | None = None, retried: _Retries | None = None) -> T:
+    """`call()`, tried again with exponential backoff after a `Transient` failure or a
+    checksum that does not match: `retries` times, and a `Transient` one also while less
+    than `budget` seconds have passed since the first failure (a service that throttles
+    or is busy; its Retry-After honoured). A set `stop` ends the wait."""
     failures = 0
     first_failure = 0.0
     while True:
         try:
-            data = fetch(part)
-            if len(data) != part.length:
-                raise Transient(f"{what}: part at {part.offset} came back with {len(data)} "
-                                f"bytes, {part.length} expected")
-            return data
+            return call()
         except (Transient, VerificationError) as exc:
             failures += 1
             now = time.monotonic()
@@ -152,18 +149,26 @@ def _fetch_with_retry(fetch: Fetch, part: Part, *, retries: int, retried: _Retri
             left = first_failure + budget - now if isinstance(exc, Transient) else 0.0
             if failures > retries and left <= 0:
                 raise
-            retried.add()
+            if retried is not None:
+                retried.add()
             asked = exc.retry_after if isinstance(exc, Transient) else None
             delay = asked if asked is not None else (
                 min(0.2 * 2 ** min(failures, 16), 10) * (0.5 + random.random()))  # noqa: S311
             if failures > retries:
                 delay = min(delay, left)
-            log.info("%s: part at %d failed (%s); retry %d in %.1f s", what, part.offset, exc,
-                     failures, delay)
+            log.info("%s failed (%s); retry %d in %.1f s", what, exc, failures, delay)
             if stop is not None and stop.wait(delay):
                 raise Transient(f"{what}: stopped") from None
             if stop is None:
                 time.sleep(delay)
+
+
+def _whole_part(fetch: Fetch, part: Part, what: str) -> bytes:
+    data = fetch(part)
+    if len(data) != part.length:
+        raise Transient(f"{what}: part at {part.offset} came back with {len(data)} bytes, "
+                        f"{part.length} expected")
+    return data
 
 
 class _InOrderHash:
@@ -231,8 +236,9 @@ def read_ranges(
     def fetch_and_write(fd: int, part: Part) -> bytes:
         if stop.is_set():
             raise Transient(f"{what}: stopped")
-        data = _fetch_with_retry(fetch, part, retries=retries, retried=retried, what=what,
-                                 budget=budget, stop=stop)
+        data = with_retries(lambda: _whole_part(fetch, part, what), retries=retries,
+                            what=f"{what}: part at {part.offset}", budget=budget, stop=stop,
+                            retried=retried)
         if not all_zeros(data):  # all zeros: leave the hole
             os.pwrite(fd, data, part.offset)
             start_writeback(fd, part.offset, len(data))

@@ -83,8 +83,11 @@ class State:
             "account_name": AZURITE_ACCOUNT, "account_key": AZURITE_KEY})
 
 
-def _vhd_blob(state: State, name: str, raw: Path | None, size: int) -> str:
-    """Upload `raw` (padded to `size`) as a fixed VHD page blob, holes left unwritten."""
+def _vhd_blob(state: State, name: str, raw: Path | None, size: int, *,
+              fragmented: bool = False) -> str:
+    """Upload `raw` (padded to `size`) as a fixed VHD page blob, holes left unwritten:
+    4 MiB pages, or with `fragmented` each run of 512-byte pages holding data on its own
+    (a blob written by a guest over years has thousands of small page ranges)."""
     container = state.blobs().get_container_client(CONTAINER)
     if not container.exists():
         container.create_container()
@@ -106,11 +109,27 @@ def _vhd_blob(state: State, name: str, raw: Path | None, size: int) -> str:
         with vhd.open("rb") as data:
             for offset in range(0, total, PAGE):
                 chunk = data.read(PAGE)
-                if chunk.count(0) != len(chunk) or offset + len(chunk) == total:
-                    blob.upload_page(chunk, offset=offset, length=len(chunk))
+                if chunk.count(0) == len(chunk) and offset + len(chunk) != total:
+                    continue
+                for start, end in (_data_runs(chunk) if fragmented else [(0, len(chunk))]):
+                    blob.upload_page(chunk[start:end], offset=offset + start,
+                                     length=end - start)
         return f"{name}.vhd"
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def _data_runs(chunk: bytes) -> list[tuple[int, int]]:
+    """[start, end) of each run of 512-byte sectors of `chunk` that are not all zeros."""
+    runs: list[tuple[int, int]] = []
+    for start in range(0, len(chunk), 512):
+        if chunk[start:start + 512].count(0) == 512:
+            continue
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], start + 512)
+        else:
+            runs.append((start, start + 512))
+    return runs
 
 
 class StandIn:
@@ -122,8 +141,8 @@ class StandIn:
 
     def add_disk(self, group: str, name: str, *, size: int, content: Path | None,
                  generation: str = "V1", os_type: str | None = None,
-                 sku: str = "Premium_LRS") -> str:
-        blob = _vhd_blob(self.state, f"{group}-{name}", content, size)
+                 sku: str = "Premium_LRS", fragmented: bool = False) -> str:
+        blob = _vhd_blob(self.state, f"{group}-{name}", content, size, fragmented=fragmented)
         disk_id = self.state.rid(group, "Microsoft.Compute/disks", name)
         properties: dict[str, Any] = {
             "diskSizeGB": size >> 30, "diskSizeBytes": size, "hyperVGeneration": generation,
@@ -142,12 +161,14 @@ class StandIn:
                disks: list[tuple[int, Path | None]], generation: str = "V1",
                os_type: str = "Linux", running: bool = False, secure_boot: bool = False,
                macs: tuple[str, ...] = ("00-0D-3A-11-22-33",),
-               tags: dict[str, str] | None = None, sku: str = "Premium_LRS") -> str:
+               tags: dict[str, str] | None = None, sku: str = "Premium_LRS",
+               fragmented: bool = False) -> str:
         """A VM whose disks (size in bytes, raw content; SKU `sku`) are page blobs in
         Azurite."""
         disk_ids = [self.add_disk(group, f"{name}-disk{i}", size=s, content=c,
                                   generation=generation,
-                                  os_type=os_type if i == 0 else None, sku=sku)
+                                  os_type=os_type if i == 0 else None, sku=sku,
+                                  fragmented=fragmented)
                     for i, (s, c) in enumerate(disks)]
         nic_ids = []
         for index, mac in enumerate(macs):

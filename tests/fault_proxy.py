@@ -17,11 +17,18 @@ from tests.peers import free_port
 @dataclass
 class Faults:
     """What the proxy does to ranged reads: fail the read of a range starting at an offset
-    N times (503), flip a byte of it, or delay every ranged read."""
+    N times (503), flip a byte of it, or delay every ranged read; and to Azure's page
+    range listings (Get Page Ranges, `comp=pagelist`): one over more than
+    `page_list_span` bytes (or the whole blob) times out as on a large fragmented blob
+    (500 OperationTimedOut), the first `page_list_fail` ones answer 503."""
 
     fail: dict[int, int] = field(default_factory=dict)  # range start -> failures left
     corrupt: set[int] = field(default_factory=set)  # range starts answered with a byte flipped
     delay: float = 0.0
+    page_list_span: int | None = None
+    page_list_fail: int = 0
+    reads: int = 0  # ranged reads of data served
+    page_lists: list[str] = field(default_factory=list)  # ranges of listings within the span
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def should_fail(self, start: int) -> bool:
@@ -42,10 +49,43 @@ def start_proxy(upstream_port: int, faults: Faults) -> ThreadingHTTPServer:
         def log_message(self, *args: Any) -> None:
             pass
 
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            body = (f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code>'
+                    f"<Message>{message}</Message></Error>").encode()
+            self.send_response(status)
+            self.send_header("x-ms-error-code", code)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _page_list_refused(self, ranged: str) -> bool:
+            span = None
+            if ranged.startswith("bytes="):
+                first, _, last = ranged[6:].partition("-")
+                span = int(last) - int(first) + 1
+            if faults.page_list_span is not None and (
+                    span is None or span > faults.page_list_span):
+                self._refuse(500, "OperationTimedOut",
+                             "Operation could not be completed within the specified time.")
+                return True
+            with faults.lock:
+                faults.page_lists.append(ranged)
+                if faults.page_list_fail > 0:
+                    faults.page_list_fail -= 1
+                    self._refuse(503, "ServerBusy", "The server is busy.")
+                    return True
+            return False
+
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             ranged = self.headers.get("x-ms-range") or self.headers.get("Range") or ""
-            if self.command == "GET" and ranged.startswith("bytes="):
+            if self.command == "GET" and "comp=pagelist" in self.path:
+                if self._page_list_refused(ranged):
+                    return
+            elif self.command == "GET" and ranged.startswith("bytes="):
+                with faults.lock:
+                    faults.reads += 1
                 if faults.delay:
                     time.sleep(faults.delay)
                 if faults.should_fail(int(ranged[6:].split("-")[0])):

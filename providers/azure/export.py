@@ -11,6 +11,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,20 @@ from providers.azure.inventory import parse_id
 from providers.azure.session import Clients, call, map_error
 from providers.packaging import RAW, FetchedDisk, export_disks
 from providers.power import power_for_export
-from providers.ranged import Part, RangedFile, Reading, map_in_context, read_ranges
+from providers.ranged import (
+    Part,
+    RangedFile,
+    Reading,
+    map_in_context,
+    read_ranges,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 JOB_TAG = "hypersdk-job"
 FOOTER = 512
+SEGMENT = 1 << 30  # page ranges are listed a GiB at a time, as Microsoft advises
+MERGE_GAP = 64 << 10  # ranges this close are read as one: fewer requests, a few zeros more
 ACCESS_SECONDS = 24 * 3600
 
 
@@ -140,18 +150,43 @@ def check_footer(footer: bytes, disk_size: int, what: str) -> None:
                                 f"holds {disk_size}")
 
 
-def page_parts(blob: BlobClient, disk_size: int, part_size: int, what: str) -> Iterator[Part]:
-    """The blob's ranges holding data (before the footer), cut into parts."""
-    try:
-        ranges = blob.list_page_ranges()
-        for page in ranges:
-            if page.cleared:
+def page_parts(blob: BlobClient, disk_size: int, reading: Reading, what: str) -> Iterator[
+        Part]:
+    """The blob's ranges holding data (before the footer), listed a segment at a time
+    (one listing of a large, fragmented page blob times out on Azure: 500
+    OperationTimedOut), each segment retried on its own; ranges closer than MERGE_GAP are
+    read as one, cut into parts of at most the part size."""
+    run: tuple[int, int] | None = None
+    for segment in range(0, disk_size, SEGMENT):
+        length = min(SEGMENT, disk_size - segment)
+        listed = with_retries(partial(_data_ranges, blob, segment, length, what),
+                              retries=reading.retries, what=f"{what}: page ranges at {segment}",
+                              budget=reading.budget, stop=reading.stop)
+        for start, end in listed:
+            if run is not None and start - run[1] <= MERGE_GAP:
+                run = (run[0], max(run[1], end))
                 continue
-            start, end = page.start or 0, min((page.end or 0) + 1, disk_size)
-            for offset in range(start, end, part_size):
-                yield Part(offset=offset, length=min(part_size, end - offset))
-    except Exception as exc:  # noqa: BLE001 - mapped
+            if run is not None:
+                yield from _cut(run, reading.part_size)
+            run = (start, end)
+    if run is not None:
+        yield from _cut(run, reading.part_size)
+
+
+def _data_ranges(blob: BlobClient, start: int, length: int, what: str) -> list[tuple[int, int]]:
+    """[start, end) of each range with data in the segment, clipped to it."""
+    try:
+        return [(max(page.start or 0, start), min((page.end or 0) + 1, start + length))
+                for page in blob.list_page_ranges(offset=start, length=length)
+                if not page.cleared]
+    except Exception as exc:  # noqa: BLE001 - mapped: Transient is retried per segment
         raise map_error(exc, f"{what}: page ranges") from None
+
+
+def _cut(run: tuple[int, int], part_size: int) -> Iterator[Part]:
+    start, end = run
+    for offset in range(start, end, part_size):
+        yield Part(offset=offset, length=min(part_size, end - offset))
 
 
 def range_reader(blob: BlobClient, what: str) -> Callable[[Part], bytes]:
@@ -174,7 +209,7 @@ def read_snapshot(clients: Clients, sas_url: str, target: Path, reading: Reading
     footer = range_reader(blob, what)(Part(offset=disk_size, length=FOOTER))
     check_footer(footer, disk_size, what)
     result = read_ranges(target, size=disk_size,
-                         parts=page_parts(blob, disk_size, reading.part_size, what),
+                         parts=page_parts(blob, disk_size, reading, what),
                          fetch=range_reader(blob, what), concurrency=reading.part_concurrency,
                          retries=reading.retries, progress=reading.progress, what=what,
                          stop=reading.stop, budget=reading.budget)
