@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import google_crc32c
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -68,9 +69,18 @@ class State:
     work_requests: dict[str, dict[str, Any]] = field(default_factory=dict)
     objects: dict[tuple[str, str], Path] = field(default_factory=dict)  # (bucket, name)
     fail: dict[int, int] = field(default_factory=dict)  # object read offset -> failures left
+    corrupt: set[int] = field(default_factory=set)  # object read offsets served a byte flipped
+    # objects larger than this were written as multipart uploads (as an image export's
+    # are): no Content-MD5, an opc-multipart-md5 (of the parts' MD5s) that cannot be
+    # checked against the bytes; every object has its opc-content-crc32c
+    multipart_above: int = 1 << 40
     export_seconds: float = 0.3
     unsigned: int = 0  # requests refused for their signature
     captured: list[tuple[str, str]] = field(default_factory=list)  # (instance, its state)
+    # instances whose OS ignores SOFTSTOP's ACPI shutdown: they stay STOPPING (OCI powers
+    # them off itself only after 15 minutes) until a STOP
+    deaf: set[str] = field(default_factory=set)
+    actions: list[tuple[str, str]] = field(default_factory=list)  # (instance, action)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -265,7 +275,11 @@ class Handler(BaseHTTPRequestHandler):
                 action = query.get("action")
                 if action not in ("SOFTSTOP", "STOP", "START"):
                     raise OciError(400, "InvalidParameter", f"unknown action {action!r}")
-                instance["lifecycleState"] = "RUNNING" if action == "START" else "STOPPED"
+                state.actions.append((instance["id"], action))
+                instance["lifecycleState"] = (
+                    "RUNNING" if action == "START"
+                    else "STOPPING" if action == "SOFTSTOP" and instance["id"] in state.deaf
+                    else "STOPPED")
             self._send(200, _public(instance))
             return
         kinds = {"/bootVolumeAttachments": "boot", "/volumeAttachments": "volume",
@@ -384,10 +398,20 @@ class Handler(BaseHTTPRequestHandler):
             return
         data = stored.read_bytes()
         md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        crc = base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
+        if len(data) > state.multipart_above:
+            digests = b"".join(hashlib.md5(data[o:o + state.multipart_above]).digest()
+                               for o in range(0, len(data), state.multipart_above))
+            parts = -(-len(data) // state.multipart_above)
+            sums = {"opc-multipart-md5":
+                    f"{base64.b64encode(hashlib.md5(digests).digest()).decode()}-{parts}"}
+        else:
+            sums = {"content-md5": md5}
         if method == "HEAD":
             self.send_response(200)
-            for key, value in (("Content-Length", str(len(data))), ("content-md5", md5),
-                               ("etag", md5), ("opc-request-id", uuid.uuid4().hex)):
+            for key, value in (("Content-Length", str(len(data))), *sums.items(),
+                               ("opc-content-crc32c", crc), ("etag", md5),
+                               ("opc-request-id", uuid.uuid4().hex)):
                 self.send_header(key, value)
             self.end_headers()
             return
@@ -402,6 +426,8 @@ class Handler(BaseHTTPRequestHandler):
                 state.fail[start] = left - 1
         if left:
             raise OciError(503, "ServiceUnavailable", "try again")
+        if start in state.corrupt:
+            data = data[:start] + bytes([data[start] ^ 0xFF]) + data[start + 1:]
         self._send(206, raw=data[start:end + 1],
                    headers={"Content-Range": f"bytes {start}-{end}/{len(data)}"})
 

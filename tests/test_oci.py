@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from core.config import Config, OCIProviderConfig
-from core.errors import AuthFailed, NotFound, Transient
+from core.errors import AuthFailed, NotFound, Transient, VerificationError
 from core.models import ExportOptions, VMFilter
 from hyper2kvm import qemu_img
 from hyper2kvm.sample import make_disk
@@ -102,7 +102,7 @@ def test_migration_ends_with_matching_domain_and_nothing_left(
     assert start_and_stop(name)
     logs = "\n".join(line["message"] for line in
                      api.get(f"/jobs/logs/{job_id}").json()["logs"])
-    assert "MD5 checked" in logs and "(2 range reads retried)" in logs
+    assert "CRC32C checked" in logs and "(2 range reads retried)" in logs
     assert "work request" in logs and "SUCCEEDED" in logs
     assert _leftovers(oci_peer, name) == []
     assert oci_peer.standin.state.unsigned == 0
@@ -172,3 +172,43 @@ def test_refused_key_missing_instance_and_unreachable_endpoint(oci_peer: OCI,
     provider = _provider(oci_peer, key_file=None, key_content=key.read_text())
     assert provider.list_vms(VMFilter()) is not None
     assert key.read_text() not in repr(provider.config)
+
+
+def test_an_instance_deaf_to_softstop_is_powered_off_after_the_shutdown_timeout(
+        oci_peer: OCI, tmp_path: Path) -> None:
+    """SOFTSTOP asks the OS; one that does not answer stays STOPPING. After
+    shutdown_timeout the export powers it off (STOP), as the option promises; a wait that
+    ran out is not "bad credentials"."""
+    name = unique("t-oci-deaf")
+    instance = oci_peer.standin.add_instance(name, boot=(1, _boot(tmp_path, name)),
+                                             running=True)
+    oci_peer.standin.state.deaf.add(instance)
+    result = _provider(oci_peer).export(
+        instance, tmp_path / "out", method="ova", job="deaf-job",
+        options=ExportOptions(shutdown_vm=True, shutdown_timeout=3))
+    assert [a for i, a in oci_peer.standin.state.actions if i == instance] == [
+        "SOFTSTOP", "STOP"]
+    assert oci_peer.standin.state.captured[-1] == (instance, "STOPPED")
+    assert [f.role for f in result.files] == ["ova"]
+    assert _leftovers(oci_peer, name) == []
+
+
+def test_a_multipart_object_is_checked_by_its_crc32c(oci_peer: OCI, tmp_path: Path) -> None:
+    """An image export lands as a multipart object: no Content-MD5 to check. Its
+    opc-content-crc32c covers the whole object: a byte flipped on the way is caught."""
+    state = oci_peer.standin.state
+    name = unique("t-oci-multi")
+    instance = oci_peer.standin.add_instance(name, boot=(1, _boot(tmp_path, name)))
+    state.multipart_above, state.corrupt = 64 << 10, {0}
+    try:
+        with pytest.raises(VerificationError, match="crc32c"):
+            _provider(oci_peer).export(instance, tmp_path / "bad", method="ova",
+                                       job="multi-bad", options=ExportOptions())
+        state.corrupt = set()
+        result = _provider(oci_peer).export(instance, tmp_path / "out", method="ova",
+                                            job="multi-job", options=ExportOptions())
+    finally:
+        state.multipart_above, state.corrupt = 1 << 40, set()
+    assert [f.role for f in result.files] == ["ova"]
+    assert not list((tmp_path / "bad").glob("*"))
+    assert _leftovers(oci_peer, name) == []

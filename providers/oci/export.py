@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import google_crc32c
 import oci
 
 from core.errors import HypersdkError, InvalidRequest, ProviderError, Transient
@@ -26,6 +27,7 @@ from providers.power import power_for_export
 from providers.ranged import RangedFile, Reading
 
 log = logging.getLogger(__name__)
+POWER_WAIT = 900  # seconds a STOP or START may take
 JOB_TAG = "hypersdk-job"
 PREFIX = "hypersdk"
 TIMEOUT = 12 * 3600
@@ -46,19 +48,41 @@ def check_exportable(vm: VMInfo, options: ExportOptions, bucket: str | None) -> 
             "them")
 
 
-def _power_calls(clients: Clients, vm: VMInfo) -> dict[str, Callable[[], None]]:
-    def action(name: str, state: str) -> Callable[[], None]:
-        def run() -> None:
-            call(lambda: clients.compute.instance_action(vm.identifier, name),
-                 f"{name} {vm.name}")
-            call(lambda: oci.wait_until(clients.compute,
-                                        clients.compute.get_instance(vm.identifier),
-                                        "lifecycle_state", state, max_wait_seconds=900),
-                 f"{name} {vm.name}")
-            log.info("%s: %s", vm.name, state.lower())
-        return run
+def _reached(clients: Clients, vm: VMInfo, state: str, wait: float, what: str) -> bool:
+    """Whether the instance reaches `state` within `wait` seconds."""
+    try:
+        oci.wait_until(clients.compute, clients.compute.get_instance(vm.identifier),
+                       "lifecycle_state", state, max_wait_seconds=wait)
+    except oci.exceptions.MaximumWaitTimeExceeded:
+        return False
+    except Exception as exc:  # noqa: BLE001 - mapped
+        raise map_error(exc, what) from None
+    return True
 
-    return {"stop": action("SOFTSTOP", "STOPPED"), "start": action("START", "RUNNING")}
+
+def _power_calls(clients: Clients, vm: VMInfo, options: ExportOptions) -> dict[
+        str, Callable[[], None]]:
+    def act(name: str, state: str, wait: float) -> bool:
+        what = f"{name} {vm.name}"
+        call(lambda: clients.compute.instance_action(vm.identifier, name), what)
+        if not _reached(clients, vm, state, wait, what):
+            return False
+        log.info("%s: %s", vm.name, state.lower())
+        return True
+
+    def must(name: str, state: str) -> None:
+        if not act(name, state, POWER_WAIT):
+            raise ProviderError(f"{name} {vm.name}: not {state} after {POWER_WAIT} s")
+
+    def stop() -> None:
+        """SOFTSTOP (the OS shuts down), then STOP (power off) once shutdown_timeout has
+        passed: OCI itself would wait 15 minutes for an OS that ignores the request."""
+        if not act("SOFTSTOP", "STOPPED", max(options.shutdown_timeout, 1)):
+            log.warning("%s: not stopped %d s after SOFTSTOP; powering it off (STOP)",
+                        vm.name, options.shutdown_timeout)
+            must("STOP", "STOPPED")
+
+    return {"stop": stop, "start": lambda: must("START", "RUNNING")}
 
 
 def create_image(clients: Clients, vm: VMInfo, job: str | None) -> str:
@@ -129,7 +153,10 @@ def read_exported(clients: Clients, namespace: str, bucket: str, name: str, targ
     what = f"oci://{bucket}@{namespace}/{name}"
     head = call(lambda: clients.objects.head_object(namespace, bucket, name), what).headers
     size = int(head["content-length"])
-    md5 = head.get("content-md5")  # a multipart upload's opc-multipart-md5 cannot be checked
+    # the CRC32C covers the whole object however it was uploaded; a multipart upload has
+    # no Content-MD5, and its opc-multipart-md5 (of the parts' MD5s) cannot be checked
+    crc32c = head.get("opc-content-crc32c")
+    md5 = head.get("content-md5")
 
     def fetch_range(offset: int, length: int) -> bytes:
         try:
@@ -140,12 +167,13 @@ def read_exported(clients: Clients, namespace: str, bucket: str, name: str, targ
             raise map_error(exc, f"{what} bytes {offset}-") from None
         return data
 
-    expected = [Expected.from_base64("md5", md5, hashlib.md5())] if md5 else []
+    expected = ([Expected.from_base64("crc32c", crc32c, google_crc32c.Checksum())] if crc32c
+                else [Expected.from_base64("md5", md5, hashlib.md5())] if md5 else [])
     result = read_object(target, size=size, fetch_range=fetch_range, reading=reading,
                          what=what, expected=expected)
     log.info("%s: %d bytes read into %s, %s (%d range reads retried)", what, result.size,
-             target.name, "MD5 checked" if md5 else "multipart: no MD5 to check",
-             result.retried)
+             target.name, f"{expected[0].name.upper()} checked" if expected
+             else "no checksum to check", result.retried)
     return result
 
 
@@ -188,7 +216,7 @@ def export_vm(clients: Clients, vm: VMInfo, reading: Reading, *, method: str,
     boot_only = vm.model_copy(update={"disks": vm.disks[:1]})
 
     def fetch(written: list[Path]) -> list[FetchedDisk]:
-        with power_for_export(vm, options, **_power_calls(clients, vm)) as restore:
+        with power_for_export(vm, options, **_power_calls(clients, vm, options)) as restore:
             return fetch_boot_volume(clients, boot_only, reading, bucket=bucket,
                                      options=options, restore=restore, job=job,
                                      written=written)

@@ -31,6 +31,8 @@ def map_error(exc: BaseException, what: str) -> HypersdkError:
         if exc.status == 429 or exc.status >= 500:
             return Transient(f"{what}: HTTP {exc.status}: {detail}")
         return ProviderError(f"{what}: {detail}")
+    if isinstance(exc, oci.exceptions.MaximumWaitTimeExceeded):  # a ClientError too
+        return Transient(f"{what}: not done within the wait: {_first_line(exc)}")
     if isinstance(exc, oci.exceptions.ClientError):  # config, key, passphrase
         return AuthFailed(f"{what}: OCI credentials: {_first_line(exc)}")
     if isinstance(exc, oci.exceptions.RequestException | requests.ConnectionError
