@@ -119,6 +119,33 @@ class Jobs:
                 "migrate-vm", {"job": job.model_dump(mode="json")},
                 [f"provider:{job.provider}", f"vm:{job.vm_identifier}", vm, folder_tag])
 
+    async def holder(self, vm: str) -> FlowRun | None:
+        """The active job of the VM tagged `vm`, if one is."""
+        flows, runs_filter = _due_runs(STATE_TYPES_OF[JobStatus.PENDING]
+                                       + STATE_TYPES_OF[JobStatus.RUNNING]
+                                       + [StateType.CANCELLING])
+        runs_filter.tags = FlowRunFilterTags(all_=[vm])
+        runs = await self.client.read_flow_runs(flow_filter=flows, flow_run_filter=runs_filter,
+                                                limit=1)
+        return runs[0] if runs else None
+
+    async def throughput(self, provider: str, *, jobs: int = 10) -> float | None:
+        """Bytes of disk a second over the last `jobs` completed migrations from
+        `provider` (their disks' virtual sizes over their steps' time); None before any."""
+        flows, runs_filter = _due_runs(STATE_TYPES_OF[JobStatus.COMPLETED])
+        runs_filter.tags = FlowRunFilterTags(all_=[f"provider:{provider}"])
+        runs = await self.client.read_flow_runs(
+            flow_filter=flows, flow_run_filter=runs_filter,
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=jobs)
+        moved = seconds = 0.0
+        for run in runs:
+            result = await _result(run)
+            if not result or "export" not in result:
+                continue
+            moved += sum(d.get("capacity_bytes", 0) for d in result["export"]["vm"]["disks"])
+            seconds += sum(result.get("step_seconds", {}).values())
+        return moved / seconds if moved and seconds else None
+
     async def submit_conversion(self, request: ConvertRequest) -> JobSubmitted:
         return await self._create("convert-vm", {"request": request.model_dump(mode="json")},
                                   ["convert", f"vm:{PurePath(request.source_path).stem}"])

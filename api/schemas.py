@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.models import JobDefinition, JobStatus, VMFilter, VMSummary
+from core.models import DryRun, JobDefinition, JobStatus, VMFilter, VMSummary
 
 
 class Body(BaseModel):
@@ -66,6 +66,10 @@ class JobSubmitted(BaseModel):
 
 class JobsSubmitted(BaseModel):
     jobs: list[JobSubmitted]
+
+
+class DryRuns(BaseModel):
+    jobs: list[DryRun]
 
 
 class JobInfo(BaseModel):

@@ -190,6 +190,14 @@ class Hyper2kvmIntegration(GuestOptions):
     strict: bool = False
 
 
+class Blocker(Strict):
+    """What stops a job, found before anything is touched: a stable `code` to act on and a
+    message that names the thing and the fix."""
+
+    code: str
+    message: str
+
+
 class JobDefinition(Strict):
     """One migration: the seed's job definition, the `migrate-vm` flow's parameters."""
 
@@ -199,6 +207,9 @@ class JobDefinition(Strict):
     export_path: OSPath | None = None
     options: ExportOptions = Field(default_factory=ExportOptions)
     hyper2kvm_integration: Hyper2kvmIntegration = Field(default_factory=Hyper2kvmIntegration)
+    # POST /jobs/submit answers what the job would do and what stops it (a DryRun);
+    # nothing is created anywhere
+    dry_run: bool = False
 
     @field_validator("provider")
     @classmethod
@@ -283,6 +294,20 @@ class BootCheck(Strict):
     watched: bool = True  # False: not booted at all (no OS to wait for), `reason` says why
     starts: bool = True  # the domain as defined started (paused) on this host
     console: list[str] = Field(default_factory=list)  # the console's last lines
+
+
+class DryRun(Strict):
+    """What a job would do and what stops it, found by asking without changing anything."""
+
+    vm: VMInfo  # the hardware the domain would get
+    domain_name: str | None  # None: the job does not convert
+    disk_bytes: int  # the disks' virtual sizes
+    data_bytes: int | None  # what they hold, where the source says
+    output_dir: str | None
+    output_free_bytes: int | None
+    estimated_seconds: float | None  # from this daemon's earlier jobs of the provider
+    blockers: list[Blocker] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
 
 
 class MigrationResult(Strict):

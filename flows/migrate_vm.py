@@ -103,8 +103,7 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
     timed = StepTimer()
     destination = export_dir(job, settings)
     check_this_host(settings, provider=job.provider, converts=converts_in_flow(job))
-    vm = timed("validate", lambda: validate_job(job, settings.hyper2kvm.output_dir,
-                                                converts=converts_in_flow(job)))
+    vm = timed("validate", lambda: validate_job(job, converts=converts_in_flow(job)))
     ensure_export_limit(settings.export.concurrent_exports)
     integration = job.hyper2kvm_integration
     h2k = settings.hyper2kvm

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal, Self
 
 from core.config import Config, ProviderConfig
 from core.errors import InvalidRequest, Unsupported
-from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
+from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
 from hyper2kvm.output import OutputImage
 
 BytesProgress = Callable[[int], None]  # called with bytes just moved
@@ -82,6 +82,12 @@ class Provider(ABC):
         converts in two passes. Platforms whose export already reads disks in place
         (local) have nothing to gain."""
         return None
+
+    def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
+        """What would stop an export of `vm` that only the platform can say, asked without
+        changing anything (permissions, encryption, disks it cannot read). Platforms that
+        can tell say so here; the rest answer none."""
+        return []
 
     def check_export(self, vm: VMInfo, options: ExportOptions, *,  # noqa: B027
                      converts: bool) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.client.orchestration import get_client
@@ -17,21 +16,12 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.context import get_run_context
 
-from core.config import CONFIG_ENV, Config, Hyper2kvmConfig, config_from_env
-from core.errors import ConfigError, Conflict, InvalidRequest
+from core.config import CONFIG_ENV, Config, config_from_env
+from core.errors import ConfigError, Conflict
 from core.models import JobDefinition, VMInfo
-from core.paths import safe_name
-from hyper2kvm.cpu import pick_domain_type
-from hyper2kvm.destination import (
-    firmware_problem,
-    network_problems,
-    size_warnings,
-    space_problem,
-)
-from hyper2kvm.domain import NetworkMap
-from hyper2kvm.registration import connect, name_taken
+from hyper2kvm.registration import connect
 from providers import get_provider
-from tasks.guest import guest_mode
+from tasks.preflight import find_blockers, refuse
 from tasks.progress import LABEL, JobProgress, current_flow_run_id
 
 ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
@@ -94,52 +84,20 @@ def check_this_host(settings: Config, *, provider: str, converts: bool) -> None:
             pass
 
 
-def check_destination(vm: VMInfo, h2k: Hyper2kvmConfig, *, strict: bool = False) -> None:
-    """The domain we will define can start here, and its disks fit (hyper2kvm.destination):
-    every problem at once, in one error. A VM larger than this host is a problem only when
-    `strict`; else the result warns of it (flows.bootable)."""
-    uri = h2k.libvirt_uri
-    problems = network_problems(uri, vm, NetworkMap(default=h2k.network,
-                                                    by_source=h2k.network_map))
-    needed = sum(disk.allocated_bytes or 0 for disk in vm.disks)
-    if (room := space_problem(h2k.output_dir / safe_name(vm.name), needed)) is not None:
-        problems.append(room)
-    domain_type = pick_domain_type(h2k.domain_type, uri)
-    if (firmware := firmware_problem(uri, vm, domain_type, uefi=h2k.uefi_firmware)) is not None:
-        problems.append(firmware)
-    if strict:
-        problems += [f"{warning} (hyper2kvm_integration.strict)"
-                     for warning in size_warnings(uri, vm)]
-    if problems:
-        raise InvalidRequest(f"this host cannot run {vm.name} as it would be defined: "
-                             + "; ".join(problems))
-
-
 @task(name="validate", persist_result=True)
-def validate_job(job: JobDefinition, output_dir: Path, *, converts: bool) -> VMInfo:
-    """The VM exists and no other job is migrating it; when the job converts, neither
-    its domain nor its output exists (unless `replace_existing`)."""
+def validate_job(job: JobDefinition, *, converts: bool) -> VMInfo:
+    """The VM exists, no other job is migrating it, and nothing a dry run would find
+    stops it (tasks.preflight): the job fails here, before anything is made in the source
+    or copied."""
     settings = config_from_env()
     with get_provider(job.provider, settings) as provider:
         vm = provider.get_vm(job.vm_identifier)
-        provider.check_export(vm, job.options, converts=converts)
-    claim_vm(vm_tag(job.provider, vm.identifier))
-    progress = JobProgress.for_current_run(vm.name)
-    progress.start("validate", 0)
-    progress.note(vm=vm.name)
-    name = safe_name(vm.name)
-    replace = job.hyper2kvm_integration.replace_existing
-    if converts:
-        guest_mode(job.hyper2kvm_integration, settings.hyper2kvm)  # or say why not
-        check_destination(vm, settings.hyper2kvm, strict=job.hyper2kvm_integration.strict)
-    if converts and not replace:
-        uri = settings.hyper2kvm.libvirt_uri
-        if (taken := name_taken(uri, name)) is not None:
-            raise InvalidRequest(taken)
-        existing = sorted(p.name for p in (output_dir / name).glob(f"{name}-disk*"))
-        if existing:
-            raise InvalidRequest(f"{output_dir / name} already holds {', '.join(existing)}; "
-                                 "set hyper2kvm_integration.replace_existing to overwrite")
+        claim_vm(vm_tag(job.provider, vm.identifier))
+        progress = JobProgress.for_current_run(vm.name)
+        progress.start("validate", 0)
+        progress.note(vm=vm.name)
+        blockers, _warnings = find_blockers(job, vm, provider, settings, converts=converts)
+    refuse(blockers)
     progress.finish()
     get_run_logger().info("%s: %d vCPU, %d MiB, %s firmware, %d disk(s), %d NIC(s)", vm.name,
                           vm.cpus, vm.memory_mb, vm.firmware, len(vm.disks), len(vm.nics))

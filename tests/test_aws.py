@@ -345,3 +345,29 @@ def test_throttling_longer_than_the_retries_is_waited_out_not_restarted(
     assert "RequestThrottledException" in caplog.text
     assert caplog.text.count("snapshots snap-") == 1  # one snapshot made, once
     assert moto.snapshots_of_job("throttled-job") == []
+
+
+def test_a_role_that_may_not_snapshot_is_a_blocker_found_with_dry_run_calls(
+        moto: Moto) -> None:
+    """EC2's DryRun asks "would this be allowed" without making anything: a role allowed
+    to describe but not to snapshot is a permission_denied blocker, and no snapshot
+    exists afterwards."""
+    iam = moto.client("iam")
+    name = unique("hypersdk-readonly")
+    trust = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "sts:AssumeRole",
+        "Principal": {"AWS": "arn:aws:iam::123456789012:user/hypersdk-test"}}]}
+    role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]
+    iam.put_role_policy(RoleName=name, PolicyName="read", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": ["ec2:Describe*"], "Resource": "*"}]}))
+    instance = moto.instance(unique("t-aws-dry"), volumes_gib=[1], contents=[None])
+    limited = _provider(moto, role_arn=role["Arn"])
+    vm = limited.get_vm(instance["InstanceId"])
+    blockers = limited.blockers(vm, ExportOptions(), converts=False)
+    assert [b.code for b in blockers] == ["permission_denied"], blockers
+    assert "ec2:CreateSnapshots" in blockers[0].message
+    # the same question with every permission: allowed, and still nothing made
+    assert _provider(moto).blockers(vm, ExportOptions(), converts=False) == []
+    snapshots = moto.client("ec2").describe_snapshots(OwnerIds=["self"])["Snapshots"]
+    assert not [s for s in snapshots if s.get("VolumeId") == vm.disks[0].datastore]

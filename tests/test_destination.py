@@ -6,6 +6,7 @@ that names the thing and the fix."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +208,36 @@ def test_firmware_and_size_of_the_vm_against_this_host(libvirt_uri: str) -> None
     assert firmware_problem(libvirt_uri, vm, "qemu") is None  # ovmf is installed here
     warnings = size_warnings(libvirt_uri, vm)
     assert len(warnings) == 2 and "4096 vCPUs" in warnings[0], warnings
+
+
+def test_a_dry_run_answers_what_the_job_would_do_and_its_blockers_and_creates_nothing(
+        daemon: Daemon) -> None:
+    name = unique("dry")
+    make_sample_ova(daemon.inbox, name, cpus=1, mac="00:50:56:ab:cd:01")
+    with daemon.client() as client:
+        answer = client.post("/jobs/submit", json={"vm_identifier": name, "dry_run": True})
+        assert answer.status_code == 200, answer.text
+        clean = answer.json()
+        assert clean["blockers"] == [], clean["blockers"]
+        assert clean["vm"]["name"] == name and clean["vm"]["cpus"] == 1
+        assert clean["domain_name"] == name and clean["disk_bytes"] == 64 * 2**20
+        assert clean["output_free_bytes"] > 0 and clean["output_dir"]
+
+        left = daemon.images / name / f"{name}-disk1.qcow2"  # an earlier run's output
+        left.parent.mkdir()
+        left.write_bytes(b"")
+        try:
+            blocked = client.post("/jobs/submit", json=[
+                {"vm_identifier": name, "dry_run": True}]).json()["jobs"][0]
+        finally:
+            shutil.rmtree(left.parent)
+        assert [b["code"] for b in blocked["blockers"]] == ["output_exists"], blocked
+        assert "replace_existing" in blocked["blockers"][0]["message"]
+        mixed = client.post("/jobs/submit", json=[{"vm_identifier": name, "dry_run": True},
+                                                  {"vm_identifier": name}])
+        assert mixed.status_code == 422 and "dry_run" in mixed.json()["message"]
+        # nothing was created: no job, no export, no output, no domain
+        newest = client.get("/jobs/query", params={"limit": 199}).json()["jobs"]
+        assert not [job for job in newest if job["vm_identifier"] == name], newest
+    nothing_copied(daemon, name)
+    assert not domain_defined(name)

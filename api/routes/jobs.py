@@ -11,7 +11,9 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ApiKeyDep, JobsDep, SettingsDep
+from api.jobs import Jobs
 from api.schemas import (
+    DryRuns,
     JobAction,
     JobEta,
     JobInfo,
@@ -23,12 +25,13 @@ from api.schemas import (
     JobSubmitted,
 )
 from core.config import Config
-from core.errors import Conflict, RegistrationError
-from core.models import JobDefinition, JobStatus
+from core.errors import Conflict, InvalidRequest, RegistrationError
+from core.models import Blocker, DryRun, JobDefinition, JobStatus
 from core.paths import safe_name
 from flows.migrate_vm import converts_in_flow, export_dir
 from hyper2kvm.registration import name_taken
 from providers import get_provider
+from tasks.preflight import dry_run
 from tasks.validate import vm_tag
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
@@ -58,14 +61,36 @@ def refuse_existing_domain(vm_name: str, uri: str) -> None:
         raise Conflict(taken)
 
 
-@router.post("/submit", response_model=JobSubmitted | JobsSubmitted)
+async def dry_run_of(job: JobDefinition, jobs: Jobs, settings: Config) -> DryRun:
+    """The job's dry run, with a VM that has a job already counted as a blocker."""
+    export_dir(job, settings)  # an export path outside export.base_path is a 400 still
+    report = await run_in_threadpool(
+        dry_run, job, settings, converts=converts_in_flow(job),
+        throughput=await jobs.throughput(job.provider))
+    holder = await jobs.holder(vm_tag(job.provider, report.vm.identifier))
+    if holder is not None:
+        report.blockers.append(Blocker(code="vm_busy", message=(
+            f"VM {job.vm_identifier!r} already has job {holder.id}; one job per VM at a "
+            "time: wait for it or cancel it")))
+    return report
+
+
+@router.post("/submit", response_model=JobSubmitted | JobsSubmitted | DryRun | DryRuns)
 async def submit_jobs(
     body: Annotated[JobDefinition | list[JobDefinition], Body()],
     jobs: JobsDep,
     settings: SettingsDep,
-) -> JobSubmitted | JobsSubmitted:
-    """Submit one job, or a list of jobs (all validated before any is created)."""
+) -> JobSubmitted | JobsSubmitted | DryRun | DryRuns:
+    """Submit one job, or a list of jobs (all validated before any is created). With
+    `dry_run` (on every job of a list) nothing is created: the answer says what each job
+    would do and what stops it."""
     batch = body if isinstance(body, list) else [body]
+    if any(job.dry_run for job in batch):
+        if not all(job.dry_run for job in batch):
+            raise InvalidRequest("dry_run is set on some jobs of the list and not on others; "
+                                 "set it on all of them or none")
+        reports = [await dry_run_of(job, jobs, settings) for job in batch]
+        return DryRuns(jobs=reports) if isinstance(body, list) else reports[0]
     checked = [await run_in_threadpool(validate_job, job, settings) for job in batch]
     tags, folders = [tag for tag, _ in checked], [folder for _, folder in checked]
     twice = next((job for i, job in enumerate(batch) if tags[i] in tags[:i]), None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.config import AWSProviderConfig
-from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
+from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
 from providers.aws import export, inventory
 from providers.aws.session import Clients, call, clients_for
 from providers.base import BytesProgress, ExportMethod, Provider
@@ -50,6 +50,9 @@ class AWSProvider(Provider):
         export.check_exportable(vm, options, converts=converts,
                                 export_bucket=self.config.export_bucket, encrypted=encrypted,
                                 marketplace=marketplace)
+
+    def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
+        return export.permission_blockers(self.clients, vm, options)
 
     def export(
         self,

@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
+
 from core.errors import InvalidRequest, NotFound, ProviderError, VerificationError
-from core.models import ExportedFile, ExportOptions, VMInfo
+from core.models import Blocker, ExportedFile, ExportOptions, PowerState, VMInfo
 from hyper2kvm.vmdk import parse_vmdk
 from providers.aws.session import Clients, call, map_error
 from providers.objects import read_object
@@ -40,6 +42,35 @@ _X86 = {"x86_64", "i386", "x86_64_mac"}
 
 def transport_of(options: ExportOptions) -> str:
     return "ebs" if options.transport == "auto" else options.transport
+
+
+_DENIED = {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"}
+
+
+def permission_blockers(clients: Clients, vm: VMInfo, options: ExportOptions) -> list[Blocker]:
+    """The EC2 calls the export makes, asked with DryRun (EC2 answers DryRunOperation
+    when allowed, UnauthorizedOperation when not; nothing is made either way)."""
+    calls: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
+    if transport_of(options) == "ebs":
+        calls.append(("ec2:CreateSnapshots", clients.ec2.create_snapshots,
+                      {"InstanceSpecification": {"InstanceId": vm.identifier}}))
+    if options.shutdown_vm and vm.power_state == PowerState.POWERED_ON:
+        calls.append(("ec2:StopInstances", clients.ec2.stop_instances,
+                      {"InstanceIds": [vm.identifier]}))
+    blockers = []
+    for action, fn, kwargs in calls:
+        try:
+            fn(DryRun=True, **kwargs)
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _DENIED:
+                blockers.append(Blocker(code="permission_denied", message=(
+                    f"AWS does not allow {action} on {vm.identifier} for these credentials "
+                    f"({code}): grant it (the README's AWS policy lists what an export "
+                    "needs)")))
+            elif code != "DryRunOperation":
+                raise map_error(exc, f"{action} (DryRun) {vm.identifier}") from None
+    return blockers
 
 
 def check_exportable(vm: VMInfo, options: ExportOptions, *, converts: bool,
