@@ -151,6 +151,8 @@ def migrate(
     keep_export: Annotated[bool, typer.Option(help="keep the exported files too")] = False,
     follow_job: Annotated[bool, typer.Option("--follow", "-f", help="show a live bar until "
                                              "the job ends; exit with its outcome")] = False,
+    dry_run: Annotated[bool, typer.Option(help="change nothing: show what the job would do "
+                                               "and what stops it (exit 1 if anything)")] = False,
 ) -> None:
     """Submit a migration of VM (the seed's job definition); --follow to watch it."""
     c = ctx_of(ctx)
@@ -159,14 +161,36 @@ def migrate(
         integration["format"] = output_format
     job = {"vm_identifier": vm, "provider": provider, "export_method": export_method,
            "export_path": export_path, "options": {"keep_export": keep_export},
-           "hyper2kvm_integration": integration}
+           "hyper2kvm_integration": integration, "dry_run": dry_run or None}
     submitted = c.daemon.post("/jobs/submit", {k: v for k, v in job.items() if v is not None})
+    if dry_run:
+        c.emit(submitted, describe_dry_run)
+        if submitted["blockers"]:
+            raise typer.Exit(EXIT_FAILED)
+        return
     if not follow_job:
         c.emit(submitted, lambda d: f"job {d['job_id']} {d['status']}")
         return
     if not c.as_json:
         c.err.print(f"job {submitted['job_id']}", highlight=False)
     finish_followed(c, follow(c.daemon, submitted["job_id"], c.err, show=not c.as_json))
+
+
+def describe_dry_run(d: dict[str, Any]) -> Table:
+    vm = d["vm"]
+    estimate = d.get("estimated_seconds")
+    rows: list[tuple[str, Any]] = [
+        ("vm", f"{vm['name']}: {vm['cpus']} vCPU, {vm['memory_mb']} MiB, {vm['firmware']}"),
+        ("domain", d.get("domain_name") or "(not converted)"),
+        ("disks", f"{len(vm['disks'])}, {d['disk_bytes'] / 2**30:.2f} GiB"),
+        ("estimate", f"{estimate:.0f} s" if estimate is not None else "unknown")]
+    if d.get("output_dir"):
+        rows.append(("room", f"{d['output_free_bytes'] / 2**30:.2f} GiB free in "
+                             f"{d['output_dir']}"))
+    rows += [(f"blocker {b['code']}", b["message"]) for b in d["blockers"]]
+    rows += [("warning", warning) for warning in d["warnings"]]
+    return table("dry run: " + ("blocked" if d["blockers"] else "nothing in the way"),
+                 ["", ""], rows)
 
 
 @jobs_app.command("list")

@@ -57,6 +57,25 @@ def test_migrate_follow_ends_with_the_domain(daemon: Daemon) -> None:
     assert table.returncode == 0 and job["job_id"] in table.stdout
 
 
+def test_migrate_dry_run_shows_the_plan_and_exits_1_on_a_blocker(daemon: Daemon) -> None:
+    vm = unique("ctl-dry")
+    make_sample_ova(daemon.inbox, vm, size_mib=32)
+    clear = hyperctl(daemon, "migrate", vm, "--dry-run")
+    assert clear.returncode == 0, clear.stderr
+    assert "nothing in the way" in clear.stdout and "0.03 GiB" in clear.stdout, clear.stdout
+    left = daemon.images / vm / f"{vm}-disk1.qcow2"  # an earlier run's output
+    left.parent.mkdir()
+    left.write_bytes(b"")
+    try:
+        blocked = hyperctl(daemon, "migrate", vm, "--dry-run")
+    finally:
+        left.unlink()
+        left.parent.rmdir()
+    assert blocked.returncode == 1, blocked.stdout
+    assert "blocker output_exists" in blocked.stdout, blocked.stdout
+    assert not domain_defined(vm) and not (daemon.exports / vm).exists()
+
+
 def test_a_failed_job_exits_1_with_its_reason(daemon: Daemon) -> None:
     vm = unique("ctl-bad")
     make_truncated_ova(daemon.inbox, vm)
