@@ -40,6 +40,9 @@ class DiskInfo(Strict):
     unit: int | None = None  # position on its controller (OVF AddressOnParent)
     file: str | None = None  # the disk's file in the export (OVF file reference)
     datastore: str | None = None
+    # instance-local storage (a GCP local SSD): scratch data, lost at every stop, that no
+    # platform can image; listed, never exported
+    local: bool = False
 
 
 class NicInfo(Strict):
@@ -143,6 +146,8 @@ class ExportOptions(Strict):
     # OCI: a custom image holds the boot volume only; say so to export an instance that
     # has block volumes attached without them
     boot_volume_only: bool = False
+    # migrate an instance with local disks (GCP local SSDs) without them
+    skip_local_disks: bool = False
     # a job that converts keeps its export too (written as export_method asks, then
     # converted); otherwise the disks are streamed straight into the converted images
     # where the provider can (vSphere), and no copy is left in the export folder

@@ -94,8 +94,10 @@ class StandIn:
                      disks: list[tuple[int, Path | None]], running: bool = False,
                      uefi: bool = False, secure_boot: bool = False,
                      labels: dict[str, str] | None = None, nics: int = 1,
-                     interface: str = "SCSI", architecture: str = "X86_64") -> str:
-        """An instance with disks of (size in GiB, raw content); returns its numeric id."""
+                     interface: str = "SCSI", architecture: str = "X86_64",
+                     local_ssds: int = 0) -> str:
+        """An instance with disks of (size in GiB, raw content), and `local_ssds` local SSDs
+        (SCRATCH: no source disk, as the API lists them); returns its numeric id."""
         state = self.state
         attached = []
         for index, (size_gb, content) in enumerate(disks):
@@ -120,6 +122,11 @@ class StandIn:
                 "guestOsFeatures": features,
                 "licenses": ["https://www.googleapis.com/compute/v1/projects/debian-cloud/"
                              "global/licenses/debian-12-bookworm"] if index == 0 else []})
+        for local in range(local_ssds):
+            attached.append({
+                "kind": "compute#attachedDisk", "type": "SCRATCH", "mode": "READ_WRITE",
+                "deviceName": f"local-ssd-{local}", "index": len(attached), "boot": False,
+                "autoDelete": True, "interface": "NVME", "diskSizeGb": "375"})
         instance_id = str(uuid.uuid4().int >> 65)
         body: dict[str, Any] = {
             "kind": "compute#instance", "id": instance_id, "name": name,

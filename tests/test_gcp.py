@@ -212,3 +212,27 @@ def test_refused_credentials_missing_instance_unreachable_api_and_no_bucket(
     vm = _provider(gcp).list_vms(VMFilter())[0]
     with pytest.raises(InvalidRequest, match="export_bucket"):
         provider.check_export(provider.get_vm(vm.identifier), ExportOptions(), converts=True)
+
+
+def test_local_ssds_are_listed_a_dry_run_blocker_and_left_out_when_asked(
+        api: httpx.Client, gcp: GCP, tmp_path: Path) -> None:
+    """A local SSD (SCRATCH, no source disk) cannot be imaged: the instance lists it, the
+    dry run names it as the blocker, and with skip_local_disks the export leaves it out."""
+    name = unique("t-gcp-ssd")
+    images = _images(tmp_path, name)
+    gcp.standin.add_instance("us-central1-a", name, disks=[(1, images[0])], local_ssds=1)
+    identifier = f"us-central1-a/{name}"
+    vm = api.get("/vms/info", params={"provider": "gcp", "identifier": identifier}).json()
+    assert [(d["name"], d["local"]) for d in vm["disks"]] == [
+        (f"{name}-disk0", False), ("local-ssd-0", True)]
+    dry = api.post("/jobs/submit", json={"vm_identifier": identifier, "provider": "gcp",
+                                         "dry_run": True}).json()
+    assert [b["code"] for b in dry["blockers"]] == ["local_disk"], dry
+    assert "local-ssd-0" in dry["blockers"][0]["message"]
+    assert _leftovers(gcp, name) == []  # the dry run made nothing
+    result = _provider(gcp).export(identifier, tmp_path / "out", method="disks",
+                                   options=ExportOptions(skip_local_disks=True), job="ssd-job")
+    assert [d.name for d in result.vm.disks] == [f"{name}-disk0"]
+    assert [f.role for f in result.files] == ["disk"]
+    assert qemu_img.compare(images[0], result.files[0].path)
+    assert _leftovers(gcp, name) == []

@@ -9,7 +9,7 @@ from pathlib import Path
 from google.cloud import compute_v1
 
 from core.config import GCPProviderConfig
-from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
+from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
 from providers.base import BytesProgress, ExportMethod, Provider
 from providers.gcp import export, inventory
 from providers.gcp.session import Clients, call, clients_for
@@ -41,6 +41,9 @@ class GCPProvider(Provider):
 
     def check_export(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> None:
         export.check_exportable(self.config.export_bucket, options)
+
+    def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
+        return export.local_disk_blockers(vm, options)
 
     def export(
         self,

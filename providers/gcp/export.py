@@ -21,7 +21,7 @@ from google.cloud.devtools import cloudbuild_v1
 from google.protobuf import duration_pb2
 
 from core.errors import InvalidRequest, ProviderError, Transient
-from core.models import DiskInfo, ExportedFile, ExportOptions, VMInfo
+from core.models import Blocker, DiskInfo, ExportedFile, ExportOptions, VMInfo
 from hyper2kvm.vmdk import parse_vmdk
 from providers.gcp.session import Clients, call, map_error
 from providers.objects import Expected, read_object
@@ -41,6 +41,27 @@ _RUNNING_BUILDS = (_BUILD.PENDING, _BUILD.QUEUED, _BUILD.WORKING)
 def _label(job: str | None) -> str:
     """A job id as a label value (lower case letters, digits, - and _)."""
     return re.sub(r"[^a-z0-9_-]", "-", (job or "adhoc").lower())[:63]
+
+
+def local_disk_blockers(vm: VMInfo, options: ExportOptions) -> list[Blocker]:
+    local = [disk.name for disk in vm.disks if disk.local]
+    if not local or options.skip_local_disks:
+        return []
+    return [Blocker(code="local_disk", message=(
+        f"{vm.name} has local SSD(s) {', '.join(local)}: Google cannot image a local SSD (its "
+        "data is scratch, lost at every stop); copy what matters to a persistent disk, or set "
+        "options.skip_local_disks to migrate without them"))]
+
+
+def without_local_disks(vm: VMInfo, options: ExportOptions) -> VMInfo:
+    """The instance as exported: its local SSDs left out (said in the log), or refused."""
+    if (blockers := local_disk_blockers(vm, options)):
+        raise InvalidRequest(blockers[0].message)
+    local = [disk.name for disk in vm.disks if disk.local]
+    if local:
+        log.warning("%s: local SSD(s) %s not exported (options.skip_local_disks)", vm.name,
+                    ", ".join(local))
+    return vm.model_copy(update={"disks": [disk for disk in vm.disks if not disk.local]})
 
 
 def check_exportable(config_bucket: str | None, options: ExportOptions) -> None:
@@ -242,6 +263,7 @@ def export_vm(clients: Clients, vm: VMInfo, reading: Reading, *, method: str,
     bucket = clients.config.export_bucket
     check_exportable(bucket, options)
     assert bucket is not None
+    vm = without_local_disks(vm, options)
 
     def fetch(written: list[Path]) -> list[FetchedDisk]:
         with power_for_export(vm, options, **_power_calls(clients, vm)) as restore:

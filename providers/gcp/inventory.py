@@ -93,6 +93,9 @@ def _boot_disk_uefi(clients: Clients, zone: str, attached: Any) -> tuple[bool, s
     return "UEFI_COMPATIBLE" in features, _ARCHITECTURES.get(disk.architecture or "")
 
 
+LOCAL_SSD_GB = 375  # what one local SSD holds, where the API leaves the size out
+
+
 def vm_info(clients: Clients, instance: Any) -> VMInfo:
     zone = last(instance.zone)
     machine = _machine_type(clients, zone, instance.machine_type)
@@ -103,9 +106,9 @@ def vm_info(clients: Clients, instance: Any) -> VMInfo:
     shielded = instance.shielded_instance_config
     secure_boot = bool(shielded and shielded.enable_secure_boot)
     disks = [DiskInfo(name=last(d.source) or d.device_name,
-                      capacity_bytes=int(d.disk_size_gb) << 30, format="raw",
+                      capacity_bytes=int(d.disk_size_gb or LOCAL_SSD_GB) << 30, format="raw",
                       controller="nvme" if d.interface == "NVME" else "scsi",
-                      unit=d.index, datastore=d.source)
+                      unit=d.index, datastore=d.source or None, local=d.type_ == "SCRATCH")
              for d in attached]
     nics = [NicInfo(mac=derived_mac(instance.id, index), mac_derived=True,
                     network=last(nic.network), ip_address=nic.network_i_p or None)
