@@ -104,6 +104,8 @@ class VM:
     switch: str
     dvd: bool
     checkpoints: list[tuple[str, str | None]]
+    # physical disks of the host attached as pass-through: (disk number, size in GB)
+    passthrough: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -395,9 +397,18 @@ class Interpreter:
 
     def _get_vmharddiskdrive(self, call: Call, piped: list[Any]) -> list[Any]:
         self._params(call, set())
-        return [{"VMName": vm.name, "ControllerType": 1 if vm.generation == 2 else 0,
-                 "ControllerNumber": 0, "ControllerLocation": index, "Path": path}
-                for vm in self._vms_in(piped) for index, path in enumerate(vm.disks)]
+        out = []
+        for vm in self._vms_in(piped):
+            controller = 1 if vm.generation == 2 else 0
+            out += [{"VMName": vm.name, "ControllerType": controller, "ControllerNumber": 0,
+                     "ControllerLocation": index, "Path": path, "DiskNumber": None}
+                    for index, path in enumerate(vm.disks)]
+            # a pass-through drive's Path describes the physical disk; Get-VHD knows none
+            out += [{"VMName": vm.name, "ControllerType": controller, "ControllerNumber": 0,
+                     "ControllerLocation": len(vm.disks) + index, "DiskNumber": number,
+                     "Path": f"Disk {number} {size:.2f} GB Bus 0 Lun {number} Target 0"}
+                    for index, (number, size) in enumerate(vm.passthrough)]
+        return out
 
     def _get_vhd(self, call: Call, piped: list[Any]) -> list[Any]:
         params = self._params(call, {"path"})

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from core.config import Config, HyperVProviderConfig
-from core.errors import AuthFailed, NotFound, Transient
+from core.errors import AuthFailed, InvalidRequest, NotFound, Transient
 from core.models import ExportOptions, VMFilter
 from hyper2kvm import qemu_img
 from hyper2kvm.sample import make_disk
@@ -232,3 +232,25 @@ def test_refused_credentials_missing_vm_and_unreachable_host(hyperv: HyperV) -> 
     provider = _provider(hyperv, transport="basic")
     assert provider.list_vms(VMFilter()) is not None
     assert "Hv-winrm-pw1" not in repr(provider.config)
+
+
+def test_a_pass_through_disk_is_listed_a_dry_run_blocker_and_refused_by_the_export(
+        api: httpx.Client, hyperv: HyperV, tmp_path: Path) -> None:
+    """A pass-through drive's Path names a physical disk ("Disk 4 500.00 GB Bus 0 ..."),
+    which Get-VHD does not know: get_vm still answers, listing it; the dry run names the
+    blocker; an export refuses it before anything starts."""
+    boot, _data = _guest(tmp_path, "pt")
+    name = unique("passthrough")
+    vm = hyperv.host.add_vm(name, [boot])
+    vm.passthrough.append((4, 500))
+    info = api.get("/vms/info", params={"provider": "hyperv", "identifier": name}).json()
+    assert [(d["format"], d["capacity_bytes"]) for d in info["disks"]] == [
+        ("vhdx", 24 << 20), ("passthrough", 500 << 30)], info["disks"]
+    dry = api.post("/jobs/submit", json={"vm_identifier": name, "provider": "hyperv",
+                                         "dry_run": True}).json()
+    assert [b["code"] for b in dry["blockers"]] == ["passthrough_disk"], dry
+    assert "Disk 4 500.00 GB" in dry["blockers"][0]["message"]
+    with pytest.raises(InvalidRequest, match="pass-through"):
+        _provider(hyperv).export(name, tmp_path / "out", method="disks",
+                                 options=ExportOptions(), job="pt-job")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

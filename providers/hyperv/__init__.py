@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.config import HyperVProviderConfig
-from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
+from core.errors import InvalidRequest
+from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
 from providers.base import BytesProgress, ExportMethod, Provider
 from providers.clients import ClientCache
 from providers.hyperv import export, inventory
@@ -51,6 +52,9 @@ class HyperVProvider(Provider):
     def check_export(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> None:
         export.check_exportable(options, self.config.export_share)
 
+    def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
+        return inventory.unexportable(vm.name, self._find(vm.identifier)[1])
+
     def export(
         self,
         identifier: str,
@@ -63,6 +67,8 @@ class HyperVProvider(Provider):
     ) -> ExportResult:
         export.check_exportable(options, self.config.export_share)
         vm, disks = self._find(identifier)
+        if (blockers := inventory.unexportable(vm.name, disks)):
+            raise InvalidRequest("; ".join(blocker.message for blocker in blockers))
         reading = Reading.from_settings(dest, self.settings.export, progress)
         exported, files = export.export_vm(self.host, self.share, vm, disks, reading,
                                            method=method, options=options, job=job)

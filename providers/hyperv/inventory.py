@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import NotFound, ProviderError
-from core.models import DiskInfo, NicInfo, PowerState, VMFilter, VMInfo, VMSummary
+from core.models import Blocker, DiskInfo, NicInfo, PowerState, VMFilter, VMInfo, VMSummary
 from providers.hyperv.powershell import Command, Host, as_json, vm_by_id
 
 VM_FIELDS = ["Name", "Id", "State", "ProcessorCount", "MemoryStartup", "Generation", "Path",
@@ -24,6 +24,8 @@ _STATES = {1: "Other", 2: "Running", 3: "Off", 4: "Stopping", 6: "Saved", 9: "Pa
 _CONTROLLERS = {0: "IDE", 1: "SCSI", 2: "PMEM"}
 _VHD_FORMATS = {2: "VHD", 3: "VHDX", 4: "VHDSet"}
 _VHD_TYPES = {2: "Fixed", 3: "Dynamic", 4: "Differencing"}
+_PASSTHROUGH_SIZE = re.compile(r"(\d+(?:\.\d+)?) (KB|MB|GB|TB)\b")
+_UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 _ON_OFF = {0: "On", 1: "Off"}
 _SUSPENDED = {"Saved", "Paused", "Saving", "Pausing", "FastSaved", "FastSaving"}
 _OFF = {"Off", "Other"}
@@ -81,8 +83,8 @@ class VirtualDisk:
     location: int
     path: str  # the file the VM writes (the newest .avhdx of a checkpointed disk)
     size: int  # virtual size in bytes
-    format: str  # VHD, VHDX
-    type: str  # Fixed, Dynamic, Differencing
+    format: str  # VHD, VHDX, VHDSet; PassThrough: a physical disk of the host, no file
+    type: str  # Fixed, Dynamic, Differencing, PassThrough
     parent: str | None
 
     @property
@@ -90,18 +92,29 @@ class VirtualDisk:
         return self.type == "Differencing" or bool(self.parent)
 
 
+def _passthrough(drive: dict[str, Any]) -> VirtualDisk:
+    """A drive backed by a physical disk of the host: its Path describes the disk ("Disk
+    4 500.00 GB Bus 0 Lun 4 Target 0"); there is no file to read."""
+    size = _PASSTHROUGH_SIZE.search(str(drive.get("Path") or ""))
+    return VirtualDisk(
+        controller=enum(drive["ControllerType"], _CONTROLLERS),
+        controller_number=int(drive["ControllerNumber"]),
+        location=int(drive["ControllerLocation"]),
+        path=str(drive.get("Path") or f"Disk {drive['DiskNumber']}"),
+        size=int(float(size.group(1)) * _UNITS[size.group(2)]) if size else 0,
+        format="PassThrough", type="PassThrough", parent=None)
+
+
 def virtual_disks(host: Host, vm_id: str, name: str) -> list[VirtualDisk]:
     drives = host.objects(as_json(vm_by_id(vm_id), Command("Get-VMHardDiskDrive"), select=[
-        "ControllerType", "ControllerNumber", "ControllerLocation", "Path"]),
+        "ControllerType", "ControllerNumber", "ControllerLocation", "Path", "DiskNumber"]),
         f"Get-VMHardDiskDrive {name}")
-    drives = [d for d in drives if d.get("Path")]  # a pass-through disk has no file
-    if not drives:
-        return []
+    disks = [_passthrough(d) for d in drives if d.get("DiskNumber") is not None]
+    drives = [d for d in drives if d.get("DiskNumber") is None and d.get("Path")]
     vhds = host.objects(as_json(Command("Get-VHD", {"Path": [d["Path"] for d in drives]}),
                                 select=["Path", "VhdFormat", "VhdType", "Size", "FileSize",
-                                        "ParentPath"]), f"Get-VHD {name}")
+                                        "ParentPath"]), f"Get-VHD {name}") if drives else []
     by_path = {str(v["Path"]).lower(): v for v in vhds}
-    disks = []
     for drive in drives:
         vhd = by_path.get(str(drive["Path"]).lower())
         if vhd is None:
@@ -166,10 +179,29 @@ def _checkpoints(host: Host, vm_id: str, name: str) -> list[str]:
     return ordered
 
 
+def unexportable(vm_name: str, disks: list[VirtualDisk]) -> list[Blocker]:
+    """Disks Hyper-V has no file of to read: pass-through disks and VHD Sets."""
+    blockers = []
+    for disk in disks:
+        slot = f"{disk.controller} {disk.controller_number}:{disk.location}"
+        if disk.format == "PassThrough":
+            blockers.append(Blocker(code="passthrough_disk", message=(
+                f"{vm_name}: the disk at {slot} is a pass-through disk ({disk.path}), a "
+                "physical disk of the host with no virtual disk file to export: copy it into "
+                "a VHDX (or detach it) first")))
+        elif disk.format == "VHDSet":
+            blockers.append(Blocker(code="vhd_set", message=(
+                f"{vm_name}: the disk at {slot} is a VHD Set ({disk.path}, a guest cluster's "
+                "shared disk): Convert-VHD it to a VHDX first")))
+    return blockers
+
+
 def disk_infos(disks: list[VirtualDisk]) -> list[DiskInfo]:
-    return [DiskInfo(name=ntpath.basename(d.path), capacity_bytes=d.size,
-                     format=d.format.lower(), controller=d.controller.lower(), unit=d.location,
-                     datastore=ntpath.dirname(d.path)) for d in disks]
+    return [DiskInfo(name=d.path if d.format == "PassThrough" else ntpath.basename(d.path),
+                     capacity_bytes=d.size, format=d.format.lower(),
+                     controller=d.controller.lower(), unit=d.location,
+                     datastore=None if d.format == "PassThrough" else ntpath.dirname(d.path))
+            for d in disks]
 
 
 def vm_info(host: Host, vm: dict[str, Any], disks: list[VirtualDisk]) -> VMInfo:
