@@ -141,20 +141,24 @@ class StandIn:
 
     def add_disk(self, group: str, name: str, *, size: int, content: Path | None,
                  generation: str = "V1", os_type: str | None = None,
-                 sku: str = "Premium_LRS", fragmented: bool = False) -> str:
+                 sku: str = "Premium_LRS", fragmented: bool = False,
+                 properties: dict[str, Any] | None = None) -> str:
+        """A managed disk; `properties`: more of the disk's ARM properties (its
+        encryptionSettingsCollection, networkAccessPolicy, ...), as ARM returns them."""
         blob = _vhd_blob(self.state, f"{group}-{name}", content, size, fragmented=fragmented)
         disk_id = self.state.rid(group, "Microsoft.Compute/disks", name)
-        properties: dict[str, Any] = {
+        disk_properties: dict[str, Any] = {
             "diskSizeGB": size >> 30, "diskSizeBytes": size, "hyperVGeneration": generation,
             "creationData": {"createOption": "Empty"}, "provisioningState": "Succeeded",
             "diskState": "Attached", "supportedCapabilities": {"architecture": "x64"}}
         if os_type:
-            properties["osType"] = os_type
+            disk_properties["osType"] = os_type
+        disk_properties.update(properties or {})
         with self.state.lock:
             self.state.disks[disk_id.lower()] = {
                 "id": disk_id, "name": name, "type": "Microsoft.Compute/disks",
                 "location": "westeurope", "sku": {"name": sku, "tier": sku.split("_")[0]},
-                "properties": properties, "_blob": blob}
+                "properties": disk_properties, "_blob": blob}
         return disk_id
 
     def add_vm(self, group: str, name: str, *, size: str = "Standard_D2s_v3",
@@ -162,13 +166,14 @@ class StandIn:
                os_type: str = "Linux", running: bool = False, secure_boot: bool = False,
                macs: tuple[str, ...] = ("00-0D-3A-11-22-33",),
                tags: dict[str, str] | None = None, sku: str = "Premium_LRS",
-               fragmented: bool = False) -> str:
+               fragmented: bool = False, disk_properties: dict[str, Any] | None = None
+               ) -> str:
         """A VM whose disks (size in bytes, raw content; SKU `sku`) are page blobs in
         Azurite."""
         disk_ids = [self.add_disk(group, f"{name}-disk{i}", size=s, content=c,
                                   generation=generation,
                                   os_type=os_type if i == 0 else None, sku=sku,
-                                  fragmented=fragmented)
+                                  fragmented=fragmented, properties=disk_properties)
                     for i, (s, c) in enumerate(disks)]
         nic_ids = []
         for index, mac in enumerate(macs):

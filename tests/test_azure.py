@@ -228,3 +228,23 @@ def test_page_ranges_of_a_large_fragmented_disk_are_listed_in_segments_and_merge
     assert "ServerBusy" in caplog.text
     # 2048 ranges read as two parts, plus the footer
     assert azure.faults.reads - reads_before == 3
+
+
+def test_a_disk_encrypted_in_the_guest_is_a_dry_run_blocker(
+        api: httpx.Client, azure: Azure, tmp_path: Path) -> None:
+    group, name = unique("rg"), unique("t-az-ade")
+    images = _images(tmp_path, name)
+    azure.standin.add_vm(group, name, disks=[(64 * MIB, images[0])], disk_properties={
+        "encryptionSettingsCollection": {"enabled": True, "encryptionSettings": []},
+        "networkAccessPolicy": "DenyAll"})
+    dry = api.post("/jobs/submit", json={"vm_identifier": f"{group}/{name}",
+                                         "provider": "azure", "dry_run": True}).json()
+    assert [b["code"] for b in dry["blockers"]] == [
+        "disk_encrypted_in_guest", "disk_access_denied"], dry
+    assert "Azure Disk Encryption" in dry["blockers"][0]["message"]
+    assert [s for s in azure.standin.snapshots() if name in s["name"]] == []
+    # a real job stops at the same blockers, before any snapshot is made
+    job_id = submit(api, vm_identifier=f"{group}/{name}", provider="azure")
+    info = wait_for_job(api, job_id)
+    assert info["status"] == "failed" and "networkAccessPolicy DenyAll" in info["error"]
+    assert [s for s in azure.standin.snapshots() if name in s["name"]] == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.config import AzureProviderConfig
-from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
+from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
 from providers.azure import export, inventory
 from providers.azure.session import Clients, call, clients_for
 from providers.base import BytesProgress, ExportMethod, Provider
@@ -36,6 +36,9 @@ class AzureProvider(Provider):
 
     def check_export(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> None:
         export.check_exportable(options)
+
+    def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
+        return export.access_blockers(self.clients, vm)
 
     def export(
         self,

@@ -24,8 +24,8 @@ from azure.mgmt.compute.models import (
 from azure.storage.blob import BlobClient
 
 from core.errors import InvalidRequest, ProviderError, VerificationError
-from core.models import ExportedFile, ExportOptions, VMInfo
-from providers.azure.inventory import parse_id
+from core.models import Blocker, ExportedFile, ExportOptions, VMInfo
+from providers.azure.inventory import enum_text, parse_id
 from providers.azure.session import Clients, call, map_error
 from providers.packaging import RAW, FetchedDisk, export_disks
 from providers.power import power_for_export
@@ -274,6 +274,38 @@ def discard(clients: Clients, job: str) -> list[str]:
     for snapshot_id in found:
         remove_snapshot(clients, snapshot_id)
     return found
+
+
+def access_blockers(clients: Clients, vm: VMInfo) -> list[Blocker]:
+    """Managed disks whose bytes cannot leave as we read them, from the disks' own
+    settings: encrypted inside the guest (ADE) or as a confidential VM's, or readable only
+    through a private endpoint or with an Azure AD token instead of a SAS."""
+    blockers = []
+    for disk in vm.disks:
+        group, name = parse_id(str(disk.datastore))
+        properties = call(partial(clients.compute.disks.get, group, name),
+                          f"Azure disk {name}").properties
+        ade = properties.encryption_settings_collection
+        if ade is not None and ade.enabled:
+            blockers.append(Blocker(code="disk_encrypted_in_guest", message=(
+                f"disk {name} is encrypted inside the guest by Azure Disk Encryption: the "
+                "copy would not boot without the key vault's keys; decrypt it in the guest "
+                "first (Disable-AzVMDiskEncryption)")))
+        security = properties.security_profile
+        if security is not None and "Confidential" in enum_text(security.security_type):
+            blockers.append(Blocker(code="confidential_disk", message=(
+                f"disk {name} belongs to a confidential VM ({security.security_type}): its "
+                "guest state is bound to the VM's vTPM and cannot be migrated")))
+        if enum_text(properties.network_access_policy) == "DenyAll":
+            blockers.append(Blocker(code="disk_access_denied", message=(
+                f"disk {name} has networkAccessPolicy DenyAll: no SAS is granted to read its "
+                "snapshots; set AllowAll (or AllowPrivate through a disk access this host "
+                "reaches) for the migration")))
+        if enum_text(properties.data_access_auth_mode) == "AzureActiveDirectory":
+            blockers.append(Blocker(code="disk_access_denied", message=(
+                f"disk {name} has dataAccessAuthMode AzureActiveDirectory: a SAS alone does "
+                "not read it; set dataAccessAuthMode None for the migration")))
+    return blockers
 
 
 def check_exportable(options: ExportOptions) -> None:
