@@ -212,3 +212,20 @@ def test_a_multipart_object_is_checked_by_its_crc32c(oci_peer: OCI, tmp_path: Pa
     assert [f.role for f in result.files] == ["ova"]
     assert not list((tmp_path / "bad").glob("*"))
     assert _leftovers(oci_peer, name) == []
+
+
+def test_block_volumes_without_boot_volume_only_are_a_dry_run_blocker(
+        api: httpx.Client, oci_peer: OCI, tmp_path: Path) -> None:
+    name = unique("t-oci-dry")
+    instance = oci_peer.standin.add_instance(name, boot=(1, _boot(tmp_path, name)),
+                                             volumes=(1,))
+    dry = api.post("/jobs/submit", json={"vm_identifier": instance, "provider": "oci",
+                                         "dry_run": True}).json()
+    assert [b["code"] for b in dry["blockers"]] == ["export_not_possible"], dry
+    assert "boot_volume_only" in dry["blockers"][0]["message"]
+    assert len(dry["vm"]["disks"]) == 2
+    assert _leftovers(oci_peer, name) == []  # no image made
+    clear = api.post("/jobs/submit", json={"vm_identifier": instance, "provider": "oci",
+                                           "dry_run": True,
+                                           "options": {"boot_volume_only": True}}).json()
+    assert clear["blockers"] == [], clear

@@ -72,7 +72,13 @@ def test_running_vm_without_shutdown_fails_the_job_clearly(
     name = unique("t-run")
     vm = create_vm(si, name, disks_mib=[4])
     WaitForTask(vm.PowerOnVM_Task())
+    dry = api.post("/jobs/submit", json={"vm_identifier": vm._moId, "provider": "vsphere",
+                                         "dry_run": True}).json()
+    assert [b["code"] for b in dry["blockers"]] == ["vm_powered_on"], dry
     job_id = submit(api, vm_identifier=vm._moId, provider="vsphere", export_method="vmdk")
     info = wait_for_job(api, job_id, timeout=120)
     assert info["status"] == "failed"
     assert "poweredOn" in info["error"] and "shutdown_vm" in info["error"]
+    logs = "\n".join(line["message"] for line in
+                     api.get(f"/jobs/logs/{job_id}").json()["logs"])
+    assert "Task run 'export" not in logs  # it stopped in validate, before the export

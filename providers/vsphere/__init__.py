@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from core.config import VSphereProviderConfig
-from core.models import ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
+from core.errors import InvalidRequest
+from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
 from providers.base import BytesProgress, ExportMethod, OpenOutput, Provider
 from providers.vsphere import inventory
-from providers.vsphere.export import export_vm
+from providers.vsphere.export import check_exportable, export_vm
 from providers.vsphere.session import Session, pool_for
 from providers.vsphere.stream import stream_vm
 
@@ -28,6 +29,14 @@ class VSphereProvider(Provider):
         with pool_for(self.config).session() as session:
             vms = session.call(lambda: inventory.list_vms(session), f"vSphere {self.config.host}")
         return [vm for vm in vms if vm_filter.matches(vm)]
+
+    def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
+        """A powered-on VM without shutdown_vm: its disks are in use."""
+        try:
+            check_exportable(vm, options)
+        except InvalidRequest as exc:
+            return [Blocker(code="vm_powered_on", message=str(exc))]
+        return []
 
     def get_vm(self, identifier: str) -> VMInfo:
         with pool_for(self.config).session() as session:
