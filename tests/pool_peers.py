@@ -112,12 +112,20 @@ def prefect_on_postgres(database_url: str, log: Path) -> Iterator[PoolServer]:
     try:
         yield server
     finally:
+        end_group(process, timeout=30)
+
+
+def end_group(process: subprocess.Popen, *, timeout: float) -> None:
+    """SIGTERM to the process's group (started with start_new_session), SIGKILL to what
+    is left after `timeout`: nothing it started outlives the test to take later jobs."""
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
 
 @dataclass

@@ -20,7 +20,7 @@ from tests.peers import (
     wait_for_job,
     wait_until,
 )
-from tests.pool_peers import Pool, hypervisord, kill_host, running_pool
+from tests.pool_peers import Pool, end_group, hypervisord, kill_host, running_pool
 
 POOL_LIMIT = 3  # daemon.workers of the deploying config: runs at once across the pool
 
@@ -62,8 +62,7 @@ def test_a_worker_started_without_a_config_fails_its_job_saying_so(pool: Pool) -
     try:
         info = wait_for_job(pool.api, pool.submit(vm), timeout=120)
     finally:
-        bare.terminate()
-        bare.wait(timeout=60)
+        end_group(bare, timeout=60)  # a worker still up would take the next tests' jobs
     assert info["status"] == "failed"
     assert "HYPERSDK_CONFIG is not set" in info["error"], info["error"]
     assert "hypervisord worker --config" in info["error"]
