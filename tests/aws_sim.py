@@ -103,7 +103,8 @@ def start_moto() -> Moto:
     moto = Moto(url=f"http://127.0.0.1:{port}", access_key=line[1], secret_key=line[2],
                 process=process)
     os.environ[SECRET_ENV] = moto.secret_key
-    moto.client("s3").create_bucket(Bucket=BUCKET)
+    # set up for VM Export as its guide says: ACLs on, so the export can grant itself
+    moto.client("s3").create_bucket(Bucket=BUCKET, ObjectOwnership="BucketOwnerPreferred")
     return moto
 
 

@@ -18,6 +18,9 @@ Measured against moto 5.2, what is added:
   an instance reports its image's `BootMode`, as EC2 does.
 * Authentication: moto's own IAM checks are on (every request is signed by a known
   access key of a user with a policy); the key pair of that user is printed at start.
+* A new S3 bucket has Object Ownership "bucket owner enforced" (ACLs disabled), as every
+  bucket made since April 2023 (moto: none, so ACLs on) unless `x-amz-object-ownership`
+  says otherwise.
 * Assumed-role credentials expire, as on AWS: a request signed with them after their
   `Expiration` is refused, `ExpiredToken` (400; `ExpiredTokenException`, 403, from the
   JSON services such as EBS), where moto accepts them forever. A role tagged
@@ -73,7 +76,7 @@ from moto.iam.access_control import (
     S3IAMRequest,
 )
 from moto.iam.models import iam_backends
-from moto.s3.models import s3_backends
+from moto.s3.models import S3Backend, s3_backends
 from moto.sts.models import STSBackend, sts_backends
 
 ACCOUNT = "123456789012"
@@ -452,7 +455,17 @@ def _expiring(original: Any) -> Any:
     return raise_invalid_access_key
 
 
+_create_bucket = S3Backend.create_bucket
+
+
+def create_bucket(self: S3Backend, *args: Any, **kwargs: Any) -> Any:
+    bucket = _create_bucket(self, *args, **kwargs)
+    bucket.ownership_rule = "BucketOwnerEnforced"  # the request's header, if any, follows
+    return bucket
+
+
 def install() -> None:
+    S3Backend.create_bucket = create_bucket  # type: ignore[method-assign]
     STSBackend.assume_role = assume_role  # type: ignore[method-assign]
     AssumedRoleAccessKey.__init__ = assumed_key_init  # type: ignore[method-assign]
     IAMRequest._raise_invalid_access_key = _expiring(  # type: ignore[method-assign]

@@ -371,3 +371,19 @@ def test_a_role_that_may_not_snapshot_is_a_blocker_found_with_dry_run_calls(
     assert _provider(moto).blockers(vm, ExportOptions(), converts=False) == []
     snapshots = moto.client("ec2").describe_snapshots(OwnerIds=["self"])["Snapshots"]
     assert not [s for s in snapshots if s.get("VolumeId") == vm.disks[0].datastore]
+
+
+def test_a_vm_export_bucket_with_acls_disabled_is_a_blocker(moto: Moto) -> None:
+    """New buckets have ACLs disabled; VM Export writes with an ACL grant, so its task
+    would fail after it started: the dry run (and validate) say so first."""
+    s3 = moto.client("s3")
+    enforced = unique("acl-off")
+    s3.create_bucket(Bucket=enforced)  # as made today, defaults kept
+    instance = moto.instance(unique("t-aws-acl"), volumes_gib=[1], contents=[None])
+    options = ExportOptions(transport="export-task")
+    provider = _provider(moto, export_bucket=enforced)
+    vm = provider.get_vm(instance["InstanceId"])
+    blockers = provider.blockers(vm, options, converts=False)
+    assert [b.code for b in blockers] == ["bucket_acls_disabled"], blockers
+    assert enforced in blockers[0].message
+    assert _provider(moto, export_bucket=BUCKET).blockers(vm, options, converts=False) == []

@@ -52,7 +52,10 @@ class AWSProvider(Provider):
                                 marketplace=marketplace)
 
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
-        return export.permission_blockers(self.clients, vm, options)
+        found = export.permission_blockers(self.clients, vm, options)
+        if export.transport_of(options) == "export-task":
+            found += export.bucket_blockers(self.clients, self.config.export_bucket)
+        return found
 
     def export(
         self,

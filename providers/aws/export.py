@@ -47,6 +47,28 @@ def transport_of(options: ExportOptions) -> str:
 _DENIED = {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"}
 
 
+def bucket_blockers(clients: Clients, bucket: str | None) -> list[Blocker]:
+    """VM Export writes into the bucket with an ACL grant to the region's export account:
+    a bucket whose Object Ownership is BucketOwnerEnforced (the default of new buckets)
+    has ACLs disabled, and the export task fails after it has started."""
+    if not bucket:
+        return []
+    try:
+        rules = clients.s3.get_bucket_ownership_controls(Bucket=bucket)[
+            "OwnershipControls"]["Rules"]
+    except botocore.exceptions.ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) == "OwnershipControlsNotFoundError":
+            return []  # a bucket from before ownership controls: ACLs on
+        raise map_error(exc, f"S3 bucket {bucket}: ownership controls") from None
+    if any(rule.get("ObjectOwnership") == "BucketOwnerEnforced" for rule in rules):
+        return [Blocker(code="bucket_acls_disabled", message=(
+            f"S3 bucket {bucket} has ACLs disabled (Object Ownership: bucket owner "
+            "enforced), and VM Export writes with an ACL grant to its account: set Object "
+            "Ownership to BucketOwnerPreferred and grant the region's VM Import/Export "
+            "account WRITE and READ_ACP on the bucket"))]
+    return []
+
+
 def permission_blockers(clients: Clients, vm: VMInfo, options: ExportOptions) -> list[Blocker]:
     """The EC2 calls the export makes, asked with DryRun (EC2 answers DryRunOperation
     when allowed, UnauthorizedOperation when not; nothing is made either way)."""
