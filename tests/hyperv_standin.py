@@ -108,6 +108,11 @@ class VM:
     passthrough: list[tuple[int, int]] = field(default_factory=list)
 
 
+def _set(event: threading.Event) -> threading.Event:
+    event.set()
+    return event
+
+
 @dataclass
 class Host:
     share_dir: Path  # the Samba share's folder, SHARE_PATH to the host
@@ -118,6 +123,8 @@ class Host:
     scripts: list[str] = field(default_factory=list)  # every script run, decoded
     actions: list[str] = field(default_factory=list)  # power and file actions taken
     export_seconds: float = 0.0  # how long Export-VM takes
+    # Export-VM finishes only once this is set (a test holds an export open with it)
+    export_gate: threading.Event = field(default_factory=lambda: _set(threading.Event()))
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def local(self, host_path: str) -> Path:
@@ -485,6 +492,7 @@ class Interpreter:
                     self.host.vhds[copy.lower()] = Vhd(copy, vhd.format, vhd.type, vhd.size,
                                                        parent=parent, current=vhd.current)
             time.sleep(self.host.export_seconds)
+            self.host.export_gate.wait(timeout=300)
             self.host.actions.append(f"Export-VM {vm.name} {params['path']}")
         return []
 

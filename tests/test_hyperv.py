@@ -7,6 +7,7 @@ credentials and a missing VM."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import subprocess
 import time
@@ -254,3 +255,29 @@ def test_a_pass_through_disk_is_listed_a_dry_run_blocker_and_refused_by_the_expo
         _provider(hyperv).export(name, tmp_path / "out", method="disks",
                                  options=ExportOptions(), job="pt-job")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_long_export_vm_does_not_hold_up_other_calls_to_the_host(
+        hyperv: HyperV, tmp_path: Path) -> None:
+    """Export-VM runs for as long as the copy takes; meanwhile the same provider still
+    lists VMs (each call has its own WinRM connection, up to a few at once)."""
+    name = unique("t-hv-long")
+    base, _ = _guest(tmp_path, name)
+    vm = hyperv.host.add_vm(name, [base], state="Running",
+                            checkpoint_states=[base])  # checkpointed: Export-VM
+    provider = _provider(hyperv)
+    hyperv.host.export_gate.clear()
+    calls = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    try:
+        future = calls.submit(provider.export, vm.id, tmp_path / "out", method="disks",
+                              job="long-job", options=ExportOptions())
+        wait_until(lambda: any("Export-VM" in script for script in hyperv.host.scripts),
+                   timeout=60, what="Export-VM to start")
+        listed = calls.submit(provider.list_vms, VMFilter(name_pattern=name)).result(
+            timeout=60)  # one connection for everything would wait for the export
+        assert not future.done() and not hyperv.host.export_gate.is_set()
+        assert [v.name for v in listed] == [name]  # answered while Export-VM still ran
+    finally:
+        hyperv.host.export_gate.set()
+        calls.shutdown(wait=True)
+    assert [f.role for f in future.result().files] == ["disk"]

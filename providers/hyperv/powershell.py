@@ -96,33 +96,55 @@ def _error_text(stderr: bytes) -> str:
     return " ".join(message)[:500] or "no error text"
 
 
+CONNECTIONS = 4  # WinRM calls at once per host: a long Export-VM holds one, not the host
+
+
 class Host:
-    """The WinRM endpoint of one Hyper-V host: a pywinrm Protocol (its HTTP session keeps
-    the authenticated connection), one shell per call."""
+    """The WinRM endpoint of one Hyper-V host: up to CONNECTIONS pywinrm Protocols, each
+    keeping its authenticated HTTP connection, one call at a time on each; one shell per
+    call."""
 
     def __init__(self, config: HyperVProviderConfig) -> None:
         self.config = config
         name, _, port = config.host.partition(":")
         scheme = "https" if config.tls else "http"
         self.endpoint = f"{scheme}://{name}:{port or (5986 if config.tls else 5985)}/wsman"
-        self.protocol = winrm.Protocol(
+        self._idle: list[winrm.Protocol] = []
+        self._guard = threading.Lock()
+        self._slots = threading.BoundedSemaphore(CONNECTIONS)
+
+    def _new_protocol(self) -> winrm.Protocol:
+        config = self.config
+        return winrm.Protocol(
             self.endpoint, transport=config.transport, username=config.username,
             password=config.password.get_secret_value(),
             server_cert_validation="validate" if config.cert_validation else "ignore",
             # None: certifi's CAs only, never a bundle named by the environment
             ca_trust_path=str(config.ca_file) if config.ca_file else None,  # type: ignore[arg-type]
             read_timeout_sec=70, operation_timeout_sec=60)
-        self._lock = threading.Lock()  # one requests session: calls one at a time
 
     @contextmanager
-    def _shell(self, what: str) -> Iterator[str]:
-        shell = self._call(self.protocol.open_shell, what)
+    def _connection(self) -> Iterator[winrm.Protocol]:
+        """A protocol no other call is using, made when none is idle."""
+        with self._slots:
+            with self._guard:
+                protocol = self._idle.pop() if self._idle else None
+            protocol = protocol or self._new_protocol()
+            try:
+                yield protocol
+            finally:
+                with self._guard:
+                    self._idle.append(protocol)
+
+    @contextmanager
+    def _shell(self, protocol: winrm.Protocol, what: str) -> Iterator[str]:
+        shell = self._call(protocol.open_shell, what)
         try:
             yield shell
         finally:
             try:
                 # the HTTP session stays: NTLM authenticated its connection once
-                self.protocol.close_shell(shell, close_session=False)
+                protocol.close_shell(shell, close_session=False)
             except Exception as exc:  # noqa: BLE001 - the host reaps idle shells itself
                 log.debug("closing shell %s: %s", shell, exc)
 
@@ -137,12 +159,12 @@ class Host:
         ProviderError its error says."""
         command = "powershell -NoProfile -NonInteractive -EncodedCommand " + _encode(
             PREAMBLE + script)
-        with self._lock, self._shell(what) as shell:
-            command_id = self._call(self.protocol.run_command, what, shell, command)
-            out, err, code = self._call(self.protocol.get_command_output, what, shell,
+        with self._connection() as protocol, self._shell(protocol, what) as shell:
+            command_id = self._call(protocol.run_command, what, shell, command)
+            out, err, code = self._call(protocol.get_command_output, what, shell,
                                         command_id)
             try:
-                self.protocol.cleanup_command(shell, command_id)
+                protocol.cleanup_command(shell, command_id)
             except Exception as exc:  # noqa: BLE001 - the output is in hand
                 log.debug("cleanup of %s: %s", command_id, exc)
         if code != 0:
