@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hyperv_standin import HOST_PATH, SHARE_PATH, Host, StandIn, start_standin
+from tests.hyperv_standin import HOST_PATH, SHARE_NAME, SHARE_PATH, Host, StandIn, start_standin
 from tests.peers import SESSION_DIR, free_port, wait_until
 from tests.tcp_proxy import Throttle, start_proxy
 from tests.vsphere_sim import server_certificate
@@ -25,7 +25,7 @@ SMB_USER = "hypersdk-smb"  # a system account made for the share (Samba maps to 
 SMB_PASSWORD = "Sm8-share-pw"
 WINRM_USER = "hv-admin"
 WINRM_PASSWORD = "Hv-winrm-pw1"
-SHARE = "hyperv"
+SHARE = SHARE_NAME
 
 _CONF = """[global]
   smb ports = {port}

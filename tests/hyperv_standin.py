@@ -63,6 +63,7 @@ from spnego.channel_bindings import GssChannelBindings
 from spnego.exceptions import SpnegoError
 
 SHARE_PATH = "D:\\Shares\\HyperV"
+SHARE_NAME = "hyperv"  # the share's name on the SMB server
 HOST_PATH = "C:\\ProgramData\\Microsoft\\Windows\\Hyper-V"
 NS = {"s": "http://www.w3.org/2003/05/soap-envelope",
       "a": "http://schemas.xmlsoap.org/ws/2004/08/addressing",
@@ -128,7 +129,11 @@ class Host:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def local(self, host_path: str) -> Path:
-        """The real file behind a host path under SHARE_PATH or HOST_PATH."""
+        """The real file behind a host path under SHARE_PATH or HOST_PATH, or the share's
+        UNC (\\<server>\hyperv: the host reaches it as its computer account)."""
+        unc = re.match(r"^\\\\[^\\]+\\" + SHARE_NAME + r"(?=\\|$)", host_path, re.I)
+        if unc:
+            host_path = SHARE_PATH + host_path[unc.end():]
         for root, folder in ((SHARE_PATH, self.share_dir), (HOST_PATH, self.host_dir)):
             if host_path.lower() == root.lower():
                 return folder
@@ -512,6 +517,11 @@ class Interpreter:
 
     def _remove_item(self, call: Call, piped: list[Any]) -> list[Any]:
         params = self._params(call, {"literalpath", "recurse", "force"})
+        if str(params["literalpath"]).startswith("\\\\"):
+            # a WinRM session's NTLM logon cannot authenticate to a second server (the
+            # double hop): a file server's path is refused
+            raise PSError(f"Remove-Item : Access to the path '{params['literalpath']}' is "
+                          "denied.")
         target = self.host.local(params["literalpath"])
         if not target.exists():
             raise PSError(f"Remove-Item : Cannot find path '{params['literalpath']}' because "

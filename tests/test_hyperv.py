@@ -149,7 +149,8 @@ def test_running_checkpointed_vm_is_exported_and_merged_on_the_host(
     assert set(states) == {"Running"}  # Export-VM works on a running VM: never stopped
     actions = [a for a in hyperv.host.actions if name in a or "ckpt-job" in a]
     assert actions[0].startswith(f"Export-VM {name}") and "Convert-VHD" in actions[1]
-    assert actions[-1].startswith("Remove-Item") and hyperv.staging() == []
+    assert hyperv.staging() == []  # removed over SMB, not by the host
+    assert not [a for a in actions if a.startswith("Remove-Item")]
     assert result.vm.snapshots == ["before-upgrade"]
 
 
@@ -281,3 +282,20 @@ def test_a_long_export_vm_does_not_hold_up_other_calls_to_the_host(
         hyperv.host.export_gate.set()
         calls.shutdown(wait=True)
     assert [f.role for f in future.result().files] == ["disk"]
+
+
+def test_staging_on_a_file_server_is_removed_over_smb_not_by_the_host(
+        hyperv: HyperV, tmp_path: Path) -> None:
+    """The share on another server (share_path left to its UNC): the host writes there as
+    its computer account, but its WinRM session cannot remove anything there (the double
+    hop, as the stand-in refuses Remove-Item of a UNC path); the provider removes the
+    staging folder over its own SMB connection."""
+    name = unique("t-hv-unc")
+    base, _ = _guest(tmp_path, name)
+    vm = hyperv.host.add_vm(name, [base], state="Running", checkpoint_states=[base])
+    result = _provider(hyperv, share_path=None).export(
+        vm.id, tmp_path / "out", method="disks", job="unc-job", options=ExportOptions())
+    assert [f.role for f in result.files] == ["disk"]
+    exported = [a for a in hyperv.host.actions if "unc-job" in a]
+    assert exported[0].startswith("Export-VM") and "\\\\127.0.0.1\\" in exported[0]
+    assert hyperv.staging() == []

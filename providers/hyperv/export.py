@@ -66,12 +66,12 @@ def _power_calls(host: Host, vm: VMInfo) -> dict[str, Callable[[], None]]:
     return {"stop": stop, "start": start}
 
 
-def remove_staging(host: Host, share: Share, folder: str) -> bool:
-    """The host removes the staging folder (it wrote it); False when there was none."""
+def remove_staging(share: Share, folder: str) -> bool:
+    """The staging folder removed over SMB (the share may be on another server, out of
+    the host's reach from a WinRM session); False when there was none."""
     if not share.exists(folder):
         return False
-    host.run(Command("Remove-Item", {"LiteralPath": share.host_name(folder), "Recurse": True,
-                                     "Force": True}).render(), f"Remove-Item {folder}")
+    share.remove_tree(folder)
     log.info("staging folder %s removed from the share", folder)
     return True
 
@@ -157,7 +157,7 @@ def export_vm(host: Host, share: Share, vm: VMInfo, disks: list[VirtualDisk],
                 log.info("staging folder %s kept on the share", folder)
             else:
                 try:
-                    remove_staging(host, share, folder)
+                    remove_staging(share, folder)
                 except Exception as exc:  # noqa: BLE001 - logged; discard tries again
                     log.warning("staging folder %s not removed: %s", folder, exc)
 
@@ -168,4 +168,4 @@ def export_vm(host: Host, share: Share, vm: VMInfo, disks: list[VirtualDisk],
 def discard(host: Host, share: Share, job: str) -> list[str]:
     """What the job's export left on the share (a cancel, a crash): its staging folder."""
     folder = staging_folder(job)
-    return [f"{share.unc}\\{folder}"] if remove_staging(host, share, folder) else []
+    return [f"{share.unc}\\{folder}"] if remove_staging(share, folder) else []

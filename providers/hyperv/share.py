@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import smbclient
+import smbclient.shutil
 from smbprotocol.exceptions import SMBAuthenticationError, SMBException, SMBOSError
 from smbprotocol.header import NtStatus
 
@@ -99,6 +100,13 @@ class Share:
 
     def check(self) -> None:
         self._call(f"SMB share {self.unc}", smbclient.listdir, self.unc)
+
+    def remove_tree(self, relative: str) -> None:
+        """A folder and all in it removed over our own SMB connection: the host's
+        Remove-Item of a file server's path would need a second hop, which its WinRM
+        session's NTLM logon cannot make."""
+        self._call(f"remove {self._path(relative)}", smbclient.shutil.rmtree,
+                   self._path(relative))
 
     def size(self, relative: str) -> int:
         return int(self._call(self._path(relative), smbclient.stat, self._path(relative)).st_size)
