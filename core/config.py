@@ -177,6 +177,13 @@ class GCPProviderConfig(ProviderConfig):
     credentials_file: Path | None = None
     export_bucket: str | None = None  # GCS bucket the image exports are written to
     export_format: Literal["qcow2", "vmdk"] = "qcow2"  # what the export build writes
+    # where the image-export tool starts its worker VM (its -network, -subnet, -zone) and
+    # as whom (-compute_service_account); unset, the tool uses the project's "default"
+    # network, which many projects do not have
+    export_network: str | None = None
+    export_subnet: str | None = None  # needed on a custom-mode network
+    export_zone: str | None = None
+    export_service_account: str | None = None
     # another endpoint (a private one, or a test stand-in): Compute, Cloud Build, Storage
     compute_endpoint: str | None = None
     cloudbuild_endpoint: str | None = None

@@ -75,6 +75,8 @@ class State:
     captures: list[tuple[str, str]] = field(default_factory=list)
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     builds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the project's VPC networks (a project may have deleted "default", as many do)
+    networks: set[str] = field(default_factory=lambda: {"default"})
     tokens: set[str] = field(default_factory=set)
     build_seconds: float = 0.5  # how long an export build works before it writes
     requests: list[str] = field(default_factory=list)
@@ -186,8 +188,10 @@ def _operation(state: State, *, kind: str, target: str, zone: str | None) -> dic
     return body
 
 
-def _run_build(state: State, build_id: str, image: dict[str, Any], uri: str, fmt: str) -> None:
-    """The image-export tool's job: the image's bytes into the bucket as `fmt`."""
+def _run_build(state: State, build_id: str, image: dict[str, Any], uri: str, fmt: str,
+               failure: str | None = None) -> None:
+    """The image-export tool's job: the image's bytes into the bucket as `fmt`; or, where
+    its worker cannot start (`failure`), FAILURE with the reason."""
     def status(value: str) -> bool:
         with state.lock:
             build = state.builds[build_id]
@@ -197,6 +201,10 @@ def _run_build(state: State, build_id: str, image: dict[str, Any], uri: str, fmt
             return True
 
     if not status("WORKING"):
+        return
+    if failure is not None:
+        with state.lock:
+            state.builds[build_id].update(status="FAILURE", statusDetail=failure)
         return
     deadline = time.monotonic() + state.build_seconds
     while time.monotonic() < deadline:
@@ -336,6 +344,14 @@ class Handler(BaseHTTPRequestHandler):
             return {k: v for k, v in disk.items() if not k.startswith("_")}
         if match := re.fullmatch(r"(zones/[^/]+|global)/operations/([^/]+)", path):
             return self._get(state.operations, match.group(2), "operations")
+        if method == "GET" and (match := re.fullmatch(r"global/networks/([^/]+)", path)):
+            name = match.group(1)
+            if name not in state.networks:
+                raise ApiError(404, "notFound", f"The resource 'projects/{state.project}/"
+                                                f"global/networks/{name}' was not found")
+            return {"kind": "compute#network", "name": name,
+                    "selfLink": f"{state.base}/global/networks/{name}",
+                    "autoCreateSubnetworks": True}
         if path == "global/images" and method == "POST":
             return self._insert_image(payload, query)
         if path == "global/images" and method == "GET":
@@ -365,7 +381,7 @@ class Handler(BaseHTTPRequestHandler):
         key = "/".join(source.split("/zones/")[-1].split("/disks/"))
         disk = self._get(state.disks, key, "disks")
         users = [i for i in state.instances.values()
-                 if any(d["source"] == disk["selfLink"] for d in i["disks"])]
+                 if any(d.get("source") == disk["selfLink"] for d in i["disks"])]
         if (any(i["status"] == "RUNNING" for i in users)
                 and query.get("forceCreate") != "true"):
             raise ApiError(400, "resourceInUseByAnotherResource",
@@ -435,6 +451,10 @@ class Handler(BaseHTTPRequestHandler):
         if not uri.startswith("gs://") or fmt not in ("qcow2", "vmdk", "vpc", "raw"):
             raise ApiError(400, "invalid", f"bad -destination_uri {uri!r} or -format {fmt!r}")
         build_id = str(uuid.uuid4())
+        # the tool starts its worker VM on -network (default: "default") once it runs
+        network = args.get("network", "default").rsplit("/", 1)[-1]
+        failure = (None if network in state.networks else
+                   f"network {network!r} not found: the export worker could not start")
         build = {"id": build_id, "projectId": state.project, "status": "QUEUED",
                  "steps": steps, "tags": payload.get("tags", []),
                  "timeout": payload.get("timeout", "600s"),
@@ -442,7 +462,7 @@ class Handler(BaseHTTPRequestHandler):
                  "logUrl": f"https://console.cloud.google.com/cloud-build/builds/{build_id}"}
         with state.lock:
             state.builds[build_id] = build
-        threading.Thread(target=_run_build, args=(state, build_id, image, uri, fmt),
+        threading.Thread(target=_run_build, args=(state, build_id, image, uri, fmt, failure),
                          daemon=True, name=f"build-{build_id[:8]}").start()
         name = base64.urlsafe_b64encode(build_id.encode()).decode()
         return {"name": f"operations/build/{state.project}/{name}",

@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from core.config import Config, GCPProviderConfig
-from core.errors import AuthFailed, InvalidRequest, NotFound, Transient, VerificationError
+from core.errors import (
+    AuthFailed,
+    InvalidRequest,
+    NotFound,
+    ProviderError,
+    Transient,
+    VerificationError,
+)
 from core.models import ExportOptions, VMFilter
 from hyper2kvm import qemu_img
 from hyper2kvm.sample import make_disk
@@ -235,4 +242,39 @@ def test_local_ssds_are_listed_a_dry_run_blocker_and_left_out_when_asked(
     assert [d.name for d in result.vm.disks] == [f"{name}-disk0"]
     assert [f.role for f in result.files] == ["disk"]
     assert qemu_img.compare(images[0], result.files[0].path)
+    assert _leftovers(gcp, name) == []
+
+
+def test_a_project_without_the_default_network_needs_export_network(
+        gcp: GCP, tmp_path: Path) -> None:
+    """The image export tool starts a worker VM on the "default" network unless told
+    otherwise; a project without one fails the build after it started. The blocker says
+    so first; with providers.gcp.export_network the build gets -network and works."""
+    name = unique("t-gcp-vpc")
+    images = _images(tmp_path, name)
+    gcp.standin.add_instance("us-central1-a", name, disks=[(1, images[1])])
+    identifier = f"us-central1-a/{name}"
+    networks = gcp.standin.state.networks
+    gcp.standin.state.networks = {"corp-vpc"}
+    try:
+        bare = _provider(gcp)
+        vm = bare.get_vm(identifier)
+        blockers = bare.blockers(vm, ExportOptions(), converts=False)
+        assert [b.code for b in blockers] == ["export_network_missing"], blockers
+        assert "export_network" in blockers[0].message
+        with pytest.raises(ProviderError, match="network 'default' not found"):
+            bare.export(identifier, tmp_path / "failed", method="disks",
+                        options=ExportOptions(), job="vpc-bad")
+        routed = _provider(gcp, export_network="corp-vpc", export_subnet="corp-a",
+                           export_zone="us-central1-a")
+        assert routed.blockers(vm, ExportOptions(), converts=False) == []
+        result = routed.export(identifier, tmp_path / "out", method="disks",
+                               options=ExportOptions(), job="vpc-job")
+    finally:
+        gcp.standin.state.networks = networks
+    assert qemu_img.compare(images[1], result.files[0].path)
+    args = [b["steps"][0]["args"] for b in gcp.standin.state.builds.values()
+            if "hypersdk-vpc-job" in b["tags"]]
+    assert len(args) == 1 and {"-network=corp-vpc", "-subnet=corp-a",
+                               "-zone=us-central1-a"} <= set(args[0]), args
     assert _leftovers(gcp, name) == []

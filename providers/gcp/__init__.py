@@ -43,7 +43,8 @@ class GCPProvider(Provider):
         export.check_exportable(self.config.export_bucket, options)
 
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
-        return export.local_disk_blockers(vm, options)
+        return [*export.local_disk_blockers(vm, options),
+                *export.network_blockers(self.clients)]
 
     def export(
         self,

@@ -20,7 +20,8 @@ from google.cloud import compute_v1
 from google.cloud.devtools import cloudbuild_v1
 from google.protobuf import duration_pb2
 
-from core.errors import InvalidRequest, ProviderError, Transient
+from core.config import GCPProviderConfig
+from core.errors import InvalidRequest, NotFound, ProviderError, Transient
 from core.models import Blocker, DiskInfo, ExportedFile, ExportOptions, VMInfo
 from hyper2kvm.vmdk import parse_vmdk
 from providers.gcp.session import Clients, call, map_error
@@ -44,6 +45,7 @@ def _label(job: str | None) -> str:
 
 
 def local_disk_blockers(vm: VMInfo, options: ExportOptions) -> list[Blocker]:
+    """A local SSD cannot be imaged: migrating without it must be asked for."""
     local = [disk.name for disk in vm.disks if disk.local]
     if not local or options.skip_local_disks:
         return []
@@ -126,13 +128,42 @@ def delete_image(clients: Clients, name: str) -> None:
 # ---- the export build -------------------------------------------------------------------
 
 
+def worker_args(config: GCPProviderConfig) -> list[str]:
+    """Where the export tool's worker VM runs and as whom, as configured."""
+    given = {"network": config.export_network, "subnet": config.export_subnet,
+             "zone": config.export_zone,
+             "compute_service_account": config.export_service_account}
+    return [f"-{flag}={value}" for flag, value in given.items() if value]
+
+
+def network_blockers(clients: Clients) -> list[Blocker]:
+    """The export tool's worker VM needs its network: the configured one, else the
+    project's "default", which many projects have deleted."""
+    network = clients.config.export_network or "default"
+    try:
+        clients.networks.get(project=clients.project, network=network)
+    except Exception as exc:  # noqa: BLE001 - mapped
+        error = map_error(exc, f"GCP network {network}")
+        if not isinstance(error, NotFound):
+            raise error from None
+        fix = ("set providers.gcp.export_network (and export_subnet on a custom-mode "
+               "network) to one the worker VM may use"
+               if clients.config.export_network is None else
+               "name an existing network in providers.gcp.export_network")
+        return [Blocker(code="export_network_missing", message=(
+            f"GCP's image export tool starts a worker VM on network {network!r}, which "
+            f"project {clients.project} does not have: {fix}"))]
+    return []
+
+
 def start_build(clients: Clients, image: str, uri: str, fmt: str, job: str | None) -> str:
     """A Cloud Build job running the image-export tool, as gcloud starts it; its id."""
     build = cloudbuild_v1.Build(
         steps=[cloudbuild_v1.BuildStep(name=EXPORT_TOOL, args=[
             f"-timeout={BUILD_TIMEOUT - 60}s",
             f"-source_image=projects/{clients.project}/global/images/{image}",
-            f"-destination_uri={uri}", f"-format={fmt}", "-client_id=api"])],
+            f"-destination_uri={uri}", f"-format={fmt}", "-client_id=api",
+            *worker_args(clients.config)])],
         timeout=duration_pb2.Duration(seconds=BUILD_TIMEOUT),
         tags=["gce-daisy", "gce-daisy-image-export", "hypersdk", f"hypersdk-{_label(job)}"])
     operation = call(lambda: clients.builds.create_build(project_id=clients.project,

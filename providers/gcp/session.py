@@ -72,6 +72,7 @@ class Clients:
     machine_types: compute_v1.MachineTypesClient
     disks: compute_v1.DisksClient
     images: compute_v1.ImagesClient
+    networks: compute_v1.NetworksClient
     zone_operations: compute_v1.ZoneOperationsClient
     global_operations: compute_v1.GlobalOperationsClient
     builds: cloudbuild_v1.CloudBuildClient
@@ -134,6 +135,7 @@ def make_clients(config: GCPProviderConfig) -> Clients:
         machine_types=compute_v1.MachineTypesClient(**compute),
         disks=compute_v1.DisksClient(**compute),
         images=compute_v1.ImagesClient(**compute),
+        networks=compute_v1.NetworksClient(**compute),
         zone_operations=compute_v1.ZoneOperationsClient(**compute),
         global_operations=compute_v1.GlobalOperationsClient(**compute),
         builds=cloudbuild_v1.CloudBuildClient(
