@@ -39,14 +39,31 @@ CONTAINER = "disks"
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 CLIENT_ID = "hypersdk-test-client"
 # the api-versions azure-mgmt-compute 39 and azure-mgmt-network 33 send for these calls
-API_VERSIONS = {"compute": {"2026-04-01", "2026-03-02", "2026-03-03"},
+API_VERSIONS = {"compute": {"2026-04-01", "2026-03-02", "2026-03-03", "2021-07-01"},
                 "network": {"2026-03-01"}}
 SIZES = [
     {"name": "Standard_B1s", "numberOfCores": 1, "memoryInMB": 1024},
     {"name": "Standard_D2s_v3", "numberOfCores": 2, "memoryInMB": 8192},
     {"name": "Standard_D4s_v3", "numberOfCores": 4, "memoryInMB": 16384},
 ]
+# sizes retired or closed to new deployments: Resource SKUs still describe them (with a
+# restriction), the deprecated vmSizes list no longer does, though VMs still run on them
+RETIRED_SIZES = [{"name": "Standard_A1", "numberOfCores": 1, "memoryInMB": 1792}]
 PAGE = 4 << 20  # the most one Put Page may write
+
+
+def _resource_skus(query: dict[str, str]) -> dict[str, Any]:
+    """Resource SKUs of VM sizes, as GET .../providers/Microsoft.Compute/skus answers."""
+    wanted = re.fullmatch(r"location eq '([^']+)'", query.get("$filter", ""))
+    location = wanted.group(1) if wanted else "westeurope"
+    return {"value": [{
+        "resourceType": "virtualMachines", "name": size["name"], "tier": "Standard",
+        "size": size["name"].split("_", 1)[1], "locations": [location],
+        "capabilities": [{"name": "vCPUs", "value": str(size["numberOfCores"])},
+                         {"name": "MemoryGB", "value": str(size["memoryInMB"] / 1024)}],
+        "restrictions": [{"type": "Location", "values": [location],
+                          "reasonCode": "NotAvailableForSubscription"}]
+        if size in RETIRED_SIZES else []} for size in SIZES + RETIRED_SIZES]}
 
 
 class ArmError(Exception):
@@ -335,6 +352,8 @@ class Handler(BaseHTTPRequestHandler):
                      r"(?P<action>deallocate|start)", self._power),
             ("GET", rf"{sub}/providers/Microsoft\.Compute/locations/(?P<loc>[^/]+)/vmSizes",
              lambda **_: (200, {"value": SIZES}, None)),
+            ("GET", rf"{sub}/providers/Microsoft\.Compute/skus",
+             lambda query, **_: (200, _resource_skus(query), None)),
             ("GET", rf"{sub}/providers/Microsoft\.Compute/locations/[^/]+/operations/"
                     r"(?P<op>[^/]+)", self._operation),
             ("GET", rf"{_RG}/Microsoft\.Compute/disks/(?P<name>[^/]+)", self._get_disk),

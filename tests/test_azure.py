@@ -248,3 +248,15 @@ def test_a_disk_encrypted_in_the_guest_is_a_dry_run_blocker(
     info = wait_for_job(api, job_id)
     assert info["status"] == "failed" and "networkAccessPolicy DenyAll" in info["error"]
     assert [s for s in azure.standin.snapshots() if name in s["name"]] == []
+
+
+def test_a_vm_on_a_retired_size_is_described_from_resource_skus(
+        api: httpx.Client, azure: Azure) -> None:
+    """Standard_A1 is closed to new VMs: the deprecated VM sizes list leaves it out, but
+    VMs still run on it; Resource SKUs describe it (with its restriction)."""
+    group, name = unique("rg"), unique("t-az-a1")
+    azure.standin.add_vm(group, name, size="Standard_A1", disks=[(64 * MIB, None)])
+    info = api.get("/vms/info", params={"provider": "azure",
+                                        "identifier": f"{group}/{name}"})
+    assert info.status_code == 200, info.text
+    assert (info.json()["cpus"], info.json()["memory_mb"]) == (1, 1792)

@@ -81,12 +81,19 @@ def find_vm(clients: Clients, identifier: str) -> Any:
 
 
 def _size(clients: Clients, location: str, size: str) -> tuple[int, int]:
-    sizes = call(lambda: list(clients.compute.virtual_machine_sizes.list(location)),
-                 f"Azure VM sizes in {location}")
-    for entry in sizes:
-        if entry.name.lower() == size.lower():
-            return entry.number_of_cores, entry.memory_in_mb
-    raise NotFound(f"Azure: VM size {size} is not offered in {location}")
+    """vCPUs and MiB of a VM size, from Resource SKUs: the VM sizes list is deprecated and
+    leaves out sizes retired or closed to new VMs, which running VMs may still have."""
+    skus = call(lambda: list(clients.compute.resource_skus.list(
+        filter=f"location eq '{location}'")), f"Azure resource SKUs in {location}")
+    for sku in skus:
+        if sku.resource_type == "virtualMachines" and (sku.name or "").lower() == size.lower():
+            capabilities = {c.name: c.value for c in sku.capabilities or []}
+            try:
+                return (int(capabilities["vCPUs"]),
+                        round(float(capabilities["MemoryGB"]) * 1024))
+            except (KeyError, TypeError, ValueError):
+                break
+    raise NotFound(f"Azure: VM size {size} is not described in {location}'s resource SKUs")
 
 
 def disks_of(vm: Any) -> list[tuple[str, int | None]]:
