@@ -6,7 +6,8 @@ module, runs on Linux, and no real Hyper-V host was used.
   Authentication is checked on every connection: NTLM by pyspnego's acceptor (with the
   TLS channel binding checked, as WinRM's CBT hardening does), or Basic; anything else
   is answered 401. Every response relates to its request's MessageID.
-* The command must be `powershell ... -EncodedCommand <base64 UTF-16LE>`; its script is
+* The command must be `powershell ... -EncodedCommand <base64 UTF-16LE>`, within cmd.exe's
+  8,191 characters (longer: "The command line is too long.", exit code 1); its script is
   run by a small interpreter of PowerShell's grammar as far as the provider uses it
   (statements split by `;` and newlines, pipelines, single-quoted literals with doubled
   quotes, arrays, `@( )`, switches) and exactly the cmdlets the provider sends. A term it
@@ -64,6 +65,7 @@ from spnego.exceptions import SpnegoError
 
 SHARE_PATH = "D:\\Shares\\HyperV"
 SHARE_NAME = "hyperv"  # the share's name on the SMB server
+CMD_LIMIT = 8191  # cmd.exe's longest command line, which WinRM's cmd shell runs through
 HOST_PATH = "C:\\ProgramData\\Microsoft\\Windows\\Hyper-V"
 NS = {"s": "http://www.w3.org/2003/05/soap-envelope",
       "a": "http://schemas.xmlsoap.org/ws/2004/08/addressing",
@@ -699,7 +701,11 @@ class Handler(BaseHTTPRequestHandler):
                              r"odedcommand|e|ec)\s+([A-Za-z0-9+/=]+)", line.strip(),
                              re.IGNORECASE)
         command = Command()
-        if match is None:
+        if len(line) > CMD_LIMIT:
+            command.stderr = b"The command line is too long."
+            command.code = 1
+            command.done.set()
+        elif match is None:
             command.stderr = f"'{line[:40]}' is not a command this host runs".encode()
             command.code = 1
             command.done.set()

@@ -299,3 +299,17 @@ def test_staging_on_a_file_server_is_removed_over_smb_not_by_the_host(
     exported = [a for a in hyperv.host.actions if "unc-job" in a]
     assert exported[0].startswith("Export-VM") and "\\\\127.0.0.1\\" in exported[0]
     assert hyperv.staging() == []
+
+
+def test_a_vm_with_more_disks_than_one_command_line_holds_is_described(
+        hyperv: HyperV, tmp_path: Path) -> None:
+    """WinRM's cmd shell runs each command through cmd.exe: 8,191 characters at most (the
+    stand-in refuses longer ones, as cmd.exe does). Forty disks' paths do not fit in one
+    Get-VHD; they are asked for in batches that do."""
+    disk = _vhdx(make_random_raw(tmp_path, "many", 1), "dynamic")
+    vm = hyperv.host.add_vm(unique("t-hv-many"), [disk] * 40)
+    described = _provider(hyperv).get_vm(vm.id)
+    assert len(described.disks) == 40
+    assert [d.unit for d in described.disks] == list(range(40))
+    batches = [s for s in hyperv.host.scripts if "Get-VHD" in s and vm.id in s]
+    assert len(batches) > 1, "one Get-VHD of every path would not have run"

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import ntpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from core.errors import NotFound, ProviderError
 from core.models import Blocker, DiskInfo, NicInfo, PowerState, VMFilter, VMInfo, VMSummary
-from providers.hyperv.powershell import Command, Host, as_json, vm_by_id
+from providers.hyperv.powershell import Command, Host, as_json, fits, vm_by_id
 
 VM_FIELDS = ["Name", "Id", "State", "ProcessorCount", "MemoryStartup", "Generation", "Path",
              "Notes"]
@@ -105,15 +106,31 @@ def _passthrough(drive: dict[str, Any]) -> VirtualDisk:
         format="PassThrough", type="PassThrough", parent=None)
 
 
+def _get_vhd(paths: list[str]) -> str:
+    return as_json(Command("Get-VHD", {"Path": paths}),
+                   select=["Path", "VhdFormat", "VhdType", "Size", "FileSize", "ParentPath"])
+
+
+def _batches(items: list[str], script: Callable[[list[str]], str]) -> list[list[str]]:
+    """`items` in runs whose `script` fits on cmd.exe's command line (a VM with dozens of
+    disks on long paths does not fit in one)."""
+    batches: list[list[str]] = []
+    for item in items:
+        if batches and fits(script([*batches[-1], item])):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
 def virtual_disks(host: Host, vm_id: str, name: str) -> list[VirtualDisk]:
     drives = host.objects(as_json(vm_by_id(vm_id), Command("Get-VMHardDiskDrive"), select=[
         "ControllerType", "ControllerNumber", "ControllerLocation", "Path", "DiskNumber"]),
         f"Get-VMHardDiskDrive {name}")
     disks = [_passthrough(d) for d in drives if d.get("DiskNumber") is not None]
     drives = [d for d in drives if d.get("DiskNumber") is None and d.get("Path")]
-    vhds = host.objects(as_json(Command("Get-VHD", {"Path": [d["Path"] for d in drives]}),
-                                select=["Path", "VhdFormat", "VhdType", "Size", "FileSize",
-                                        "ParentPath"]), f"Get-VHD {name}") if drives else []
+    vhds = [vhd for batch in _batches([str(d["Path"]) for d in drives], _get_vhd)
+            for vhd in host.objects(_get_vhd(batch), f"Get-VHD {name}")]
     by_path = {str(v["Path"]).lower(): v for v in vhds}
     for drive in drives:
         vhd = by_path.get(str(drive["Path"]).lower())

@@ -97,6 +97,18 @@ def _error_text(stderr: bytes) -> str:
 
 
 CONNECTIONS = 4  # WinRM calls at once per host: a long Export-VM holds one, not the host
+CMD_LIMIT = 8191  # cmd.exe's longest command line: WinRM's cmd shell runs ours through it
+
+
+def command_line(script: str) -> str:
+    """The PowerShell command line that runs `script`."""
+    return "powershell -NoProfile -NonInteractive -EncodedCommand " + _encode(
+        PREAMBLE + script)
+
+
+def fits(script: str) -> bool:
+    """Whether `script` fits on one command line (its UTF-16 base64 is 8/3 its length)."""
+    return len(command_line(script)) <= CMD_LIMIT
 
 
 class Host:
@@ -157,8 +169,10 @@ class Host:
     def run(self, script: str, what: str) -> str:
         """Run `script` in a new PowerShell on the host; its standard output, or the
         ProviderError its error says."""
-        command = "powershell -NoProfile -NonInteractive -EncodedCommand " + _encode(
-            PREAMBLE + script)
+        command = command_line(script)
+        if len(command) > CMD_LIMIT:
+            raise ProviderError(f"{what}: the script is {len(command)} characters encoded, "
+                                f"over cmd.exe's {CMD_LIMIT}")
         with self._connection() as protocol, self._shell(protocol, what) as shell:
             command_id = self._call(protocol.run_command, what, shell, command)
             out, err, code = self._call(protocol.get_command_output, what, shell,
