@@ -75,6 +75,9 @@ class State:
     captures: list[tuple[str, str]] = field(default_factory=list)
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     builds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # permissions the service account lacks on every resource (testIamPermissions leaves
+    # them out, and the calls needing them are refused 403)
+    denied: set[str] = field(default_factory=set)
     # the project's VPC networks (a project may have deleted "default", as many do)
     networks: set[str] = field(default_factory=lambda: {"default"})
     tokens: set[str] = field(default_factory=set)
@@ -344,6 +347,11 @@ class Handler(BaseHTTPRequestHandler):
             return {k: v for k, v in disk.items() if not k.startswith("_")}
         if match := re.fullmatch(r"(zones/[^/]+|global)/operations/([^/]+)", path):
             return self._get(state.operations, match.group(2), "operations")
+        if method == "POST" and (match := re.fullmatch(
+                r"zones/([^/]+)/disks/([^/]+)/testIamPermissions", path)):
+            self._get(state.disks, "/".join(match.groups()), "disks")
+            asked = payload.get("permissions") or []
+            return {"permissions": [p for p in asked if p not in state.denied]}
         if method == "GET" and (match := re.fullmatch(r"global/networks/([^/]+)", path)):
             name = match.group(1)
             if name not in state.networks:
@@ -380,6 +388,9 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "invalid", f"Invalid value for field 'resource.name': '{name}'")
         key = "/".join(source.split("/zones/")[-1].split("/disks/"))
         disk = self._get(state.disks, key, "disks")
+        if "compute.disks.useReadOnly" in state.denied:
+            raise ApiError(403, "forbidden", "Required 'compute.disks.useReadOnly' permission "
+                                             f"for '{source}'")
         users = [i for i in state.instances.values()
                  if any(d.get("source") == disk["selfLink"] for d in i["disks"])]
         if (any(i["status"] == "RUNNING" for i in users)

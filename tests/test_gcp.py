@@ -278,3 +278,21 @@ def test_a_project_without_the_default_network_needs_export_network(
     assert len(args) == 1 and {"-network=corp-vpc", "-subnet=corp-a",
                                "-zone=us-central1-a"} <= set(args[0]), args
     assert _leftovers(gcp, name) == []
+
+
+def test_a_disk_the_account_may_not_image_is_a_blocker_found_with_test_iam_permissions(
+        gcp: GCP, tmp_path: Path) -> None:
+    name = unique("t-gcp-iam")
+    images = _images(tmp_path, name)
+    gcp.standin.add_instance("us-central1-a", name, disks=[(1, images[1])])
+    provider = _provider(gcp)
+    vm = provider.get_vm(f"us-central1-a/{name}")
+    gcp.standin.state.denied = {"compute.disks.useReadOnly"}
+    try:
+        blockers = provider.blockers(vm, ExportOptions(), converts=False)
+    finally:
+        gcp.standin.state.denied = set()
+    assert [b.code for b in blockers] == ["permission_denied"], blockers
+    assert "compute.disks.useReadOnly" in blockers[0].message
+    assert provider.blockers(vm, ExportOptions(), converts=False) == []
+    assert _leftovers(gcp, name) == []

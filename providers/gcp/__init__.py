@@ -44,6 +44,7 @@ class GCPProvider(Provider):
 
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
         return [*export.local_disk_blockers(vm, options),
+                *export.permission_blockers(self.clients, vm),
                 *export.network_blockers(self.clients)]
 
     def export(

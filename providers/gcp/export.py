@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import google_crc32c
@@ -154,6 +155,32 @@ def network_blockers(clients: Clients) -> list[Blocker]:
             f"GCP's image export tool starts a worker VM on network {network!r}, which "
             f"project {clients.project} does not have: {fix}"))]
     return []
+
+
+# what making an image of a disk asks of the disk (Compute's testIamPermissions answers,
+# per disk, which of them the caller has: nothing is made)
+DISK_PERMISSIONS = ["compute.disks.get", "compute.disks.useReadOnly"]
+
+
+def permission_blockers(clients: Clients, vm: VMInfo) -> list[Blocker]:
+    """Each disk the caller may not image, asked with testIamPermissions."""
+    zone = vm.identifier.split("/")[0]
+    blockers = []
+    for disk in vm.disks:
+        if disk.local or not disk.datastore:
+            continue
+        name = disk.datastore.rsplit("/", 1)[-1]
+        granted = call(partial(
+            clients.disks.test_iam_permissions, project=clients.project, zone=zone,
+            resource=name, test_permissions_request_resource=compute_v1.TestPermissionsRequest(
+                permissions=DISK_PERMISSIONS)), f"GCP disk {name}: testIamPermissions")
+        missing = sorted(set(DISK_PERMISSIONS) - set(granted.permissions))
+        if missing:
+            blockers.append(Blocker(code="permission_denied", message=(
+                f"GCP does not grant {', '.join(missing)} on disk {name} to these "
+                "credentials: an image of it cannot be made (grant roles/compute.storageAdmin "
+                "or a role with those permissions)")))
+    return blockers
 
 
 def start_build(clients: Clients, image: str, uri: str, fmt: str, job: str | None) -> str:
