@@ -93,6 +93,8 @@ def permission_blockers(clients: Clients, vm: VMInfo, options: ExportOptions) ->
             elif code != "DryRunOperation":  # a compatible cloud without DryRun: unchecked
                 log.warning("%s on %s not checked with DryRun: %s", action, vm.identifier,
                             map_error(exc, "DryRun"))
+        except Exception as exc:  # noqa: BLE001 - mapped (unreachable, refused TLS, ...)
+            raise map_error(exc, f"{action} (DryRun) {vm.identifier}") from None
     return blockers
 
 
