@@ -164,7 +164,7 @@ def convert_guest(
             raise ConversionError(f"{TOOL}: the libguestfs appliance did not come up within "
                                   f"{APPLIANCE_UP_SECONDS:g} s, {LAUNCH_ATTEMPTS} times")
     if returncode != 0:
-        reason = failure(lines, returncode, timeout)
+        reason = failure(lines, returncode, timeout, log=log_file.read_text(errors="replace"))
         if returncode is not None and _NOT_CONVERTIBLE.search(reason):
             raise GuestNotConvertible(reason)
         raise ConversionError(reason)
@@ -246,11 +246,15 @@ def _kill_group(process: subprocess.Popen[str]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def failure(messages: list[str], returncode: int | None, timeout: float) -> str:
-    """virt-v2v's own reason: its `error:` line, else its last words."""
+def failure(messages: list[str], returncode: int | None, timeout: float, *,
+            log: str = "") -> str:
+    """virt-v2v's own reason: its `error:` line (in its messages, else anywhere in its
+    `log`: libguestfs's debug output on stderr may run into it mid-line), else its last
+    words."""
     if returncode is None:
         return f"{TOOL} did not finish within {timeout:g} s and was stopped"
     errors = [line.split("error:", 1)[1].strip() for line in messages if "error:" in line]
+    errors = errors or [found.strip() for found in _ERROR.findall(log)]
     if errors:
         return f"{TOOL} failed: {errors[-1]}"
     last = messages[-1] if messages else "no output"
@@ -258,6 +262,7 @@ def failure(messages: list[str], returncode: int | None, timeout: float) -> str:
 
 
 # searched anywhere in a line: libguestfs's debug output (stderr) may be cut into it
+_ERROR = re.compile(rf"{re.escape(TOOL)}: error: (.*)")
 _FACT = re.compile(r"\b(i_[a-z_]+|gcaps_[a-z_]+) = (.*)$")
 _KERNEL = re.compile(r"\* (?:kernel|linux-image)\S* (?P<version>\S+) \((?P<arch>[^)]+)\)$")
 _REMOVED = re.compile(r"^commandrvf: (?:dpkg --purge|rpm -e(?: --allmatches)?|"

@@ -252,6 +252,24 @@ def test_guest_report_reads_virt_v2v_facts_even_with_debug_lines_cut_into_them()
     assert report.warnings == ["could not determine a way to update Grub2"]
 
 
+def test_a_no_os_error_cut_into_a_debug_line_still_reads_as_no_os() -> None:
+    """In CI, virt-v2v's error came out glued to a libguestfs debug line (stderr and
+    stdout in one pipe): it is found in the log, and a disk without an OS stays a disk
+    without an OS (not a failed conversion)."""
+    from hyper2kvm.guest import _NOT_CONVERTIBLE, failure
+
+    log = "\n".join([  # as the CI run's log had it
+        "[  19.4] Inspecting the source",
+        "inspect_os: fses:",
+        "inspect_get_rootvirt-v2v-in-place: error: inspection could not detect the source "
+        "guest (or physical machine).",
+        "No root device found in this operating system image."])
+    reason = failure(["Setting up the source", "Inspecting the source"], 1, 60, log=log)
+    assert reason == ("virt-v2v-in-place failed: inspection could not detect the source "
+                      "guest (or physical machine).")
+    assert _NOT_CONVERTIBLE.search(reason)
+
+
 def test_libguestfs_qemu_gets_the_host_cpu_without_refused_features(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
