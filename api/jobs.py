@@ -104,12 +104,7 @@ class Jobs:
         async with contextlib.AsyncExitStack() as locks:
             for key in sorted({vm, folder_tag}):  # one order: no deadlock
                 await locks.enter_async_context(self._locks.setdefault(key, asyncio.Lock()))
-            flows, runs_filter = _due_runs(STATE_TYPES_OF[JobStatus.PENDING]
-                                           + STATE_TYPES_OF[JobStatus.RUNNING]
-                                           + [StateType.CANCELLING])
-            runs_filter.tags = FlowRunFilterTags(any_=[vm, folder_tag])
-            for run in await self.client.read_flow_runs(flow_filter=flows,
-                                                        flow_run_filter=runs_filter, limit=1):
+            if (run := await self.holder(vm, folder_tag)) is not None:
                 what = (f"VM {job.vm_identifier!r} already has" if vm in run.tags
                         else f"export folder {folder} is in use by")
                 raise Conflict(f"{what} job {run.id} ({job_status(run).value}); one job "
@@ -119,12 +114,13 @@ class Jobs:
                 "migrate-vm", {"job": job.model_dump(mode="json")},
                 [f"provider:{job.provider}", f"vm:{job.vm_identifier}", vm, folder_tag])
 
-    async def holder(self, vm: str) -> FlowRun | None:
-        """The active job of the VM tagged `vm`, if one is."""
+    async def holder(self, *tags: str) -> FlowRun | None:
+        """An active job (pending, running, cancelling) carrying any of `tags` (a VM's, an
+        export folder's), if one is."""
         flows, runs_filter = _due_runs(STATE_TYPES_OF[JobStatus.PENDING]
                                        + STATE_TYPES_OF[JobStatus.RUNNING]
                                        + [StateType.CANCELLING])
-        runs_filter.tags = FlowRunFilterTags(all_=[vm])
+        runs_filter.tags = FlowRunFilterTags(any_=list(tags))
         runs = await self.client.read_flow_runs(flow_filter=flows, flow_run_filter=runs_filter,
                                                 limit=1)
         return runs[0] if runs else None

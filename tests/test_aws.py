@@ -203,6 +203,25 @@ def _provider(moto: Moto, **overrides: object) -> AWSProvider:
     return AWSProvider(config, settings=Config())
 
 
+def _role(moto: Moto, prefix: str, actions: str | list[str], *,
+          session_seconds: int | None = None) -> str:
+    """A role the test user may assume, allowed `actions`; its ARN. `session_seconds`:
+    moto hands out its credentials for that long (tests/moto_extensions.py)."""
+    name = unique(prefix)
+    trust = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "sts:AssumeRole",
+        "Principal": {"AWS": "arn:aws:iam::123456789012:user/hypersdk-test"}}]}
+    tags = ([{"Key": "moto-test:session-seconds", "Value": str(session_seconds)}]
+            if session_seconds is not None else [])
+    iam = moto.client("iam")
+    role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust),
+                           Tags=tags)["Role"]
+    iam.put_role_policy(RoleName=name, PolicyName="policy", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+    return str(role["Arn"])
+
+
 def test_refused_credentials_and_unreachable_endpoint_are_clear(moto: Moto) -> None:
     wrong = _provider(moto, secret_access_key="not-the-secret")
     with pytest.raises(AuthFailed, match="SignatureDoesNotMatch|refused"):
@@ -258,16 +277,9 @@ def test_running_instance_stopped_exported_as_ovf_and_started_again(
 
 
 def test_role_arn_is_assumed_and_its_policy_applies(moto: Moto, tmp_path: Path) -> None:
-    iam = moto.client("iam")
-    name = unique("hypersdk-role")
-    trust = {"Version": "2012-10-17", "Statement": [{
-        "Effect": "Allow", "Action": "sts:AssumeRole",
-        "Principal": {"AWS": "arn:aws:iam::123456789012:user/hypersdk-test"}}]}
-    role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]
-    iam.put_role_policy(RoleName=name, PolicyName="read", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [{
-            "Effect": "Allow", "Action": ["ec2:Describe*"], "Resource": "*"}]}))
-    provider = _provider(moto, role_arn=role["Arn"])
+    role = _role(moto, "hypersdk-role", ["ec2:Describe*"])
+    name = role.rsplit("/", 1)[1]
+    provider = _provider(moto, role_arn=role)
     identity = provider.clients.sts.get_caller_identity()
     assert f":assumed-role/{name}/hypersdk" in identity["Arn"]
     provider.check()
@@ -283,23 +295,14 @@ def test_an_assumed_roles_credentials_are_refreshed_during_a_long_export(
         moto: Moto, tmp_path: Path) -> None:
     """STS credentials expire (here: after 2 s, the role's tag tells moto so); an export
     that outlasts them assumes the role again and completes."""
-    iam = moto.client("iam")
-    name = unique("hypersdk-short")
-    trust = {"Version": "2012-10-17", "Statement": [{
-        "Effect": "Allow", "Action": "sts:AssumeRole",
-        "Principal": {"AWS": "arn:aws:iam::123456789012:user/hypersdk-test"}}]}
-    role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust),
-                           Tags=[{"Key": "moto-test:session-seconds", "Value": "2"}])["Role"]
-    iam.put_role_policy(RoleName=name, PolicyName="all", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*",
-                                                "Resource": "*"}]}))
+    role = _role(moto, "hypersdk-short", "*", session_seconds=2)
     image = tmp_path / "volume.raw"
     image.write_bytes(os.urandom(4 << 20))  # 8 blocks of 512 KiB
     instance = moto.instance(unique("t-aws-expiring"), volumes_gib=[1], contents=[image],
                              volume_tags=[{"moto-test:block-delay": "0.6"}])
     config = AWSProviderConfig.model_validate({
         "region": REGION, "access_key_id": moto.access_key, "secret_access_key": moto.secret_key,
-        "endpoint_url": moto.url, "role_arn": role["Arn"]})
+        "endpoint_url": moto.url, "role_arn": role})
     # one block at a time: the reads outlast the credentials several times over
     settings = Config.model_validate({"export": {"part_concurrency": 1}})
     provider = AWSProvider(config, settings=settings)
@@ -352,17 +355,9 @@ def test_a_role_that_may_not_snapshot_is_a_blocker_found_with_dry_run_calls(
     """EC2's DryRun asks "would this be allowed" without making anything: a role allowed
     to describe but not to snapshot is a permission_denied blocker, and no snapshot
     exists afterwards."""
-    iam = moto.client("iam")
-    name = unique("hypersdk-readonly")
-    trust = {"Version": "2012-10-17", "Statement": [{
-        "Effect": "Allow", "Action": "sts:AssumeRole",
-        "Principal": {"AWS": "arn:aws:iam::123456789012:user/hypersdk-test"}}]}
-    role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]
-    iam.put_role_policy(RoleName=name, PolicyName="read", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [{
-            "Effect": "Allow", "Action": ["ec2:Describe*"], "Resource": "*"}]}))
+    role = _role(moto, "hypersdk-readonly", ["ec2:Describe*"])
     instance = moto.instance(unique("t-aws-dry"), volumes_gib=[1], contents=[None])
-    limited = _provider(moto, role_arn=role["Arn"])
+    limited = _provider(moto, role_arn=role)
     vm = limited.get_vm(instance["InstanceId"])
     blockers = limited.blockers(vm, ExportOptions(), converts=False)
     assert [b.code for b in blockers] == ["permission_denied"], blockers

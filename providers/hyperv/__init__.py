@@ -53,7 +53,7 @@ class HyperVProvider(Provider):
         export.check_exportable(options, self.config.export_share)
 
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
-        return inventory.unexportable(vm.name, self._find(vm.identifier)[1])
+        return inventory.unexportable(vm)  # from get_vm's answer: no second round trip
 
     def export(
         self,
@@ -67,7 +67,7 @@ class HyperVProvider(Provider):
     ) -> ExportResult:
         export.check_exportable(options, self.config.export_share)
         vm, disks = self._find(identifier)
-        if (blockers := inventory.unexportable(vm.name, disks)):
+        if (blockers := inventory.unexportable(vm)):
             raise InvalidRequest("; ".join(blocker.message for blocker in blockers))
         reading = Reading.from_settings(dest, self.settings.export, progress)
         exported, files = export.export_vm(self.host, self.share, vm, disks, reading,

@@ -196,19 +196,21 @@ def _checkpoints(host: Host, vm_id: str, name: str) -> list[str]:
     return ordered
 
 
-def unexportable(vm_name: str, disks: list[VirtualDisk]) -> list[Blocker]:
-    """Disks Hyper-V has no file of to read: pass-through disks and VHD Sets."""
+def unexportable(vm: VMInfo) -> list[Blocker]:
+    """Disks Hyper-V has no file of to read: pass-through disks and VHD Sets (as
+    disk_infos describes them)."""
     blockers = []
-    for disk in disks:
-        slot = f"{disk.controller} {disk.controller_number}:{disk.location}"
-        if disk.format == "PassThrough":
+    for disk in vm.disks:
+        slot = f"{disk.controller.upper()} location {disk.unit}"
+        if disk.format == "passthrough":
             blockers.append(Blocker(code="passthrough_disk", message=(
-                f"{vm_name}: the disk at {slot} is a pass-through disk ({disk.path}), a "
+                f"{vm.name}: the disk at {slot} is a pass-through disk ({disk.name}), a "
                 "physical disk of the host with no virtual disk file to export: copy it into "
                 "a VHDX (or detach it) first")))
-        elif disk.format == "VHDSet":
+        elif disk.format == "vhdset":
+            path = ntpath.join(disk.datastore or "", disk.name)
             blockers.append(Blocker(code="vhd_set", message=(
-                f"{vm_name}: the disk at {slot} is a VHD Set ({disk.path}, a guest cluster's "
+                f"{vm.name}: the disk at {slot} is a VHD Set ({path}, a guest cluster's "
                 "shared disk): Convert-VHD it to a VHDX first")))
     return blockers
 
