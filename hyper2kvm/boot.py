@@ -40,7 +40,8 @@ DEAD_ENDS = {
     "no root file system": re.compile(
         r"Gave up waiting for root|ALERT! .* does not exist|Unable to mount root fs|"
         r"Could not boot|Warning: /dev/\S+ does not exist"),
-    "kernel panic": re.compile(r"Kernel panic - not syncing[^\n]*"),
+    # the whole line (it may arrive in pieces): its end often names the cause
+    "kernel panic": re.compile(r"Kernel panic - not syncing[^\n]*(?=\n)"),
     "emergency mode": re.compile(r"You are in emergency mode|Entering emergency mode"),
     "initramfs shell": re.compile(r"\(initramfs\) ?$", re.MULTILINE),
     "no bootable disk": re.compile(

@@ -12,7 +12,7 @@ import libvirt
 import pytest
 
 from core.models import NicInfo, VMInfo
-from hyper2kvm.boot import BootOutcome, verify_boot
+from hyper2kvm.boot import DEAD_ENDS, BootOutcome, verify_boot
 from hyper2kvm.cpu import domain_type_and_cpu
 from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml
 from hyper2kvm.registration import define_domain, undefine_domain
@@ -96,6 +96,17 @@ def test_a_guest_that_stops_at_a_dead_end_shows_its_last_lines(
     assert not outcome.booted
     assert outcome.reason.startswith("no root file system: Unable to mount root fs"), outcome
     assert any("Kernel panic - not syncing" in line for line in outcome.console), outcome
+
+
+def test_a_dead_end_line_that_arrives_in_pieces_is_read_whole() -> None:
+    # the console is read as the guest prints it: a panic line cut after "Unable to"
+    # must wait for its end (CI once read "kernel panic: ... VFS: Unable to")
+    head = "[    2.0] Kernel panic - not syncing: VFS: Unable to"
+    assert not DEAD_ENDS["kernel panic"].search(head)
+    assert not DEAD_ENDS["no root file system"].search(head)
+    whole = head + " mount root fs on unknown-block(0,0)\n"
+    found = DEAD_ENDS["kernel panic"].search(whole)
+    assert found and found.group(0).endswith("unknown-block(0,0)")
 
 
 def test_uefi_with_nothing_to_boot_ends_at_its_shell_not_the_timeout(
