@@ -67,8 +67,9 @@ def discard_exports(job: JobDefinition, settings: Config, job_id: str) -> None:
 
 
 def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
-    """On cancel or crash: no half-written file stays where a finished one would be, and
-    an export slot the run held is free at once."""
+    """On failure, cancel or crash: no half-written file stays where a finished one would
+    be (nor what a transient failure kept for a retry that will not come: partial files,
+    snapshots), and an export slot the run held is free at once."""
     with contextlib.suppress(Exception):  # a hook must never fail the state change
         release_export_slot(flow_run.id)
     try:
@@ -91,6 +92,7 @@ def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
     name="migrate-vm",
     flow_run_name="migrate {job.vm_identifier}",
     persist_result=True,
+    on_failure=[clean_up_after],
     on_cancellation=[clean_up_after],
     on_crashed=[clean_up_after],
 )

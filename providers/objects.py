@@ -34,10 +34,12 @@ class Expected:
 
 
 def read_object(target: Path, *, size: int, fetch_range: Callable[[int, int], bytes],
-                reading: Reading, what: str, expected: list[Expected] | None = None) -> RangedFile:
+                reading: Reading, what: str, expected: list[Expected] | None = None,
+                source: str | None = None) -> RangedFile:
     """Fill `target` with the object's `size` bytes, `reading.part_size` at a time read by
     `fetch_range(offset, length)`; every checksum in `expected` checked (VerificationError,
-    and nothing left under `target`, when one does not match)."""
+    and nothing left under `target`, when one does not match). `source` names this version
+    of the object (its ETag, generation): a read that fails transiently is resumed."""
     step = reading.part_size
     parts = (Part(offset=o, length=min(step, size - o)) for o in range(0, size, step))
     checks = expected or []
@@ -46,7 +48,7 @@ def read_object(target: Path, *, size: int, fetch_range: Callable[[int, int], by
                          concurrency=reading.part_concurrency, retries=reading.retries,
                          progress=reading.progress, what=what,
                          also_hash=[c.running for c in checks], stop=reading.stop,
-                         budget=reading.budget)
+                         budget=reading.budget, source=source)
     try:
         for check in checks:
             check.check(what)

@@ -16,6 +16,7 @@ from core.models import ExportedFile, ExportOptions, VMInfo
 from hyper2kvm import ova, qemu_img
 from hyper2kvm.manifest import digest_file, render_manifest
 from hyper2kvm.ovf import render_ovf, vmdk_format_uri
+from providers.ranged import forget_resume_marks, keep_for_retry
 
 RAW = "raw"  # FetchedDisk.create_type of a raw disk image
 QCOW2 = "qcow2"  # ... of a qcow2 image (a cloud's image export)
@@ -143,15 +144,17 @@ def export_disks(vm: VMInfo, dest: Path, *, method: str, options: ExportOptions,
         VMInfo, list[ExportedFile]]:
     """Fetch the VM's disks under `dest` (`fetch` appends every file it starts to the list
     it is given) and package them as `method`. On any failure or cancellation every file
-    either wrote is removed, and errors that are not hypersdk's go through `map_error`."""
+    either wrote is removed (a transient failure's finished reads are kept for the retry,
+    under their partial names), and errors that are not hypersdk's go through `map_error`."""
     dest.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
         fetched = fetch(written)
-        return package(vm, fetched, dest, method=method, options=options, written=written)
+        exported = package(vm, fetched, dest, method=method, options=options, written=written)
     except BaseException as exc:
-        for path in written:
-            path.unlink(missing_ok=True)
+        keep_for_retry(written, exc)
         if isinstance(exc, Exception) and not isinstance(exc, HypersdkError):
             raise map_error(exc, f"export {vm.name}") from exc
         raise
+    forget_resume_marks(written)
+    return exported

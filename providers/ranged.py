@@ -12,18 +12,23 @@ snapshot blocks, S3/GCS/OCI objects, Azure page ranges, a datastore's files).
   holes of the sparse file.
 * The SHA-256 of the whole file (holes as zeros) is computed in order, in the calling
   thread, while later parts are still downloading: no second read of the file.
-* Nothing is left under the target's name unless every part arrived; the partial file
-  is removed on any failure or cancellation. A reading's `stop` event, set when the
-  export is abandoned (a cancel's signal raised in the flow's main thread while disks
-  are read in pool threads), stops every reader of it at its next part: a thread pool's
-  workers are joined at exit, so a reader left running would finish a file after the
-  run was cancelled.
+* Nothing is left under the target's name unless every part arrived. A read of a named,
+  unchanging `source` (a snapshot, an exported object) that fails transiently keeps its
+  partial file and a resume mark (how far the parts arrived in order, and the SHA-256 of
+  that prefix): the task's retry reads that prefix from the disk, checked against the
+  mark, and fetches only the rest. Any other failure removes both. A finished read leaves
+  its mark too (the whole file), for `keep_for_retry` (the export failed after it).
+* A reading's `stop` event, set when the export is abandoned (a cancel's signal raised
+  in the flow's main thread while disks are read in pool threads), stops every reader
+  of it at its next part: a thread pool's workers are joined at exit, so a reader left
+  running would finish a file after the run was cancelled.
 """
 
 from __future__ import annotations
 
 import contextvars
 import hashlib
+import json
 import logging
 import os
 import random
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from core.config import ExportConfig
-from core.errors import Transient, VerificationError
+from core.errors import Transient, VerificationError, is_transient
 from core.files import all_zeros, partial_path, start_writeback
 
 log = logging.getLogger(__name__)
@@ -85,8 +90,9 @@ class RangedFile:
     path: Path
     size: int
     sha256: str
-    fetched: int  # bytes the parts held; the rest of the file was never read
+    fetched: int  # bytes the parts fetched now held; the rest of the file was never read
     retried: int  # part fetches that failed and were tried again
+    resumed: int = 0  # bytes of the file an earlier, failed read had already fetched
 
 
 Fetch = Callable[[Part], bytes]
@@ -205,6 +211,67 @@ class _InOrderHash:
         return self.hasher.hexdigest()
 
 
+def resume_mark(target: Path) -> Path:
+    """Where a failed read of `target` says how far it got (a partial name: whatever
+    removes a job's partial files removes it too)."""
+    return target.with_name(f".{target.name}.resume.partial")
+
+
+def keep_for_retry(paths: list[Path], failure: BaseException) -> None:
+    """What an export wrote, after it failed. A transient failure's retry takes up every
+    read that has a resume mark: a finished one goes back under its partial name (its
+    parts are then read from the disk, checked), an unfinished one stays as it is. All
+    else is removed, partial files and marks too."""
+    for path in paths:
+        mark = resume_mark(path)
+        if is_transient(failure) and mark.exists():
+            if path.exists():
+                os.replace(path, partial_path(path))
+            continue
+        for leftover in (path, partial_path(path), mark):
+            leftover.unlink(missing_ok=True)
+
+
+def forget_resume_marks(paths: list[Path]) -> None:
+    """The export finished: no retry will resume what it read."""
+    for path in paths:
+        resume_mark(path).unlink(missing_ok=True)
+
+
+def _resume_point(partial: Path, mark: Path, *, source: str, size: int, what: str) -> int:
+    """How many bytes of `partial` an earlier read of the same `source` fetched in order
+    and that are still what it fetched (their SHA-256 as the mark says); 0 if none."""
+    try:
+        recorded = json.loads(mark.read_text())
+        position = int(recorded["position"])
+        if (recorded.get("source") != source or int(recorded.get("size", -1)) != size
+                or partial.stat().st_size != size or not 0 < position <= size):
+            return 0
+        hasher = hashlib.sha256()
+        with partial.open("rb") as stream:
+            left = position
+            while left:
+                chunk = stream.read(min(left, 8 << 20))
+                if not chunk:
+                    return 0
+                hasher.update(chunk)
+                left -= len(chunk)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    if hasher.hexdigest() != recorded.get("sha256"):
+        log.warning("%s: the earlier attempt's partial file changed; reading it all again", what)
+        return 0
+    return position
+
+
+def _mark_progress(fd: int, mark: Path, *, source: str, size: int,
+                    digest: _InOrderHash) -> None:
+    """Record how far the parts arrived in order, once they are on the disk."""
+    os.fdatasync(fd)
+    mark.write_text(json.dumps({"source": source, "size": size, "position": digest.position,
+                                "sha256": digest.hasher.copy().hexdigest()}))
+
+
 def read_ranges(
     target: Path,
     *,
@@ -218,24 +285,37 @@ def read_ranges(
     also_hash: Sequence[Updatable] = (),
     stop: threading.Event | None = None,
     budget: float = 0.0,
+    source: str | None = None,
 ) -> RangedFile:
     """Fill `target` (`size` bytes) with `parts` (sorted by offset, not overlapping),
     each fetched by `fetch`. Progress counts every byte of the file once: a part's bytes
     and the hole before it, as the in-order hash passes them; `also_hash` are fed the
     same bytes in the same order (a checksum the source gives to check against). Once
-    `stop` is set, no part starts and the read fails."""
+    `stop` is set, no part starts and the read fails. `source` names what the parts come
+    from, if it never changes: a transient failure then leaves what arrived for the next
+    read of the same source to resume from."""
     what = what or target.name
     partial = partial_path(target)
+    mark = resume_mark(target)
     retried = _Retries()
     digest = _InOrderHash(progress, also_hash)
     written = 0
     end = 0
     window = 0  # parts in flight or held for the in-order hash; sized at the first part
     stop = stop or threading.Event()
+    resume_from = (_resume_point(partial, mark, source=source, size=size, what=what)
+                   if source else 0)
+    if resume_from:
+        log.info("%s: resuming after the %d bytes an earlier attempt read", what, resume_from)
+    mark.unlink(missing_ok=True)  # used (or not usable): a failure now writes its own
+    kept = False
+    resumed = 0
 
     def fetch_and_write(fd: int, part: Part) -> bytes:
         if stop.is_set():
             raise Transient(f"{what}: stopped")
+        if part.offset + part.length <= resume_from:  # on the disk, checked against the mark
+            return os.pread(fd, part.length, part.offset)
         data = with_retries(lambda: _whole_part(fetch, part, what), retries=retries,
                             what=f"{what}: part at {part.offset}", budget=budget, stop=stop,
                             retried=retried)
@@ -245,14 +325,19 @@ def read_ranges(
         return data
 
     def consume(item: tuple[Part, Future[bytes]]) -> int:
+        nonlocal resumed
         part, future = item
         data = future.result()
         digest.add(part, data)
+        if part.offset + part.length <= resume_from:
+            resumed += len(data)
         return len(data)
 
+    fd = -1
     try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            os.ftruncate(fd, resume_from)  # what follows the checked prefix: holes again
             os.ftruncate(fd, size)
             with ThreadPoolExecutor(max_workers=concurrency,
                                     thread_name_prefix="ranged") as pool:
@@ -281,11 +366,23 @@ def read_ranges(
                     raise
             sha256 = digest.finish(size)
             os.fsync(fd)
+        except BaseException as exc:
+            if source and is_transient(exc) and digest.position:
+                _mark_progress(fd, mark, source=source, size=size, digest=digest)
+                kept = True
+                log.info("%s: %d bytes kept for the next attempt", what, digest.position)
+            raise
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         os.replace(partial, target)
+        if source:  # a retry of a later step's failure may take the whole file back
+            mark.write_text(json.dumps({"source": source, "size": size, "position": size,
+                                        "sha256": sha256}))
     except BaseException:
-        partial.unlink(missing_ok=True)
+        if not kept:
+            partial.unlink(missing_ok=True)
+            mark.unlink(missing_ok=True)
         raise
-    return RangedFile(path=target, size=size, sha256=sha256, fetched=written,
-                      retried=retried.count)
+    return RangedFile(path=target, size=size, sha256=sha256, fetched=written - resumed,
+                      retried=retried.count, resumed=resumed)

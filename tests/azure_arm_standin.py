@@ -537,6 +537,7 @@ class Handler(BaseHTTPRequestHandler):
         if action == "endGetAccess":
             def revoke() -> None:
                 snapshot["_access"] = False
+                snapshot["properties"]["diskState"] = "Unattached"
             return self._operation_started(None, revoke)
         if self._body().get("access") != "Read":
             raise ArmError(400, "InvalidParameter", "access must be Read.")
@@ -544,6 +545,16 @@ class Handler(BaseHTTPRequestHandler):
             raise ArmError(409, "OperationNotAllowed", f"Snapshot {name} cannot be accessed "
                            "while its background copy is in progress (completionPercent "
                            f"{snapshot['properties']['completionPercent']}).")
+        # incremental snapshots: at most 5 of one disk may hold a SAS at a time
+        family = str(snapshot["properties"]["creationData"]["sourceResourceId"]).lower()
+        with self.state.lock:
+            holding = [s["name"] for s in self.state.snapshots.values()
+                       if s["_access"] and s is not snapshot and str(
+                           s["properties"]["creationData"]["sourceResourceId"]).lower()
+                       == family]
+        if len(holding) >= 5:
+            raise ArmError(409, "OperationNotAllowed", "The maximum number of snapshots with "
+                           "an active SAS for the disk has been reached (5).")
         sas = generate_blob_sas(AZURITE_ACCOUNT, CONTAINER, snapshot["_blob"],
                                 snapshot=snapshot["_snapshot"], account_key=AZURITE_KEY,
                                 permission=BlobSasPermissions(read=True),
@@ -553,6 +564,7 @@ class Handler(BaseHTTPRequestHandler):
 
         def grant() -> None:
             snapshot["_access"] = True
+            snapshot["properties"]["diskState"] = "ActiveSAS"
         return self._operation_started({"accessSAS": url}, grant)
 
     def _get_nic(self, query: dict[str, str], rg: str, name: str) -> tuple[int, Any, None]:

@@ -35,6 +35,7 @@ times); `moto-test:corrupt-blocks` = `INDEX,...` (their checksum is wrong);
 `moto-test:block-delay` = seconds each block read takes;
 `moto-test:throttle-seconds` = N: from its first block read on, for N seconds, every
 block read of its snapshots answers RequestThrottledException (HTTP 400, as EBS does);
+with `moto-test:throttle-after-blocks` = K, from the read after K blocks were served;
 `moto-test:snapshot-seconds` = N: its snapshots are `pending` for N seconds, their
 `Progress` rising, and the EBS direct APIs refuse them until `completed` (moto: completed
 at once); `moto-test:snapshot-invisible-seconds` = N: for N seconds after it is made,
@@ -87,6 +88,7 @@ TAG = "moto-test:"
 _lock = threading.Lock()
 _failures_left: dict[tuple[str, int], int] = {}
 _first_read: dict[str, float] = {}  # snapshot id → its first block read (monotonic)
+_served: dict[str, int] = {}  # snapshot id → blocks served
 _export_tasks: dict[str, dict[str, Any]] = {}
 
 
@@ -227,8 +229,10 @@ def get_snapshot_block(self: EBSResponse) -> ActionResult:
     throttled = float(tags.get(f"{TAG}throttle-seconds", 0))
     if throttled:
         with _lock:
-            first = _first_read.setdefault(snapshot_id, time.monotonic())
-        if time.monotonic() - first < throttled:
+            first = (_first_read.setdefault(snapshot_id, time.monotonic())
+                     if _served.get(snapshot_id, 0) >= int(tags.get(
+                         f"{TAG}throttle-after-blocks", 0)) else None)
+        if first is not None and time.monotonic() - first < throttled:
             raise ServiceException("RequestThrottledException", "Rate exceeded")
     delay = float(tags.get(f"{TAG}block-delay", 0))
     if delay:
@@ -241,6 +245,8 @@ def get_snapshot_block(self: EBSResponse) -> ActionResult:
                 if left > 0:
                     _failures_left[(snapshot_id, index)] = left - 1
                     raise ServiceUnavailable(f"block {index}: try again")
+    with _lock:
+        _served[snapshot_id] = _served.get(snapshot_id, 0) + 1
     checksum = block.checksum
     corrupt = {int(x) for x in filter(None, tags.get(f"{TAG}corrupt-blocks", "").split(","))}
     if index in corrupt:

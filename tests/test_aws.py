@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from core.config import AWSProviderConfig, Config
 from core.errors import AuthFailed, NotFound, Transient
@@ -108,7 +110,7 @@ def test_ebs_migration_ends_with_matching_domain_and_no_snapshots(
     assert [Path(f["path"]).suffix for f in export["files"]] == [".raw", ".raw"]
     assert all(len(f["sha256"]) == 64 for f in export["files"])
     logs = _logs(api, job_id)
-    assert "snap-" in logs and "(2 block reads retried)" in logs, logs
+    assert "snap-" in logs and "(2 block reads retried, 0 bytes from an earlier" in logs, logs
     assert moto.snapshots_of_job(job_id) == [], "the job's snapshots were left behind"
 
 
@@ -196,11 +198,12 @@ def test_cancel_mid_download_removes_snapshots_and_partial_files(
     wait_until(lambda: _left_in(folder) == [], timeout=30, what="partial files removed")
 
 
-def _provider(moto: Moto, **overrides: object) -> AWSProvider:
+def _provider(moto: Moto, *, settings: Config | None = None,
+              **overrides: object) -> AWSProvider:
     section = {"region": REGION, "access_key_id": moto.access_key,
                "secret_access_key": moto.secret_key, "endpoint_url": moto.url, **overrides}
     config = AWSProviderConfig.model_validate(section)
-    return AWSProvider(config, settings=Config())
+    return AWSProvider(config, settings=settings or Config())
 
 
 def _role(moto: Moto, prefix: str, actions: str | list[str], *,
@@ -348,6 +351,100 @@ def test_throttling_longer_than_the_retries_is_waited_out_not_restarted(
     assert "RequestThrottledException" in caplog.text
     assert caplog.text.count("snapshots snap-") == 1  # one snapshot made, once
     assert moto.snapshots_of_job("throttled-job") == []
+
+
+def test_a_retry_after_throttling_outlasted_the_budget_reuses_the_snapshot_and_the_blocks(
+        moto: Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """EBS throttles after 8 blocks, longer than a budget of 0 s and one retry: the export
+    fails transiently and keeps its snapshot and the blocks it read (a partial file and
+    its resume mark). The task's retry, the same job again, makes no new snapshot and
+    fetches only the blocks that were missing."""
+    image = tmp_path / "volume.raw"
+    image.write_bytes(os.urandom(8 << 20))  # 16 blocks of 512 KiB
+    instance = moto.instance(unique("t-aws-resume"), volumes_gib=[1], contents=[image],
+                             volume_tags=[{"moto-test:throttle-seconds": "4",
+                                           "moto-test:throttle-after-blocks": "8"}])
+    job = unique("resume-job")
+    out = tmp_path / "out"
+    impatient = Config.model_validate({"export": {"throttle_budget": 0, "part_retries": 1,
+                                                  "part_concurrency": 2}})
+    caplog.set_level("INFO")
+    with pytest.raises(Transient, match="RequestThrottledException|Rate exceeded"):
+        _provider(moto, settings=impatient).export(
+            instance["InstanceId"], out, method="disks", options=ExportOptions(), job=job)
+    snapshots = moto.snapshots_of_job(job)
+    assert len(snapshots) == 1, snapshots  # kept for the retry
+    left = sorted(p.name for p in out.iterdir())  # nothing under a finished file's name
+    assert [n.rsplit("-", 1)[-1] for n in left] == ["disk1.raw.partial",
+                                                    "disk1.raw.resume.partial"], left
+
+    result = _provider(moto).export(instance["InstanceId"], out, method="disks",
+                                    options=ExportOptions(), job=job)
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert disk.read_bytes()[: 8 << 20] == image.read_bytes()
+    assert caplog.text.count("snapshots snap-") == 1  # created once, by the first attempt
+    assert "the snapshots an earlier attempt made are used again" in caplog.text
+    resumed = [int(word) for line in caplog.text.splitlines()
+               if "resuming after the" in line for word in line.split() if word.isdigit()]
+    assert resumed and resumed[0] >= 512 << 10, caplog.text  # at least one block from disk
+    assert moto.snapshots_of_job(job) == []  # the finished export removed it
+    assert sorted(p.name for p in out.iterdir()) == [disk.name]  # no mark, no partial
+
+
+def _impatient_job(api: httpx.Client, daemon: Daemon, instance_id: str) -> tuple[
+        str, dict[str, Any]]:
+    """A job run by the daemon configured with one retry per block and a budget of 0 s
+    (its export task is retried once, as the shared config says)."""
+    config = daemon.config.read_text()
+    settings = yaml.safe_load(config)
+    settings["export"].update(throttle_budget=0, part_retries=1, part_concurrency=1)
+    daemon.config.write_text(yaml.safe_dump(settings))  # the next flow run reads it
+    try:
+        job_id = submit(api, vm_identifier=instance_id, provider="aws",
+                        hyper2kvm_integration={"replace_existing": True})
+        return job_id, wait_for_job(api, job_id, timeout=300)
+    finally:
+        daemon.config.write_text(config)
+
+
+def test_a_job_whose_export_failed_transiently_completes_on_the_task_retry_with_one_snapshot(
+        api: httpx.Client, daemon: Daemon, moto: Moto, tmp_path: Path) -> None:
+    """Block 8 fails twice, past the one retry per block: the export task fails
+    transiently, and Prefect's retry of the task uses the snapshot and the blocks the
+    first attempt read; the job completes."""
+    image = tmp_path / "volume.raw"
+    image.write_bytes(os.urandom(8 << 20))
+    name = unique("t-aws-taskretry")
+    instance = moto.instance(name, volumes_gib=[1], contents=[image],
+                             volume_tags=[{"moto-test:fail-blocks": "8:2"}])
+    job_id, info = _impatient_job(api, daemon, instance["InstanceId"])
+    assert info["status"] == "completed", info["error"]
+    disk = Path(info["result"]["disks"][0]["path"])
+    assert qemu_img.compare(image, disk)
+    logs = _logs(api, job_id)
+    assert "snapshots kept for the export's retry" in logs, logs
+    assert "the snapshots an earlier attempt made are used again" in logs, logs
+    assert f"resuming after the {8 * (512 << 10)} bytes" in logs, logs
+    assert logs.count(" created") == 1, logs  # one snapshot, made by the first attempt
+    assert moto.snapshots_of_job(job_id) == []
+
+
+def test_a_job_whose_retries_all_failed_leaves_no_snapshot_and_no_partial_file(
+        api: httpx.Client, daemon: Daemon, moto: Moto, tmp_path: Path) -> None:
+    """Block 8 fails on every try: each attempt keeps what it made for the next, and once
+    the last one failed the job's failure hook removes the snapshot and the partial
+    files (nothing is billed or left on the disk for a retry that will not come)."""
+    image = tmp_path / "volume.raw"
+    image.write_bytes(os.urandom(8 << 20))
+    name = unique("t-aws-allfail")
+    instance = moto.instance(name, volumes_gib=[1], contents=[image],
+                             volume_tags=[{"moto-test:fail-blocks": "8:100"}])
+    job_id, info = _impatient_job(api, daemon, instance["InstanceId"])
+    assert info["status"] == "failed", info
+    logs = _logs(api, job_id)
+    assert "snapshots kept for the export's retry" in logs, logs
+    assert moto.snapshots_of_job(job_id) == []
+    assert _left_in(EXPORTS / instance["InstanceId"]) == []
 
 
 def test_a_role_that_may_not_snapshot_is_a_blocker_found_with_dry_run_calls(

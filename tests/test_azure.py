@@ -6,13 +6,14 @@ refused credentials, a missing VM, a running VM deallocated and started again.""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
 import pytest
 
 from core.config import AzureProviderConfig, Config
-from core.errors import AuthFailed, NotFound, Transient
+from core.errors import AuthFailed, NotFound, ProviderError, Transient
 from core.models import ExportOptions, VMFilter
 from hyper2kvm import qemu_img
 from hyper2kvm.sample import make_disk
@@ -36,12 +37,14 @@ def _images(tmp_path: Path, name: str) -> list[Path]:
     return [boot, data]
 
 
-def _provider(azure: Azure, **overrides: object) -> AzureProvider:
+def _provider(azure: Azure, *, settings: Config | None = None,
+              **overrides: object) -> AzureProvider:
     section = {"subscription_id": azure.subscription, "tenant_id": TENANT,
                "client_id": CLIENT_ID, "client_secret": azure.secret,
                "arm_endpoint": azure.standin.url, "authority": azure.standin.url,
                "ca_file": str(azure.standin.ca), **overrides}
-    return AzureProvider(AzureProviderConfig.model_validate(section), settings=Config())
+    return AzureProvider(AzureProviderConfig.model_validate(section),
+                         settings=settings or Config())
 
 
 def test_inventory_through_the_api(api: httpx.Client, azure: Azure) -> None:
@@ -260,3 +263,67 @@ def test_a_vm_on_a_retired_size_is_described_from_resource_skus(
                                         "identifier": f"{group}/{name}"})
     assert info.status_code == 200, info.text
     assert (info.json()["cpus"], info.json()["memory_mb"]) == (1, 1792)
+
+
+def test_a_retry_after_a_busy_range_reuses_the_snapshot_and_the_ranges_read(
+        azure: Azure, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A range stays busy past its retries and a budget of 0 s: the export fails
+    transiently, keeps its snapshot (access revoked: Azure counts SAS per disk) and the
+    ranges it read. The same job again makes no snapshot and reads only the rest."""
+    group, name = unique("rg"), unique("t-az-resume")
+    image = tmp_path / "random.raw"
+    image.write_bytes(os.urandom(24 * MIB))  # parts of 10 MiB at 0, 10 and 20 MiB
+    azure.standin.add_vm(group, name, disks=[(24 * MIB, image)])
+    job = unique("resume-job")
+    impatient = Config.model_validate({"export": {"throttle_budget": 0, "part_retries": 1,
+                                                  "part_concurrency": 1}})
+    azure.faults.fail[10 * MIB] = 2
+    caplog.set_level("INFO")
+    try:
+        with pytest.raises(Transient):
+            _provider(azure, settings=impatient).export(
+                f"{group}/{name}", tmp_path / "out", method="disks", options=ExportOptions(),
+                job=job)
+    finally:
+        azure.faults.fail.clear()
+    kept = [s for s in azure.standin.snapshots() if s["tags"].get("hypersdk-job") == job]
+    assert len(kept) == 1 and kept[0]["properties"]["diskState"] != "ActiveSAS", kept
+    reads_before = azure.faults.reads
+    result = _provider(azure).export(f"{group}/{name}", tmp_path / "out", method="disks",
+                                     options=ExportOptions(), job=job)
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert disk.read_bytes() == image.read_bytes()
+    assert "the snapshots an earlier attempt made are used again" in caplog.text
+    assert f"resuming after the {10 * MIB} bytes" in caplog.text
+    assert azure.faults.reads - reads_before == 3  # the footer, and the ranges at 10 and 20 MiB
+    assert caplog.text.count(" of disk ") == 1, caplog.text  # one snapshot, made once
+    assert [s for s in azure.standin.snapshots() if s["tags"].get("hypersdk-job") == job] == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [disk.name]
+
+
+def test_a_disk_whose_five_snapshots_hold_a_sas_is_refused_naming_them(
+        azure: Azure, tmp_path: Path) -> None:
+    """Azure lets only 5 incremental snapshots of one disk hold a SAS at a time: a sixth
+    grant is refused, and the error names the snapshots that hold one and what to do.
+    The export's own snapshot is removed."""
+    from providers.azure import export as azure_export  # the calls other tools would make
+
+    group, name = unique("rg"), unique("t-az-sas")
+    azure.standin.add_vm(group, name, disks=[(4 * MIB, None)])
+    provider = _provider(azure)
+    vm = provider.get_vm(f"{group}/{name}")
+    disk_id = str(vm.disks[0].datastore)
+    others = [azure_export.create_snapshot(provider.clients, disk_id, vm.datacenter or "",
+                                           f"other{i}") for i in range(5)]
+    try:
+        for snapshot_id in others:
+            azure_export.grant_read(provider.clients, snapshot_id)
+        with pytest.raises(ProviderError, match="only 5 snapshots of one disk") as caught:
+            provider.export(f"{group}/{name}", tmp_path / "out", method="disks",
+                            options=ExportOptions(), job=unique("sas-job"))
+        assert all(s.rsplit("/", 1)[-1] in str(caught.value) for s in others)
+        assert "revoke-access" in str(caught.value)
+        assert len([s for s in azure.standin.snapshots() if name in s["name"]]) == 5
+    finally:
+        for snapshot_id in others:
+            azure_export.remove_snapshot(provider.clients, snapshot_id)

@@ -296,3 +296,43 @@ def test_a_disk_the_account_may_not_image_is_a_blocker_found_with_test_iam_permi
     assert "compute.disks.useReadOnly" in blockers[0].message
     assert provider.blockers(vm, ExportOptions(), converts=False) == []
     assert _leftovers(gcp, name) == []
+
+
+def test_a_retry_after_a_busy_range_reuses_the_image_the_export_and_the_ranges_read(
+        gcp: GCP, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A range of the exported object stays busy past its retries and a budget of 0 s: the
+    export fails transiently and keeps its image, its exported object and the ranges it
+    read. The same job again makes no image, starts no build, and reads only the rest."""
+    name = unique("t-gcp-resume")
+    images = _images(tmp_path, name)
+    gcp.standin.add_instance("us-central1-a", name, disks=[(1, images[1])])
+    job = unique("resume-job")
+    # the object is ~10 MiB: parts of 2 MiB, the one at 4 MiB busy
+    reading = {"chunk_size": 2 * MIB, "part_concurrency": 1}
+    impatient = Config.model_validate({"export": {"throttle_budget": 0, "part_retries": 1,
+                                                  **reading}})
+    builds_before = len(gcp.standin.builds())
+    gcp.faults.fail[4 * MIB] = 2
+    caplog.set_level("INFO")
+    try:
+        with pytest.raises(Transient):
+            GCPProvider(GCPProviderConfig.model_validate(gcp.section()),
+                        settings=impatient).export(
+                f"us-central1-a/{name}", tmp_path / "out", method="disks",
+                options=ExportOptions(), job=job)
+    finally:
+        gcp.faults.fail.clear()
+    assert len(_leftovers(gcp, name)) == 2  # the image and its exported object, kept
+    result = GCPProvider(GCPProviderConfig.model_validate(gcp.section()),
+                         settings=Config.model_validate({"export": reading})).export(
+        f"us-central1-a/{name}", tmp_path / "out", method="disks", options=ExportOptions(),
+        job=job)
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert qemu_img.compare(images[1], disk)
+    assert "the images an earlier attempt made are used again" in caplog.text
+    assert "the export object an earlier attempt made is used again" in caplog.text
+    assert f"resuming after the {4 * MIB} bytes" in caplog.text
+    assert len(gcp.standin.builds()) - builds_before == 1  # one build, by the first attempt
+    assert caplog.text.count(" created") == 1, caplog.text  # one image, made once
+    assert _leftovers(gcp, name) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [disk.name]

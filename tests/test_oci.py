@@ -229,3 +229,40 @@ def test_block_volumes_without_boot_volume_only_are_a_dry_run_blocker(
                                            "dry_run": True,
                                            "options": {"boot_volume_only": True}}).json()
     assert clear["blockers"] == [], clear
+
+
+def test_a_retry_after_a_busy_range_reuses_the_image_the_export_and_the_ranges_read(
+        oci_peer: OCI, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A range of the exported object stays busy past its retries and a budget of 0 s: the
+    export fails transiently and keeps its image, its exported object and the ranges it
+    read. The same job again makes no image, exports nothing, and reads only the rest."""
+    state = oci_peer.standin.state
+    name = unique("t-oci-resume")
+    boot = _boot(tmp_path, name)
+    instance = oci_peer.standin.add_instance(name, boot=(1, boot))
+    job = unique("resume-job")
+    reading = {"chunk_size": 128 << 10, "part_concurrency": 1}  # the object: ~900 KiB
+    impatient = Config.model_validate({"export": {"throttle_budget": 0, "part_retries": 1,
+                                                  **reading}})
+    state.fail[256 << 10] = 2
+    caplog.set_level("INFO")
+    try:
+        with pytest.raises(Transient):
+            OCIProvider(OCIProviderConfig.model_validate(oci_peer.section()),
+                        settings=impatient).export(instance, tmp_path / "out",
+                                                   method="disks", job=job,
+                                                   options=ExportOptions())
+    finally:
+        state.fail.clear()
+    assert len(_leftovers(oci_peer, name)) == 2  # the image and its exported object, kept
+    result = OCIProvider(OCIProviderConfig.model_validate(oci_peer.section()),
+                         settings=Config.model_validate({"export": reading})).export(
+        instance, tmp_path / "out", method="disks", job=job, options=ExportOptions())
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert qemu_img.compare(boot, disk)
+    assert "the image an earlier attempt made is used again" in caplog.text
+    assert "the export object an earlier attempt made is used again" in caplog.text
+    assert f"resuming after the {256 << 10} bytes" in caplog.text
+    assert caplog.text.count("export to") == 1, caplog.text  # one image export, by the first
+    assert _leftovers(oci_peer, name) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [disk.name]

@@ -8,7 +8,8 @@
 
 Whatever is made in the account (snapshots, export task, S3 object) carries the job's tag
 and is removed at the end, on failure, and by `discard` after a cancel or crash, unless
-`options.keep_snapshots`."""
+`options.keep_snapshots`; a transient failure leaves it for the task's retry to use
+(`providers.retained`)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from providers.objects import read_object
 from providers.packaging import RAW, FetchedDisk, Hashed, export_disks
 from providers.power import power_for_export
 from providers.ranged import Part, RangedFile, Reading, map_in_context, read_ranges
+from providers.retained import kept
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -192,6 +194,23 @@ def create_snapshots(clients: Clients, vm: VMInfo, job: str | None) -> dict[str,
     return snapshots
 
 
+def earlier_snapshots(clients: Clients, vm: VMInfo, job: str | None) -> dict[str, str]:
+    """The snapshots an earlier attempt of this job made of every volume of the instance
+    and left for its retry (volume id → snapshot id); empty unless every volume has one."""
+    if not job:
+        return {}
+    answer = call(clients.ec2.describe_snapshots, "describe_snapshots", OwnerIds=["self"],
+                  Filters=[{"Name": f"tag:{JOB_TAG}", "Values": [job]},
+                           {"Name": "tag:hypersdk:instance", "Values": [vm.identifier]}])
+    found = {s["VolumeId"]: s["SnapshotId"] for s in answer.get("Snapshots", [])
+             if s.get("State") != "error"}
+    if not found or any(d.datastore not in found for d in vm.disks):
+        return {}
+    log.info("%s: the snapshots an earlier attempt made are used again: %s", vm.identifier,
+             ", ".join(found.values()))
+    return found
+
+
 def wait_snapshots(clients: Clients, snapshot_ids: list[str], *, timeout: float = 6 * 3600,
                    interval: float = 2.0, visible_within: float = 120.0) -> None:
     """Until every snapshot is completed, its progress logged; one in state error fails
@@ -296,17 +315,21 @@ def read_snapshot(clients: Clients, snapshot_id: str, target: Path, reading: Rea
                          fetch=block_reader(clients, snapshot_id),
                          concurrency=reading.part_concurrency, retries=reading.retries,
                          progress=reading.progress, what=f"snapshot {snapshot_id}",
-                         stop=reading.stop, budget=reading.budget)
-    log.info("snapshot %s: %d bytes of data read into %s (%d block reads retried)",
-             snapshot_id, result.fetched, target.name, result.retried)
+                         stop=reading.stop, budget=reading.budget,
+                         source=f"ebs-snapshot:{snapshot_id}")
+    log.info("snapshot %s: %d bytes of data read into %s (%d block reads retried, %d bytes "
+             "from an earlier attempt)", snapshot_id, result.fetched, target.name,
+             result.retried, result.resumed)
     return result
 
 
 def fetch_ebs(clients: Clients, vm: VMInfo, reading: Reading, *, options: ExportOptions,
-              restore: Callable[[], None], job: str | None, written: list[Path]) -> list[
-        FetchedDisk]:
-    snapshots = create_snapshots(clients, vm, job)
+              restore: Callable[[], None], job: str | None, written: list[Path],
+              snapshots: dict[str, str] | None = None) -> list[FetchedDisk]:
+    """The volumes read from `snapshots` (an earlier attempt's), or from new ones."""
+    snapshots = snapshots or create_snapshots(clients, vm, job)
     restore()  # the point in time is taken: the instance may run again
+    failure: BaseException | None = None
     try:
         wait_snapshots(clients, list(snapshots.values()))
         missing = [d.datastore for d in vm.disks if d.datastore not in snapshots]
@@ -322,10 +345,11 @@ def fetch_ebs(clients: Clients, vm: VMInfo, reading: Reading, *, options: Export
 
         return map_in_context(fetch, list(enumerate(vm.disks)),
                               workers=reading.disk_concurrency, stop=reading.stop)
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
-        if options.keep_snapshots:
-            log.info("snapshots kept: %s", ", ".join(snapshots.values()))
-        else:
+        if not kept("snapshots", list(snapshots.values()), options=options, failure=failure):
             delete_snapshots(clients, list(snapshots.values()))
 
 
@@ -392,10 +416,11 @@ def object_reader(clients: Clients, bucket: str, key: str) -> Callable[[int, int
 
 def read_export(clients: Clients, bucket: str, key: str, target: Path, reading: Reading) -> (
         RangedFile):
-    size = int(call(clients.s3.head_object, f"s3://{bucket}/{key}", Bucket=bucket,
-                    Key=key)["ContentLength"])
-    return read_object(target, size=size, fetch_range=object_reader(clients, bucket, key),
-                       reading=reading, what=f"s3://{bucket}/{key}")
+    head = call(clients.s3.head_object, f"s3://{bucket}/{key}", Bucket=bucket, Key=key)
+    return read_object(target, size=int(head["ContentLength"]),
+                       fetch_range=object_reader(clients, bucket, key), reading=reading,
+                       what=f"s3://{bucket}/{key}",
+                       source=f"s3://{bucket}/{key}#{head.get('ETag', '')}")
 
 
 def _unpack_ova(ova: Path, vm: VMInfo) -> FetchedDisk:
@@ -421,31 +446,55 @@ def _unpack_ova(ova: Path, vm: VMInfo) -> FetchedDisk:
                        create_type=info.create_type)
 
 
+def earlier_export(clients: Clients, bucket: str, job: str | None) -> str | None:
+    """The OVA a finished export task of this job left for its retry (an object appears
+    whole, once the task completed), if any."""
+    if not job:
+        return None
+    listing = call(clients.s3.list_objects_v2, f"s3://{bucket}", Bucket=bucket,
+                   Prefix=export_prefix(job))
+    found = [item["Key"] for item in listing.get("Contents", [])
+             if item["Key"].endswith(".ova")]
+    if found:
+        log.info("the export object an earlier attempt made is used again: s3://%s/%s",
+                 bucket, found[0])
+    return found[0] if found else None
+
+
 def fetch_export_task(clients: Clients, vm: VMInfo, reading: Reading, *, bucket: str,
                       options: ExportOptions, restore: Callable[[], None], job: str | None,
-                      written: list[Path]) -> list[FetchedDisk]:
-    task = start_export_task(clients, vm, bucket, job)
-    task_id = task["ExportTaskId"]
-    key = task.get("ExportToS3Task", {}).get("S3Key") or f"{export_prefix(job)}{task_id}.ova"
-    done = False
+                      written: list[Path], key: str | None = None) -> list[FetchedDisk]:
+    """The instance exported by a VM Export task and read from S3, or read from `key`
+    (the object of an earlier attempt's task)."""
+    task_id = None
+    if key is None:
+        task = start_export_task(clients, vm, bucket, job)
+        task_id = task["ExportTaskId"]
+        key = (task.get("ExportToS3Task", {}).get("S3Key")
+               or f"{export_prefix(job)}{task_id}.ova")
+    done = task_id is None
+    failure: BaseException | None = None
     try:
-        task = wait_export_task(clients, task_id)
-        done = True
+        if task_id is not None:
+            task = wait_export_task(clients, task_id)
+            done = True
+            key = task.get("ExportToS3Task", {}).get("S3Key") or key
         restore()
-        key = task.get("ExportToS3Task", {}).get("S3Key") or key
         ova = reading.dest / f"{vm.name}-export.ova"
         written.append(ova)
         read_export(clients, bucket, key, ova, reading)
         disk = _unpack_ova(ova, vm)
         written.append(disk.main.path)
         return [disk]
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         if not done:
             with contextlib.suppress(Exception):
                 clients.ec2.cancel_export_task(ExportTaskId=task_id)
-        if options.keep_snapshots:
-            log.info("export object kept: s3://%s/%s", bucket, key)
-        else:
+        if not kept("export object", [f"s3://{bucket}/{key}"] if done else [],
+                    options=options, failure=failure):
             with contextlib.suppress(Exception):
                 clients.s3.delete_object(Bucket=bucket, Key=key)
                 log.info("export object s3://%s/%s deleted", bucket, key)
@@ -460,6 +509,18 @@ def export_instance(clients: Clients, vm: VMInfo, reading: Reading, *, method: s
     """Export one instance under `reading.dest`; on failure nothing it wrote is left."""
 
     def fetch(written: list[Path]) -> list[FetchedDisk]:
+        # what an earlier attempt captured is used again, with no second power cycle
+        if transport_of(options) == "export-task" and bucket:
+            key = earlier_export(clients, bucket, job)
+            if key:
+                return fetch_export_task(clients, vm, reading, bucket=bucket,
+                                         options=options, restore=lambda: None, job=job,
+                                         written=written, key=key)
+        else:
+            snapshots = earlier_snapshots(clients, vm, job)
+            if snapshots:
+                return fetch_ebs(clients, vm, reading, options=options, restore=lambda: None,
+                                 job=job, written=written, snapshots=snapshots)
         with power_for_export(
                 vm, options,
                 stop=lambda: stop_instance(clients, vm.identifier, options.shutdown_timeout),

@@ -1,9 +1,11 @@
 """Getting an Azure VM's managed disks out: for each disk an incremental snapshot
 (`create_option=Copy`), read access granted (a SAS URL to its page blob), the page ranges
 that hold data read in parallel into a sparse raw file (the blob is a fixed VHD: its
-512-byte footer is checked and dropped), then access revoked and the snapshot deleted,
-at the end, on failure, and by `discard` after a cancel or crash (unless
-`options.keep_snapshots`)."""
+512-byte footer is checked and dropped), access revoked as soon as the disk is read (Azure
+lets only 5 snapshots of one disk hold a SAS at a time), and the snapshot deleted at the
+end, on failure, and by `discard` after a cancel or crash (unless
+`options.keep_snapshots`); a transient failure leaves the snapshots for the task's retry
+to use (`providers.retained`)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from providers.ranged import (
     read_ranges,
     with_retries,
 )
+from providers.retained import kept
 
 log = logging.getLogger(__name__)
 JOB_TAG = "hypersdk-job"
@@ -44,6 +47,7 @@ FOOTER = 512
 SEGMENT = 1 << 30  # page ranges are listed a GiB at a time, as Microsoft advises
 MERGE_GAP = 64 << 10  # ranges this close are read as one: fewer requests, a few zeros more
 ACCESS_SECONDS = 24 * 3600
+SAS_PER_DISK = 5  # snapshots of one disk that may hold a SAS at a time (incremental)
 
 
 # ---- power ------------------------------------------------------------------------------
@@ -113,13 +117,69 @@ def wait_copied(clients: Clients, snapshot_id: str, *, timeout: float = 24 * 360
         time.sleep(interval)
 
 
+def earlier_snapshots(clients: Clients, vm: VMInfo, job: str | None) -> list[str]:
+    """The snapshots an earlier attempt of this job made of every disk and left for its
+    retry, in the disks' order; empty unless every disk has one."""
+    if not job:
+        return []
+    found: list[str] = []
+    for disk in vm.disks:
+        group, _ = parse_id(str(disk.datastore))
+        listing = call(lambda g=group: list(clients.compute.snapshots.list_by_resource_group(
+            g)), f"Azure snapshots of {group}")
+        mine = [s.id for s in listing if (s.tags or {}).get(JOB_TAG) == job
+                and s.properties.provisioning_state == "Succeeded"
+                and _source_disk(s) == str(disk.datastore).lower()]
+        if not mine:
+            return []
+        found.append(str(mine[0]))
+    log.info("%s: the snapshots an earlier attempt made are used again: %s", vm.name,
+             ", ".join(parse_id(s)[1] for s in found))
+    return found
+
+
+def _source_disk(snapshot: Any) -> str:
+    return str(snapshot.properties.creation_data.source_resource_id).lower()
+
+
+def _holding_sas(clients: Clients, snapshot_id: str) -> list[str]:
+    """The other snapshots of the same disk that hold a SAS now (diskState ActiveSAS)."""
+    group, name = parse_id(snapshot_id)
+    try:
+        source = _source_disk(clients.compute.snapshots.get(group, name))
+        listing: list[Any] = list(clients.compute.snapshots.list_by_resource_group(group))
+    except Exception:  # noqa: BLE001 - only to say more in an error already raised
+        return []
+    return [str(s.name) for s in listing if s.name != name
+            and s.properties.disk_state == "ActiveSAS" and _source_disk(s) == source]
+
+
 def grant_read(clients: Clients, snapshot_id: str) -> str:
     group, name = parse_id(snapshot_id)
     wait_copied(clients, snapshot_id)
-    access = call(lambda: clients.compute.snapshots.begin_grant_access(
-        group, name, GrantAccessData(access="Read", duration_in_seconds=ACCESS_SECONDS)
-    ).result(), f"read access to {name}")
+    try:
+        access = call(lambda: clients.compute.snapshots.begin_grant_access(
+            group, name, GrantAccessData(access="Read", duration_in_seconds=ACCESS_SECONDS)
+        ).result(), f"read access to {name}")
+    except ProviderError as exc:
+        holding = _holding_sas(clients, snapshot_id)
+        if len(holding) >= SAS_PER_DISK:
+            raise ProviderError(
+                f"read access to snapshot {name} refused: Azure lets only {SAS_PER_DISK} "
+                f"snapshots of one disk hold a SAS at a time, and {', '.join(holding)} "
+                "hold one; revoke their access (az snapshot revoke-access) or let the "
+                "exports that use them finish") from exc
+        raise
     return str(access.access_sas)
+
+
+def revoke_read(clients: Clients, snapshot_id: str) -> None:
+    """Logged if it fails: remove_snapshot (or discard) revokes again."""
+    group, name = parse_id(snapshot_id)
+    try:
+        clients.compute.snapshots.begin_revoke_access(group, name).result()
+    except Exception as exc:  # noqa: BLE001 - logged
+        log.warning("snapshot %s: access not revoked: %s", name, map_error(exc, "revoke"))
 
 
 def remove_snapshot(clients: Clients, snapshot_id: str) -> None:
@@ -201,7 +261,7 @@ def range_reader(blob: BlobClient, what: str) -> Callable[[Part], bytes]:
 
 
 def read_snapshot(clients: Clients, sas_url: str, target: Path, reading: Reading,
-                  what: str) -> RangedFile:
+                  what: str, *, source: str) -> RangedFile:
     # azure-core's own retries off: the ranged reader retries each range with backoff
     blob = BlobClient.from_blob_url(sas_url, retry_total=0, **clients.blob_options())
     size = call(lambda: blob.get_blob_properties().size, f"{what}: properties")
@@ -212,7 +272,7 @@ def read_snapshot(clients: Clients, sas_url: str, target: Path, reading: Reading
                          parts=page_parts(blob, disk_size, reading, what),
                          fetch=range_reader(blob, what), concurrency=reading.part_concurrency,
                          retries=reading.retries, progress=reading.progress, what=what,
-                         stop=reading.stop, budget=reading.budget)
+                         stop=reading.stop, budget=reading.budget, source=source)
     log.info("%s: %d bytes of data read into %s (%d range reads retried)", what,
              result.fetched, target.name, result.retried)
     return result
@@ -222,13 +282,16 @@ def read_snapshot(clients: Clients, sas_url: str, target: Path, reading: Reading
 
 
 def fetch_disks(clients: Clients, vm: VMInfo, reading: Reading, *, options: ExportOptions,
-                restore: Callable[[], None], job: str | None, written: list[Path]) -> list[
-        FetchedDisk]:
-    snapshots: list[str] = []
+                restore: Callable[[], None], job: str | None, written: list[Path],
+                earlier: list[str] | None = None) -> list[FetchedDisk]:
+    """The disks read from snapshots: `earlier` ones (an earlier attempt's), or new."""
+    snapshots: list[str] = list(earlier or [])
+    failure: BaseException | None = None
     try:
-        for disk in vm.disks:
-            snapshots.append(create_snapshot(clients, str(disk.datastore), vm.datacenter or "",
-                                             job))
+        if not snapshots:
+            for disk in vm.disks:
+                snapshots.append(create_snapshot(clients, str(disk.datastore),
+                                                 vm.datacenter or "", job))
         restore()  # every disk is captured: the VM may run again
 
         def fetch(index: int) -> FetchedDisk:
@@ -236,15 +299,20 @@ def fetch_disks(clients: Clients, vm: VMInfo, reading: Reading, *, options: Expo
             written.append(target)
             sas = grant_read(clients, snapshots[index])
             what = f"snapshot {parse_id(snapshots[index])[1]}"
-            return FetchedDisk(main=read_snapshot(clients, sas, target, reading, what),
-                               create_type=RAW)
+            try:
+                return FetchedDisk(main=read_snapshot(clients, sas, target, reading, what,
+                                                      source=snapshots[index]),
+                                   create_type=RAW)
+            finally:
+                revoke_read(clients, snapshots[index])
 
         return map_in_context(fetch, list(range(len(vm.disks))),
                               workers=reading.disk_concurrency, stop=reading.stop)
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
-        if options.keep_snapshots:
-            log.info("snapshots kept: %s", ", ".join(snapshots))
-        else:
+        if not kept("snapshots", snapshots, options=options, failure=failure):
             for snapshot_id in snapshots:
                 remove_snapshot(clients, snapshot_id)
 
@@ -254,6 +322,10 @@ def export_vm(clients: Clients, vm: VMInfo, reading: Reading, *, method: str,
     """Export one VM under `reading.dest`; on failure nothing it wrote is left."""
 
     def fetch(written: list[Path]) -> list[FetchedDisk]:
+        earlier = earlier_snapshots(clients, vm, job)
+        if earlier:  # the point in time was taken: no power cycle again
+            return fetch_disks(clients, vm, reading, options=options, restore=lambda: None,
+                               job=job, written=written, earlier=earlier)
         with power_for_export(vm, options, **_power_calls(clients, vm)) as restore:
             return fetch_disks(clients, vm, reading, options=options, restore=restore,
                                job=job, written=written)

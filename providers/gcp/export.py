@@ -4,7 +4,8 @@ the export bucket as qcow2 (or VMDK) by a Cloud Build job running Google's image
 tool, then the object downloaded with parallel ranged reads and its CRC32C checked.
 Images, builds and objects carry the job's id (label, tag, object prefix) and are removed
 at the end, on failure, and by `discard` after a cancel or crash (unless
-`options.keep_snapshots`)."""
+`options.keep_snapshots`); a transient failure leaves images and objects for the task's
+retry to use (`providers.retained`)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ from providers.objects import Expected, read_object
 from providers.packaging import QCOW2, FetchedDisk, export_disks
 from providers.power import power_for_export
 from providers.ranged import RangedFile, Reading, map_in_context
+from providers.retained import kept
 
 log = logging.getLogger(__name__)
 JOB_LABEL = "hypersdk-job"
+DISK_LABEL = "hypersdk-disk"  # which disk of the VM an image is of (1, 2, ...)
 PREFIX = "hypersdk"  # objects go under hypersdk/<job>/ in the export bucket
 EXPORT_TOOL = "gcr.io/compute-image-tools/gce_vm_image_export:release"
 BUILD_TIMEOUT = 6 * 3600
@@ -106,7 +109,7 @@ def create_image(clients: Clients, vm: VMInfo, index: int, disk: DiskInfo,
     stem = re.sub(r"[^a-z0-9-]", "-", vm.name.lower())[:30].strip("-") or "vm"
     name = f"hypersdk-{stem}-d{index + 1}-{int(time.time() * 1000) % 10**10}"
     image = compute_v1.Image(name=name, source_disk=disk.datastore,
-                             labels={JOB_LABEL: _label(job)},
+                             labels={JOB_LABEL: _label(job), DISK_LABEL: str(index + 1)},
                              description=f"hypersdk export of {vm.identifier}")
     request = compute_v1.InsertImageRequest(project=clients.project, image_resource=image,
                                             force_create=True)
@@ -114,6 +117,23 @@ def create_image(clients: Clients, vm: VMInfo, index: int, disk: DiskInfo,
     clients.wait(operation, f"image of {disk.name}")
     log.info("image %s of disk %s created", name, disk.name)
     return name
+
+
+def earlier_images(clients: Clients, vm: VMInfo, job: str | None) -> list[str]:
+    """The images an earlier attempt of this job made of every disk and left for its
+    retry, in the disks' order; empty unless every disk has one that is READY."""
+    if not job:
+        return []
+    images = call(lambda: list(clients.images.list(request=compute_v1.ListImagesRequest(
+        project=clients.project, filter=f"labels.{JOB_LABEL}={_label(job)}"))), "GCP images")
+    by_disk = {image.labels.get(DISK_LABEL): image.name for image in images
+               if image.status == "READY"}
+    found = [by_disk.get(str(index + 1)) for index in range(len(vm.disks))]
+    if not all(found):
+        return []
+    log.info("%s: the images an earlier attempt made are used again: %s", vm.name,
+             ", ".join(str(name) for name in found))
+    return [str(name) for name in found]
 
 
 def delete_image(clients: Clients, name: str) -> None:
@@ -246,10 +266,10 @@ def read_exported(clients: Clients, bucket: str, name: str, target: Path,
     blob = clients.storage.bucket(bucket).blob(name)
 
     def fetch_range(offset: int, length: int) -> bytes:
-        try:
+        try:  # the library's own retries off: the ranged reader retries, within its budget
             data: bytes = blob.download_as_bytes(start=offset, end=offset + length - 1,
                                                  checksum=None, raw_download=True,
-                                                 timeout=(20, 120))
+                                                 timeout=(20, 120), retry=None)
         except Exception as exc:  # noqa: BLE001 - mapped: Transient is retried per part
             raise map_error(exc, f"{what} bytes {offset}-") from None
         return data
@@ -257,7 +277,8 @@ def read_exported(clients: Clients, bucket: str, name: str, target: Path,
     result = read_object(target, size=int(described.size), fetch_range=fetch_range,
                          reading=reading, what=what,
                          expected=[Expected.from_base64("crc32c", described.crc32c,
-                                                        google_crc32c.Checksum())])
+                                                        google_crc32c.Checksum())],
+                         source=f"{what}#{described.generation}")
     log.info("%s: %d bytes read into %s, CRC32C checked (%d range reads retried)", what,
              result.size, target.name, result.retried)
     return result
@@ -279,20 +300,30 @@ def _fetch_disk(clients: Clients, vm: VMInfo, index: int, image: str, bucket: st
                 written: list[Path]) -> FetchedDisk:
     fmt = clients.config.export_format
     name = f"{PREFIX}/{_label(job)}/{image}.{fmt}"
-    build_id = start_build(clients, image, f"gs://{bucket}/{name}", fmt, job)
-    finished = False
+    build_id = None
+    # an earlier attempt's export of this image, if it finished (an object appears whole)
+    if call(lambda: clients.storage.bucket(bucket).get_blob(name), f"gs://{bucket}/{name}"):
+        log.info("the export object an earlier attempt made is used again: gs://%s/%s",
+                 bucket, name)
+    else:
+        build_id = start_build(clients, image, f"gs://{bucket}/{name}", fmt, job)
+    finished = build_id is None
+    failure: BaseException | None = None
     try:
-        wait_build(clients, build_id, f"disk {index + 1} of {vm.name}")
-        finished = True
+        if build_id is not None:
+            wait_build(clients, build_id, f"disk {index + 1} of {vm.name}")
+            finished = True
         target = reading.dest / f"{vm.name}-disk{index + 1}.{fmt}"
         written.append(target)
         fetched = read_exported(clients, bucket, name, target, reading)
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
-        if not finished:
+        if build_id is not None and not finished:
             cancel_build(clients, build_id)
-        if options.keep_snapshots:
-            log.info("export object kept: gs://%s/%s", bucket, name)
-        else:
+        if not kept("export object", [f"gs://{bucket}/{name}"] if finished else [],
+                    options=options, failure=failure):
             delete_object(clients, bucket, name)
     kind = QCOW2 if fmt == "qcow2" else parse_vmdk(target, check_extents=False).create_type
     return FetchedDisk(main=fetched, create_type=kind)
@@ -300,20 +331,25 @@ def _fetch_disk(clients: Clients, vm: VMInfo, index: int, image: str, bucket: st
 
 def fetch_disks(clients: Clients, vm: VMInfo, reading: Reading, *, bucket: str,
                 options: ExportOptions, restore: Callable[[], None], job: str | None,
-                written: list[Path]) -> list[FetchedDisk]:
-    images: list[str] = []
+                written: list[Path], earlier: list[str] | None = None) -> list[FetchedDisk]:
+    """The disks through images exported to the bucket: `earlier` ones (an earlier
+    attempt's), or new."""
+    images: list[str] = list(earlier or [])
+    failure: BaseException | None = None
     try:
-        for index, disk in enumerate(vm.disks):
-            images.append(create_image(clients, vm, index, disk, job))
+        if not images:
+            for index, disk in enumerate(vm.disks):
+                images.append(create_image(clients, vm, index, disk, job))
         restore()  # every disk is captured: the instance may run again
         return map_in_context(
             lambda index: _fetch_disk(clients, vm, index, images[index], bucket, reading,
                                       options, job, written),
             list(range(len(vm.disks))), workers=reading.disk_concurrency, stop=reading.stop)
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
-        if options.keep_snapshots:
-            log.info("images kept: %s", ", ".join(images))
-        else:
+        if not kept("images", images, options=options, failure=failure):
             for image in images:
                 delete_image(clients, image)
 
@@ -327,6 +363,11 @@ def export_vm(clients: Clients, vm: VMInfo, reading: Reading, *, method: str,
     vm = without_local_disks(vm, options)
 
     def fetch(written: list[Path]) -> list[FetchedDisk]:
+        earlier = earlier_images(clients, vm, job)
+        if earlier:  # the point in time was taken: no power cycle again
+            return fetch_disks(clients, vm, reading, bucket=bucket, options=options,
+                               restore=lambda: None, job=job, written=written,
+                               earlier=earlier)
         with power_for_export(vm, options, **_power_calls(clients, vm)) as restore:
             return fetch_disks(clients, vm, reading, bucket=bucket, options=options,
                                restore=restore, job=job, written=written)

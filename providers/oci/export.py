@@ -2,7 +2,8 @@
 the export bucket as QCOW2 (the work request followed, its percent in the logs), the
 object downloaded with parallel ranged GETs and its MD5 checked where Object Storage gives
 one; image and object removed at the end, on failure, and by `discard` after a cancel or
-crash (unless `options.keep_snapshots`). A custom image holds the boot volume only: an
+crash (unless `options.keep_snapshots`); a transient failure leaves both for the task's
+retry to use (`providers.retained`). A custom image holds the boot volume only: an
 instance with block volumes is refused unless `options.boot_volume_only`."""
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from providers.oci.session import Clients, call, map_error
 from providers.packaging import QCOW2, FetchedDisk, export_disks
 from providers.power import power_for_export
 from providers.ranged import RangedFile, Reading
+from providers.retained import kept
 
 log = logging.getLogger(__name__)
 POWER_WAIT = 900  # seconds a STOP or START may take
 JOB_TAG = "hypersdk-job"
+INSTANCE_TAG = "hypersdk-instance"
 PREFIX = "hypersdk"
 TIMEOUT = 12 * 3600
 
@@ -89,7 +92,7 @@ def create_image(clients: Clients, vm: VMInfo, job: str | None) -> str:
     details = oci.core.models.CreateImageDetails(
         compartment_id=clients.compartment, instance_id=vm.identifier,
         display_name=f"hypersdk-{vm.name}-{int(time.time())}"[:255],
-        freeform_tags={JOB_TAG: job_label(job)})
+        freeform_tags={JOB_TAG: job_label(job), INSTANCE_TAG: vm.identifier})
     image = call(lambda: clients.compute.create_image(details).data, f"image of {vm.name}")
     _wait_image(clients, image.id, f"image of {vm.name}")
     log.info("image %s of %s created", image.id, vm.name)
@@ -170,7 +173,7 @@ def read_exported(clients: Clients, namespace: str, bucket: str, name: str, targ
     expected = ([Expected.from_base64("crc32c", crc32c, google_crc32c.Checksum())] if crc32c
                 else [Expected.from_base64("md5", md5, hashlib.md5())] if md5 else [])
     result = read_object(target, size=size, fetch_range=fetch_range, reading=reading,
-                         what=what, expected=expected)
+                         what=what, expected=expected, source=f"{what}#{head.get('etag', '')}")
     log.info("%s: %d bytes read into %s, %s (%d range reads retried)", what, result.size,
              target.name, f"{expected[0].name.upper()} checked" if expected
              else "no checksum to check", result.retried)
@@ -185,23 +188,60 @@ def delete_object(clients: Clients, namespace: str, bucket: str, name: str) -> N
         log.warning("%s/%s not deleted: %s", bucket, name, map_error(exc, "delete"))
 
 
+def earlier_image(clients: Clients, vm: VMInfo, job: str | None) -> str | None:
+    """The image of this instance an earlier attempt of this job made and left for its
+    retry, if it is available."""
+    if not job:
+        return None
+    images = all_pages(clients.compute.list_images, "OCI images",
+                       compartment_id=clients.compartment)
+    for image in images:
+        if ((image.freeform_tags or {}).get(JOB_TAG) == job_label(job)
+                and (image.freeform_tags or {}).get(INSTANCE_TAG) == vm.identifier
+                and image.lifecycle_state == "AVAILABLE"):
+            log.info("%s: the image an earlier attempt made is used again: %s", vm.name,
+                     image.id)
+            return str(image.id)
+    return None
+
+
+def _exported(clients: Clients, namespace: str, bucket: str, name: str) -> bool:
+    """Whether an earlier attempt's export of the image is in the bucket (an export's
+    object appears once the work request succeeded)."""
+    try:
+        clients.objects.head_object(namespace, bucket, name)
+    except oci.exceptions.ServiceError as exc:
+        if exc.status == 404:
+            return False
+        raise map_error(exc, f"{bucket}/{name}") from None
+    log.info("the export object an earlier attempt made is used again: %s/%s", bucket, name)
+    return True
+
+
 def fetch_boot_volume(clients: Clients, vm: VMInfo, reading: Reading, *, bucket: str,
                       options: ExportOptions, restore: Callable[[], None], job: str | None,
-                      written: list[Path]) -> list[FetchedDisk]:
+                      written: list[Path], image_id: str | None = None) -> list[FetchedDisk]:
+    """The boot volume through an image exported to the bucket: `image_id` (an earlier
+    attempt's, its export used again if it is there) or a new one."""
     namespace = clients.namespace()
-    image_id = create_image(clients, vm, job)
+    earlier = image_id is not None
+    image_id = image_id or create_image(clients, vm, job)
     name = f"{PREFIX}/{job_label(job)}/{vm.name}-{image_id[-12:]}.qcow2"
+    failure: BaseException | None = None
     try:
         restore()  # the boot volume is captured: the instance may run again
-        export_image(clients, image_id, namespace, bucket, name)
+        if not (earlier and _exported(clients, namespace, bucket, name)):
+            export_image(clients, image_id, namespace, bucket, name)
         target = reading.dest / f"{vm.name}-disk1.qcow2"
         written.append(target)
         return [FetchedDisk(main=read_exported(clients, namespace, bucket, name, target,
                                                reading), create_type=QCOW2)]
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
-        if options.keep_snapshots:
-            log.info("image %s and object %s/%s kept", image_id, bucket, name)
-        else:
+        if not kept("image and export object", [image_id, f"{bucket}/{name}"],
+                    options=options, failure=failure):
             delete_object(clients, namespace, bucket, name)
             delete_image(clients, image_id)
 
@@ -216,6 +256,11 @@ def export_vm(clients: Clients, vm: VMInfo, reading: Reading, *, method: str,
     boot_only = vm.model_copy(update={"disks": vm.disks[:1]})
 
     def fetch(written: list[Path]) -> list[FetchedDisk]:
+        image_id = earlier_image(clients, vm, job)
+        if image_id:  # the point in time was taken: no power cycle again
+            return fetch_boot_volume(clients, boot_only, reading, bucket=bucket,
+                                     options=options, restore=lambda: None, job=job,
+                                     written=written, image_id=image_id)
         with power_for_export(vm, options, **_power_calls(clients, vm, options)) as restore:
             return fetch_boot_volume(clients, boot_only, reading, bucket=bucket,
                                      options=options, restore=restore, job=job,
