@@ -184,10 +184,14 @@ class GCPProviderConfig(ProviderConfig):
     export_subnet: str | None = None  # needed on a custom-mode network
     export_zone: str | None = None
     export_service_account: str | None = None
-    # another endpoint (a private one, or a test stand-in): Compute, Cloud Build, Storage
+    # another endpoint (a private one, or a test stand-in): Compute, Cloud Build, Storage,
+    # Resource Manager (the IAM policy the export's roles are checked in), Artifact Registry
+    # (where the export tool's regional builder is looked for)
     compute_endpoint: str | None = None
     cloudbuild_endpoint: str | None = None
     storage_endpoint: str | None = None
+    resourcemanager_endpoint: str | None = None
+    artifactregistry_endpoint: str | None = None
 
 
 class HyperVProviderConfig(ProviderConfig):

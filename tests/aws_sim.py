@@ -18,6 +18,7 @@ import pytest
 from tests.peers import free_port
 
 REGION = "us-east-1"
+VM_EXPORT_GRANTEE = "c4d8eabf8db69dbe46bfe0e517100c554f01200b104d59cd408e777ba442a322"
 BUCKET = "hypersdk-exports"
 SECRET_ENV = "AWS_TEST_SECRET_ACCESS_KEY"
 
@@ -103,9 +104,19 @@ def start_moto() -> Moto:
     moto = Moto(url=f"http://127.0.0.1:{port}", access_key=line[1], secret_key=line[2],
                 process=process)
     os.environ[SECRET_ENV] = moto.secret_key
-    # set up for VM Export as its guide says: ACLs on, so the export can grant itself
-    moto.client("s3").create_bucket(Bucket=BUCKET, ObjectOwnership="BucketOwnerPreferred")
+    # set up for VM Export as its guide says: ACLs on, and the region's VM Import/Export
+    # account granted WRITE and READ_ACP beside the owner's FULL_CONTROL
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket=BUCKET, ObjectOwnership="BucketOwnerPreferred")
+    grant_vm_export(s3, BUCKET)
     return moto
+
+
+def grant_vm_export(s3: Any, bucket: str) -> None:
+    owner = s3.get_bucket_acl(Bucket=bucket)["Owner"]["ID"]
+    s3.put_bucket_acl(Bucket=bucket, GrantFullControl=f"id={owner}",
+                      GrantWrite=f"id={VM_EXPORT_GRANTEE}",
+                      GrantReadACP=f"id={VM_EXPORT_GRANTEE}")
 
 
 @pytest.fixture(scope="session")

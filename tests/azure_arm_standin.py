@@ -40,7 +40,7 @@ TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 CLIENT_ID = "hypersdk-test-client"
 # the api-versions azure-mgmt-compute 39 and azure-mgmt-network 33 send for these calls
 API_VERSIONS = {"compute": {"2026-04-01", "2026-03-02", "2026-03-03", "2021-07-01"},
-                "network": {"2026-03-01"}}
+                "network": {"2026-03-01"}, "authorization": {"2022-04-01"}}
 SIZES = [
     {"name": "Standard_B1s", "numberOfCores": 1, "memoryInMB": 1024},
     {"name": "Standard_D2s_v3", "numberOfCores": 2, "memoryInMB": 8192},
@@ -90,6 +90,9 @@ class State:
     # how long the background copy of an incremental snapshot of a Premium SSD v2 or Ultra
     # disk lasts here (on Azure: minutes to hours); no access is granted before it ends
     copy_seconds: float = 6.0
+    # actions the client's role assignments exclude (its role: "*" but these), as the
+    # permissions API reports them and as ARM refuses them (403 AuthorizationFailed)
+    denied_actions: set[str] = field(default_factory=set)
 
     def rid(self, group: str, kind: str, name: str) -> str:
         return (f"/subscriptions/{self.subscription}/resourceGroups/{group}/providers/"
@@ -327,7 +330,8 @@ class Handler(BaseHTTPRequestHandler):
                            "its token is not valid.")
 
     def _api_version(self, path: str, version: str | None) -> None:
-        family = "network" if "/Microsoft.Network/" in path else "compute"
+        family = ("network" if "/Microsoft.Network/" in path else
+                  "authorization" if "/Microsoft.Authorization/" in path else "compute")
         if not version:
             raise ArmError(400, "MissingApiVersionParameter",
                            "The api-version query parameter (?api-version=) is required.")
@@ -366,6 +370,7 @@ class Handler(BaseHTTPRequestHandler):
             ("POST", rf"{_RG}/Microsoft\.Compute/snapshots/(?P<name>[^/]+)/"
                      r"(?P<action>beginGetAccess|endGetAccess)", self._access),
             ("GET", rf"{_RG}/Microsoft\.Network/networkInterfaces/(?P<name>[^/]+)", self._get_nic),
+            ("GET", rf"{_RG}/Microsoft\.Authorization/permissions", self._permissions),
         ]
         for verb, pattern, handler in routes:
             match = re.fullmatch(pattern, path, flags=re.IGNORECASE)
@@ -461,8 +466,23 @@ class Handler(BaseHTTPRequestHandler):
                      if rg is None or f"/resourcegroups/{rg.lower()}/" in s["id"].lower()]
         return 200, {"value": found}, None
 
+    def _permissions(self, query: dict[str, str], rg: str) -> tuple[int, Any, None]:
+        with self.state.lock:
+            denied = sorted(self.state.denied_actions)
+        return 200, {"value": [{"actions": ["*"], "notActions": denied, "dataActions": [],
+                                "notDataActions": []}]}, None
+
+    def _authorize_action(self, action: str, scope: str) -> None:
+        if action.lower() in {a.lower() for a in self.state.denied_actions}:
+            raise ArmError(403, "AuthorizationFailed", f"The client '{CLIENT_ID}' with object "
+                           f"id '{CLIENT_ID}' does not have authorization to perform action "
+                           f"'{action}' over scope '{scope}' or the scope is invalid. If "
+                           "access was recently granted, please refresh your credentials.")
+
     def _put_snapshot(self, query: dict[str, str], rg: str, name: str) -> tuple[
             int, Any, None]:
+        self._authorize_action("Microsoft.Compute/snapshots/write",
+                               self.state.rid(rg, "Microsoft.Compute/snapshots", name))
         body = self._body()
         creation = body.get("properties", {}).get("creationData", {})
         if creation.get("createOption") != "Copy":

@@ -50,6 +50,8 @@ class GCP:
         return {"project": self.project, "credentials_file": str(self.standin.key_file),
                 "export_bucket": BUCKET, "compute_endpoint": self.standin.url,
                 "cloudbuild_endpoint": self.standin.url,
+                "resourcemanager_endpoint": self.standin.url,
+                "artifactregistry_endpoint": self.standin.url,
                 "storage_endpoint": self.proxied_storage, **overrides}
 
     def config_section(self) -> str:

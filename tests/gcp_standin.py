@@ -1,10 +1,14 @@
-"""A STAND-IN for Google's Compute Engine and Cloud Build REST APIs and Google's OAuth 2.0
-token endpoint, for tests only: no emulator exists for either. It serves exactly the
-operations hypersdk's GCP provider calls, in the wire format of the REST references
-(and google-cloud-compute's / google-cloud-build's models): instances (aggregated list,
-list, get, stop, start), machine types, disks, images (insert with `forceCreate`, list by
-label filter, delete), zonal and global operations, and builds (create as a long-running
-operation with `BuildOperationMetadata`, get, list by tag, cancel). It issues tokens only
+"""A STAND-IN for Google's Compute Engine, Cloud Build, Resource Manager (v3) and Artifact
+Registry REST APIs and Google's OAuth 2.0 token endpoint, for tests only: no emulator
+exists for them. It serves exactly the operations hypersdk's GCP provider calls, in the
+wire format of the REST references (and the google-cloud-* clients' models): instances
+(aggregated list, list, get, stop, start), machine types, disks, images (insert with
+`forceCreate`, list by label filter, delete), zonal and global operations, builds (create
+as a long-running operation with `BuildOperationMetadata`, get, list by tag, cancel), the
+project (get: its number) and its IAM policy (getIamPolicy), and the packages of the
+image tools' builder repositories (get). A build whose step image does not exist (a
+regional builder in a region Google does not publish it to) fails as Cloud Build fails a
+step it cannot pull. It issues tokens only
 for a JWT assertion signed with the test service account's key (checked with its public
 key), checks the bearer token of every call, and answers anything it does not know with
 Google's error shape.
@@ -40,6 +44,11 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 EXPORT_TOOL = "gcr.io/compute-image-tools/gce_vm_image_export:release"
+BUILDER_PROJECT = "compute-image-import"
+
+
+def regional_tool(region: str) -> str:
+    return f"{region}-docker.pkg.dev/{BUILDER_PROJECT}/wrappers/gce_vm_image_export:release"
 MACHINE_TYPES = {
     "e2-micro": (2, 1024), "e2-small": (2, 2048), "n2-standard-4": (4, 16384),
     "t2a-standard-1": (1, 4096),
@@ -80,6 +89,11 @@ class State:
     denied: set[str] = field(default_factory=set)
     # the project's VPC networks (a project may have deleted "default", as many do)
     networks: set[str] = field(default_factory=lambda: {"default"})
+    # regions where Artifact Registry holds the image tools' regional builders
+    builder_regions: set[str] = field(default_factory=lambda: {"us-central1", "europe-west4"})
+    number: str = field(default_factory=lambda: str(100000000000 + secrets.randbelow(10**11)))
+    # the project's IAM policy: role -> members (gcloud's defaults for image export granted)
+    bindings: dict[str, set[str]] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=set)
     build_seconds: float = 0.5  # how long an export build works before it writes
     requests: list[str] = field(default_factory=list)
@@ -270,6 +284,11 @@ class Handler(BaseHTTPRequestHandler):
             elif url.path.startswith(f"/v1/projects/{self.state.project}/builds"):
                 rest = url.path.removeprefix(f"/v1/projects/{self.state.project}/builds")
                 self._send(200, self._builds(self.command, rest, query, payload))
+            elif url.path.startswith(f"/v3/projects/{self.state.project}"):
+                rest = url.path.removeprefix(f"/v3/projects/{self.state.project}")
+                self._send(200, self._project(self.command, rest))
+            elif url.path.startswith(f"/v1/projects/{BUILDER_PROJECT}/locations/"):
+                self._send(200, self._package(self.command, url.path))
             else:
                 raise ApiError(404, "notFound", f"The requested URL {url.path} was not found "
                                                 "on this server.")
@@ -424,6 +443,36 @@ class Handler(BaseHTTPRequestHandler):
                                             f"{kind}/{key}' was not found")
         return found
 
+    # ---- Resource Manager, Artifact Registry -------------------------------------------
+
+    def _project(self, method: str, rest: str) -> Any:
+        state = self.state
+        if method == "GET" and rest == "":
+            return {"name": f"projects/{state.number}", "projectId": state.project,
+                    "state": "ACTIVE", "displayName": state.project, "parent": ""}
+        if method == "POST" and rest == ":getIamPolicy":
+            if "resourcemanager.projects.getIamPolicy" in state.denied:
+                raise ApiError(403, "forbidden", "The caller does not have permission")
+            with state.lock:
+                bindings = [{"role": role, "members": sorted(members)}
+                            for role, members in sorted(state.bindings.items()) if members]
+            return {"version": 1, "etag": base64.b64encode(b"etag").decode(),
+                    "bindings": bindings}
+        raise ApiError(400, "invalid", f"hypersdk's GCP stand-in does not serve {method} "
+                                       f"projects{rest}")
+
+    def _package(self, method: str, path: str) -> Any:
+        match = re.fullmatch(rf"/v1/projects/{BUILDER_PROJECT}/locations/([\w-]+)/"
+                             r"repositories/wrappers/packages/([\w.-]+)", path)
+        if method != "GET" or not match:
+            raise ApiError(400, "invalid", f"hypersdk's GCP stand-in does not serve {method} "
+                                           f"{path}")
+        region, package = match.groups()
+        if region not in self.state.builder_regions or package != "gce_vm_image_export":
+            raise ApiError(404, "notFound", f"Requested entity was not found: {path[4:]}")
+        return {"name": path[4:], "displayName": package,
+                "createTime": "2024-01-01T00:00:00Z", "updateTime": "2026-01-01T00:00:00Z"}
+
     # ---- Cloud Build -------------------------------------------------------------------
 
     def _builds(self, method: str, rest: str, query: dict[str, str],
@@ -453,7 +502,9 @@ class Handler(BaseHTTPRequestHandler):
     def _create_build(self, payload: dict[str, Any]) -> dict[str, Any]:
         state = self.state
         steps = payload.get("steps") or []
-        if len(steps) != 1 or steps[0].get("name") != EXPORT_TOOL:
+        tools = {EXPORT_TOOL} | {regional_tool(r) for r in (
+            "us-central1", "us-east1", "europe-west4", "asia-east1", "nowhere1")}
+        if len(steps) != 1 or steps[0].get("name") not in tools:
             raise ApiError(400, "invalid", "the stand-in runs one step: the image export tool")
         args = dict(a.lstrip("-").split("=", 1) for a in steps[0].get("args", []) if "=" in a)
         image_name = args.get("source_image", "").rsplit("/", 1)[-1]
@@ -466,6 +517,9 @@ class Handler(BaseHTTPRequestHandler):
         network = args.get("network", "default").rsplit("/", 1)[-1]
         failure = (None if network in state.networks else
                    f"network {network!r} not found: the export worker could not start")
+        step = steps[0]["name"]
+        if step != EXPORT_TOOL and step.split("-docker.pkg.dev")[0] not in state.builder_regions:
+            failure = f"failed to pull step image {step!r}: manifest unknown"
         build = {"id": build_id, "projectId": state.project, "status": "QUEUED",
                  "steps": steps, "tags": payload.get("tags", []),
                  "timeout": payload.get("timeout", "600s"),
@@ -509,6 +563,13 @@ def start_standin(*, storage_endpoint: str, port: int) -> StandIn:
     private, public = service_account_key()
     state = State(project=project, client_email=email, public_key=public,
                   storage_endpoint=storage_endpoint, work=work)
+    build_account = f"serviceAccount:{state.number}@cloudbuild.gserviceaccount.com"
+    state.bindings = {  # what gcloud grants before its first image export
+        "roles/compute.admin": {build_account},
+        "roles/iam.serviceAccountTokenCreator": {build_account},
+        "roles/iam.serviceAccountUser": {build_account},
+        "roles/editor": {f"serviceAccount:{state.number}-compute@developer.gserviceaccount.com"},
+    }
     handler = type("BoundHandler", (Handler,), {"state": state})
     server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     threading.Thread(target=server.serve_forever, daemon=True, name="gcp-standin").start()

@@ -321,10 +321,31 @@ def _build_ova(instance: Any, volume: Any) -> bytes:
         return buffer.getvalue()
 
 
+# VM Import/Export's account in us-east-1 (and most regions), as its user guide names it
+_VM_EXPORT_ACCOUNT = "c4d8eabf8db69dbe46bfe0e517100c554f01200b104d59cd408e777ba442a322"
+
+
+def _export_allowed(bucket: Any) -> bool:
+    """VM Export writes as its own account: the bucket's ACL must grant it WRITE and
+    READ_ACP, and ACLs must be on (a bucket-owner-enforced bucket ignores grants)."""
+    if "BucketOwnerEnforced" in str(bucket.ownership_rule) or bucket.acl is None:
+        return False
+    granted = {p for grant in bucket.acl.grants for p in grant.permissions
+               if any(g.id == _VM_EXPORT_ACCOUNT for g in grant.grantees)}
+    return "FULL_CONTROL" in granted or {"WRITE", "READ_ACP"} <= granted
+
+
 def _run_export(task: dict[str, Any], instance: Any, volume: Any, account: str) -> None:
-    data = _build_ova(instance, volume)
     s3 = s3_backends[account]["aws"]
-    s3.put_object(task["ExportToS3Task"]["S3Bucket"], task["ExportToS3Task"]["S3Key"], data)
+    spec = task["ExportToS3Task"]
+    if not _export_allowed(s3.get_bucket(spec["S3Bucket"])):
+        with _lock:  # a task that fails ends cancelled (State has no "failed"), saying why
+            task["State"], task["StatusMessage"] = "cancelled", (
+                "ERROR: Insufficient permissions - please verify bucket ownership and write "
+                f"permissions on the bucket: {spec['S3Bucket']}")
+        return
+    data = _build_ova(instance, volume)
+    s3.put_object(spec["S3Bucket"], spec["S3Key"], data)
     with _lock:
         if task["State"] == "active":
             task["State"] = "completed"

@@ -15,12 +15,12 @@ import pytest
 import yaml
 
 from core.config import AWSProviderConfig, Config
-from core.errors import AuthFailed, NotFound, Transient
+from core.errors import AuthFailed, NotFound, ProviderError, Transient
 from core.models import ExportOptions, VMFilter
 from hyper2kvm import qemu_img
 from hyper2kvm.sample import make_disk
 from providers.aws import AWSProvider
-from tests.aws_sim import BUCKET, REGION, Moto
+from tests.aws_sim import BUCKET, REGION, VM_EXPORT_GRANTEE, Moto, grant_vm_export
 from tests.helpers import domain_facts, domain_firmware, source_disk_as_raw, start_and_stop
 from tests.peers import EXPORTS, Daemon, free_port, unique, wait_for_job, wait_until
 from tests.test_jobs import submit
@@ -479,3 +479,32 @@ def test_a_vm_export_bucket_with_acls_disabled_is_a_blocker(moto: Moto) -> None:
     assert [b.code for b in blockers] == ["bucket_acls_disabled"], blockers
     assert enforced in blockers[0].message
     assert _provider(moto, export_bucket=BUCKET).blockers(vm, options, converts=False) == []
+
+
+def test_a_vm_export_bucket_that_does_not_grant_the_export_account_is_a_blocker(
+        moto: Moto, tmp_path: Path) -> None:
+    """ACLs on but no grant to the region's VM Import/Export account: the task would run
+    and then fail (moto's VM Export, as AWS's, fails it); the dry run says so first, with
+    the command that grants it, and once granted the export works."""
+    s3 = moto.client("s3")
+    bucket = unique("no-grant")
+    s3.create_bucket(Bucket=bucket, ObjectOwnership="BucketOwnerPreferred")
+    image = tmp_path / "volume.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    instance = moto.instance(unique("t-aws-grant"), volumes_gib=[1], contents=[image])
+    options = ExportOptions(transport="export-task")
+    provider = _provider(moto, export_bucket=bucket)
+    vm = provider.get_vm(instance["InstanceId"])
+    blockers = provider.blockers(vm, options, converts=False)
+    assert [b.code for b in blockers] == ["bucket_grant_missing"], blockers
+    assert "WRITE and READ_ACP" in blockers[0].message
+    assert f"--grant-write id={VM_EXPORT_GRANTEE}" in blockers[0].message
+    with pytest.raises(ProviderError, match="Insufficient permissions"):
+        provider.export(instance["InstanceId"], tmp_path / "out", method="disks",
+                        options=options, job=unique("grant-job"))
+    grant_vm_export(s3, bucket)
+    assert provider.blockers(vm, options, converts=False) == []
+    result = provider.export(instance["InstanceId"], tmp_path / "out", method="disks",
+                             options=options, job=unique("grant-job"))
+    disk = next(f.path for f in result.files if f.role == "disk")
+    assert qemu_img.compare(image, disk)

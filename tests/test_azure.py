@@ -327,3 +327,28 @@ def test_a_disk_whose_five_snapshots_hold_a_sas_is_refused_naming_them(
     finally:
         for snapshot_id in others:
             azure_export.remove_snapshot(provider.clients, snapshot_id)
+
+
+def test_an_action_the_role_excludes_is_a_blocker_found_with_the_permissions_api(
+        azure: Azure, tmp_path: Path) -> None:
+    """Microsoft.Authorization's permissions API answers which actions the caller's roles
+    allow in a resource group: a role without snapshots/write is a permission_denied
+    blocker naming the group and the action (the export itself is refused 403), found
+    without making anything."""
+    group, name = unique("rg"), unique("t-az-rbac")
+    azure.standin.add_vm(group, name, disks=[(4 * MIB, None)])
+    provider = _provider(azure)
+    vm = provider.get_vm(f"{group}/{name}")
+    assert provider.blockers(vm, ExportOptions(), converts=False) == []
+    azure.standin.state.denied_actions.add("Microsoft.Compute/snapshots/write")
+    try:
+        blockers = provider.blockers(vm, ExportOptions(), converts=False)
+        assert [b.code for b in blockers] == ["permission_denied"], blockers
+        assert group in blockers[0].message
+        assert "Microsoft.Compute/snapshots/write" in blockers[0].message
+        assert [s for s in azure.standin.snapshots() if name in s["name"]] == []
+        with pytest.raises(AuthFailed, match="AuthorizationFailed"):
+            provider.export(f"{group}/{name}", tmp_path / "out", method="disks",
+                            options=ExportOptions(), job=unique("rbac-job"))
+    finally:
+        azure.standin.state.denied_actions.clear()

@@ -336,3 +336,53 @@ def test_a_retry_after_a_busy_range_reuses_the_image_the_export_and_the_ranges_r
     assert caplog.text.count(" created") == 1, caplog.text  # one image, made once
     assert _leftovers(gcp, name) == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [disk.name]
+
+
+def test_the_export_tool_is_pulled_from_its_region_and_from_gcr_where_it_has_none(
+        gcp: GCP, tmp_path: Path) -> None:
+    """gcloud runs the export tool's regional builder from Artifact Registry where it is
+    published, else the gcr.io one: a build of a builder the region lacks would fail to
+    pull (as Cloud Build's does)."""
+    name = unique("t-gcp-tool")
+    images = _images(tmp_path, name)
+    gcp.standin.add_instance("us-central1-a", name, disks=[(1, images[1])])
+    regions = set(gcp.standin.state.builder_regions)
+    steps: list[str] = []
+    try:
+        for published in (regions, set()):
+            gcp.standin.state.builder_regions = published
+            before = len(gcp.standin.builds())
+            result = _provider(gcp).export(f"us-central1-a/{name}", tmp_path / f"out{len(steps)}",
+                                           method="disks", options=ExportOptions(),
+                                           job=unique("tool-job"))
+            assert qemu_img.compare(images[1], next(f.path for f in result.files))
+            steps += [b["steps"][0]["name"] for b in gcp.standin.builds()[before:]]
+    finally:
+        gcp.standin.state.builder_regions = regions
+    assert steps == [
+        "us-central1-docker.pkg.dev/compute-image-import/wrappers/gce_vm_image_export:release",
+        "gcr.io/compute-image-tools/gce_vm_image_export:release"], steps
+
+
+def test_a_missing_role_of_the_export_tools_service_accounts_is_a_blocker(gcp: GCP) -> None:
+    """The tool runs as the Cloud Build service account and starts its worker as the
+    Compute one: a role gcloud would grant first and that is missing is a blocker naming
+    the account, the role and the command; a policy the caller may not read is not."""
+    name = unique("t-gcp-roles")
+    gcp.standin.add_instance("us-central1-a", name, disks=[(1, None)])
+    provider = _provider(gcp)
+    vm = provider.get_vm(f"us-central1-a/{name}")
+    state = gcp.standin.state
+    build_account = f"serviceAccount:{state.number}@cloudbuild.gserviceaccount.com"
+    assert provider.blockers(vm, ExportOptions(), converts=False) == []
+    state.bindings["roles/compute.admin"].discard(build_account)
+    try:
+        blockers = provider.blockers(vm, ExportOptions(), converts=False)
+        assert [b.code for b in blockers] == ["service_account_roles_missing"], blockers
+        assert f"{state.number}@cloudbuild.gserviceaccount.com" in blockers[0].message
+        assert f"--member={build_account} --role=roles/compute.admin" in blockers[0].message
+        state.denied.add("resourcemanager.projects.getIamPolicy")
+        assert provider.blockers(vm, ExportOptions(), converts=False) == []
+    finally:
+        state.bindings["roles/compute.admin"].add(build_account)
+        state.denied.discard("resourcemanager.projects.getIamPolicy")

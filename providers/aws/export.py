@@ -39,6 +39,18 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 JOB_TAG = "hypersdk:job"
 MAX_EXPORT_TASK_VOLUME = 1 << 40  # VM Export refuses volumes over 1 TiB
+# the canonical ids of VM Import/Export's account, which the export bucket's ACL must grant
+# WRITE and READ_ACP (the VM Import/Export User Guide, "Prerequisites" of instance export)
+VM_EXPORT_GRANTEES = {
+    "af-south-1": "3f7744aeebaf91dd60ab135eb1cf908700c8d2bc9133e61261e6c582be6e33ee",
+    "ap-east-1": "97ee7ab57cc9b5034f31e107741a968e595c0d7a19ec23330eae8d045a46edfb",
+    "eu-south-1": "04636d9a349e458b0c1cbf1421858b9788b4ec28b066148d4907bb15c52b5b9c",
+    "me-south-1": "aa763f2cf70006650562c62a09433f04353db3cba6ba6aeb3550fdc8065d3d9f",
+    "cn-north-1": "834bafd86b15b6ca71074df0fd1f93d234b9d5e848a2cb31f880c149003ce36f",
+    "cn-northwest-1": "834bafd86b15b6ca71074df0fd1f93d234b9d5e848a2cb31f880c149003ce36f",
+    "us-gov-west-1": "af913ca13efe7a94b88392711f6cfc8aa07c9d1454d4f190a624b126733a5602",
+}
+VM_EXPORT_GRANTEE = "c4d8eabf8db69dbe46bfe0e517100c554f01200b104d59cd408e777ba442a322"
 _X86 = {"x86_64", "i386", "x86_64_mac"}
 
 
@@ -68,7 +80,25 @@ def bucket_blockers(clients: Clients, bucket: str | None) -> list[Blocker]:
             "enforced), and VM Export writes with an ACL grant to its account: set Object "
             "Ownership to BucketOwnerPreferred and grant the region's VM Import/Export "
             "account WRITE and READ_ACP on the bucket"))]
-    return []
+    return grant_blockers(clients, bucket)
+
+
+def grant_blockers(clients: Clients, bucket: str) -> list[Blocker]:
+    """The bucket's ACL must grant the region's VM Import/Export account WRITE and
+    READ_ACP (FULL_CONTROL holds both), or the task fails once it has run."""
+    grantee = VM_EXPORT_GRANTEES.get(clients.region, VM_EXPORT_GRANTEE)
+    acl = call(clients.s3.get_bucket_acl, f"S3 bucket {bucket}: ACL", Bucket=bucket)
+    granted = {g.get("Permission") for g in acl.get("Grants", [])
+               if g.get("Grantee", {}).get("ID") == grantee}
+    missing = [p for p in ("WRITE", "READ_ACP")
+               if p not in granted and "FULL_CONTROL" not in granted]
+    if not missing:
+        return []
+    return [Blocker(code="bucket_grant_missing", message=(
+        f"S3 bucket {bucket} does not grant VM Import/Export's account in {clients.region} "
+        f"{' and '.join(missing)}: aws s3api put-bucket-acl --bucket {bucket} "
+        f"--grant-write id={grantee} --grant-read-acp id={grantee} "
+        "--grant-full-control id=<your canonical id>"))]
 
 
 def permission_blockers(clients: Clients, vm: VMInfo, options: ExportOptions) -> list[Blocker]:

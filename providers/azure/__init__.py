@@ -7,7 +7,7 @@ from pathlib import Path
 
 from core.config import AzureProviderConfig
 from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
-from providers.azure import export, inventory
+from providers.azure import export, inventory, permissions
 from providers.azure.session import Clients, call, clients_for
 from providers.base import BytesProgress, ExportMethod, Provider
 from providers.ranged import Reading
@@ -38,7 +38,8 @@ class AzureProvider(Provider):
         export.check_exportable(options)
 
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
-        return export.access_blockers(self.clients, vm)
+        return [*export.access_blockers(self.clients, vm),
+                *permissions.permission_blockers(self.clients, vm, options)]
 
     def export(
         self,

@@ -20,6 +20,7 @@ from azure.identity import (
     CredentialUnavailableError,
     DefaultAzureCredential,
 )
+from azure.mgmt.authorization import AuthorizationManagementClient
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 
@@ -79,6 +80,7 @@ def call(fn: Any, what: str, /, *args: Any, **kwargs: Any) -> Any:
 class Clients:
     compute: ComputeManagementClient
     network: NetworkManagementClient
+    authorization: AuthorizationManagementClient
     config: AzureProviderConfig
 
     def blob_options(self) -> dict[str, Any]:
@@ -115,6 +117,8 @@ def make_clients(config: AzureProviderConfig) -> Clients:
     return Clients(
         compute=ComputeManagementClient(credential, config.subscription_id, **options),
         network=NetworkManagementClient(credential, config.subscription_id, **options),
+        authorization=AuthorizationManagementClient(credential, config.subscription_id,
+                                                    **options),
         config=config)
 
 

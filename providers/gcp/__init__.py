@@ -11,7 +11,7 @@ from google.cloud import compute_v1
 from core.config import GCPProviderConfig
 from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
 from providers.base import BytesProgress, ExportMethod, Provider
-from providers.gcp import export, inventory
+from providers.gcp import export, inventory, tool
 from providers.gcp.session import Clients, call, clients_for
 from providers.ranged import Reading
 
@@ -45,7 +45,8 @@ class GCPProvider(Provider):
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
         return [*export.local_disk_blockers(vm, options),
                 *export.permission_blockers(self.clients, vm),
-                *export.network_blockers(self.clients)]
+                *export.network_blockers(self.clients),
+                *tool.role_blockers(self.clients)]
 
     def export(
         self,

@@ -27,6 +27,7 @@ from core.errors import AuthFailed, InvalidRequest, NotFound, ProviderError, Tra
 from core.models import Blocker, DiskInfo, ExportedFile, ExportOptions, VMInfo
 from hyper2kvm.vmdk import parse_vmdk
 from providers.gcp.session import Clients, call, map_error
+from providers.gcp.tool import export_tool
 from providers.objects import Expected, read_object
 from providers.packaging import QCOW2, FetchedDisk, export_disks
 from providers.power import power_for_export
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 JOB_LABEL = "hypersdk-job"
 DISK_LABEL = "hypersdk-disk"  # which disk of the VM an image is of (1, 2, ...)
 PREFIX = "hypersdk"  # objects go under hypersdk/<job>/ in the export bucket
-EXPORT_TOOL = "gcr.io/compute-image-tools/gce_vm_image_export:release"
 BUILD_TIMEOUT = 6 * 3600
 _BUILD = cloudbuild_v1.Build.Status
 _RUNNING_BUILDS = (_BUILD.PENDING, _BUILD.QUEUED, _BUILD.WORKING)
@@ -206,10 +206,12 @@ def permission_blockers(clients: Clients, vm: VMInfo) -> list[Blocker]:
     return blockers
 
 
-def start_build(clients: Clients, image: str, uri: str, fmt: str, job: str | None) -> str:
-    """A Cloud Build job running the image-export tool, as gcloud starts it; its id."""
+def start_build(clients: Clients, image: str, uri: str, fmt: str, job: str | None, *,
+                tool: str) -> str:
+    """A Cloud Build job running the image-export tool (`tool`: its builder image), as
+    gcloud starts it; its id."""
     build = cloudbuild_v1.Build(
-        steps=[cloudbuild_v1.BuildStep(name=EXPORT_TOOL, args=[
+        steps=[cloudbuild_v1.BuildStep(name=tool, args=[
             f"-timeout={BUILD_TIMEOUT - 60}s",
             f"-source_image=projects/{clients.project}/global/images/{image}",
             f"-destination_uri={uri}", f"-format={fmt}", "-client_id=api",
@@ -297,7 +299,7 @@ def delete_object(clients: Clients, bucket: str, name: str) -> None:
 
 def _fetch_disk(clients: Clients, vm: VMInfo, index: int, image: str, bucket: str,
                 reading: Reading, options: ExportOptions, job: str | None,
-                written: list[Path]) -> FetchedDisk:
+                written: list[Path], tool: str) -> FetchedDisk:
     fmt = clients.config.export_format
     name = f"{PREFIX}/{_label(job)}/{image}.{fmt}"
     build_id = None
@@ -306,7 +308,7 @@ def _fetch_disk(clients: Clients, vm: VMInfo, index: int, image: str, bucket: st
         log.info("the export object an earlier attempt made is used again: gs://%s/%s",
                  bucket, name)
     else:
-        build_id = start_build(clients, image, f"gs://{bucket}/{name}", fmt, job)
+        build_id = start_build(clients, image, f"gs://{bucket}/{name}", fmt, job, tool=tool)
     finished = build_id is None
     failure: BaseException | None = None
     try:
@@ -341,9 +343,10 @@ def fetch_disks(clients: Clients, vm: VMInfo, reading: Reading, *, bucket: str,
             for index, disk in enumerate(vm.disks):
                 images.append(create_image(clients, vm, index, disk, job))
         restore()  # every disk is captured: the instance may run again
+        tool = export_tool(clients, vm.identifier.split("/")[0])
         return map_in_context(
             lambda index: _fetch_disk(clients, vm, index, images[index], bucket, reading,
-                                      options, job, written),
+                                      options, job, written, tool),
             list(range(len(vm.disks))), workers=reading.disk_concurrency, stop=reading.stop)
     except BaseException as exc:
         failure = exc

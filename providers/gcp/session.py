@@ -1,7 +1,7 @@
 """Credentials and clients for one GCP project: a service account's key file or
-Application Default Credentials, the Compute, Cloud Build and Storage endpoints as
-configured, long-running operations waited on through the same endpoint, and
-google-api-core's errors mapped onto `core.errors`."""
+Application Default Credentials, the Compute, Cloud Build, Storage, Resource Manager and
+Artifact Registry endpoints as configured, long-running operations waited on through the
+same endpoint, and google-api-core's errors mapped onto `core.errors`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import requests
 from google.api_core import exceptions as api
 from google.api_core.client_options import ClientOptions
 from google.auth import exceptions as auth
-from google.cloud import compute_v1
+from google.cloud import artifactregistry_v1, compute_v1, resourcemanager_v3
 from google.cloud.devtools import cloudbuild_v1
 from google.oauth2 import service_account
 
@@ -77,6 +77,8 @@ class Clients:
     global_operations: compute_v1.GlobalOperationsClient
     builds: cloudbuild_v1.CloudBuildClient
     storage: storage.Client
+    projects: resourcemanager_v3.ProjectsClient
+    artifacts: artifactregistry_v1.ArtifactRegistryClient
 
     @property
     def project(self) -> str:
@@ -142,7 +144,13 @@ def make_clients(config: GCPProviderConfig) -> Clients:
             credentials=credentials, transport="rest",
             client_options=_options(config.cloudbuild_endpoint)),
         storage=storage.Client(project=config.project, credentials=credentials,
-                               client_options=_options(config.storage_endpoint)))
+                               client_options=_options(config.storage_endpoint)),
+        projects=resourcemanager_v3.ProjectsClient(
+            credentials=credentials, transport="rest",
+            client_options=_options(config.resourcemanager_endpoint)),
+        artifacts=artifactregistry_v1.ArtifactRegistryClient(
+            credentials=credentials, transport="rest",
+            client_options=_options(config.artifactregistry_endpoint)))
 
 
 _CLIENTS: ClientCache[GCPProviderConfig, Clients] = ClientCache(make_clients)
