@@ -114,9 +114,11 @@ class StandIn:
                      uefi: bool = False, secure_boot: bool = False,
                      labels: dict[str, str] | None = None, nics: int = 1,
                      interface: str = "SCSI", architecture: str = "X86_64",
-                     local_ssds: int = 0) -> str:
+                     local_ssds: int = 0, csek: tuple[int, ...] = ()) -> str:
         """An instance with disks of (size in GiB, raw content), and `local_ssds` local SSDs
-        (SCRATCH: no source disk, as the API lists them); returns its numeric id."""
+        (SCRATCH: no source disk, as the API lists them); the disks at the indexes in `csek`
+        are encrypted with a customer-supplied key (the API shows only its SHA-256);
+        returns its numeric id."""
         state = self.state
         attached = []
         for index, (size_gb, content) in enumerate(disks):
@@ -133,6 +135,8 @@ class StandIn:
                     "kind": "compute#disk", "id": str(uuid.uuid4().int >> 65), "name": disk_name,
                     "sizeGb": str(size_gb), "zone": f"{state.base}/zones/{zone}",
                     "status": "READY", "selfLink": link, "guestOsFeatures": features,
+                    **({"diskEncryptionKey": {"sha256": base64.b64encode(
+                        secrets.token_bytes(32)).decode()}} if index in csek else {}),
                     "architecture": architecture, "_raw": str(raw)}
             attached.append({
                 "kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": "READ_WRITE",
@@ -407,6 +411,10 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "invalid", f"Invalid value for field 'resource.name': '{name}'")
         key = "/".join(source.split("/zones/")[-1].split("/disks/"))
         disk = self._get(state.disks, key, "disks")
+        if "diskEncryptionKey" in disk and not payload.get("sourceDiskEncryptionKey"):
+            raise ApiError(400, "resourceIsEncryptedWithCustomerEncryptionKey",
+                           f"The resource '{source}' is encrypted with a customer-supplied "
+                           "encryption key, and no key was provided.")
         if "compute.disks.useReadOnly" in state.denied:
             raise ApiError(403, "forbidden", "Required 'compute.disks.useReadOnly' permission "
                                              f"for '{source}'")

@@ -386,3 +386,20 @@ def test_a_missing_role_of_the_export_tools_service_accounts_is_a_blocker(gcp: G
     finally:
         state.bindings["roles/compute.admin"].add(build_account)
         state.denied.discard("resourcemanager.projects.getIamPolicy")
+
+
+def test_a_disk_encrypted_with_a_customer_supplied_key_is_a_blocker(
+        gcp: GCP, tmp_path: Path) -> None:
+    """Compute images a CSEK disk only when handed its key (the stand-in refuses as the
+    API does): the dry run names the disk and the way out, and nothing is made."""
+    name = unique("t-gcp-csek")
+    gcp.standin.add_instance("us-central1-a", name, disks=[(1, None), (1, None)], csek=(1,))
+    provider = _provider(gcp)
+    vm = provider.get_vm(f"us-central1-a/{name}")
+    blockers = provider.blockers(vm, ExportOptions(), converts=False)
+    assert [b.code for b in blockers] == ["disk_encrypted_csek"], blockers
+    assert f"{name}-disk1" in blockers[0].message and "customer-supplied" in blockers[0].message
+    with pytest.raises(ProviderError, match="customer-supplied encryption key"):
+        provider.export(f"us-central1-a/{name}", tmp_path / "out", method="disks",
+                        options=ExportOptions(), job=unique("csek-job"))
+    assert _leftovers(gcp, name) == []

@@ -45,6 +45,7 @@ class GCPProvider(Provider):
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
         return [*export.local_disk_blockers(vm, options),
                 *export.permission_blockers(self.clients, vm),
+                *export.csek_blockers(self.clients, vm),
                 *export.network_blockers(self.clients),
                 *tool.role_blockers(self.clients)]
 

@@ -206,6 +206,28 @@ def permission_blockers(clients: Clients, vm: VMInfo) -> list[Blocker]:
     return blockers
 
 
+def csek_blockers(clients: Clients, vm: VMInfo) -> list[Blocker]:
+    """Disks encrypted with a customer-supplied key: Compute makes an image of one only
+    when handed the key, which hypersdk does not take."""
+    zone = vm.identifier.split("/")[0]
+    blockers = []
+    for disk in vm.disks:
+        if disk.local or not disk.datastore:
+            continue
+        name = disk.datastore.rsplit("/", 1)[-1]
+        described = call(partial(clients.disks.get, project=clients.project, zone=zone,
+                                 disk=name), f"GCP disk {name}")
+        key = described.disk_encryption_key
+        if key and (key.sha256 or key.rsa_encrypted_key):
+            blockers.append(Blocker(code="disk_encrypted_csek", message=(
+                f"GCP disk {name} is encrypted with a customer-supplied key (CSEK): no image "
+                "of it can be made without that key, and hypersdk does not take keys; copy it "
+                "to a disk with a Google-managed or Cloud KMS key (gcloud compute disks "
+                "create NEW --source-disk "
+                f"{name} --csek-key-file KEYS) and migrate the copy")))
+    return blockers
+
+
 def start_build(clients: Clients, image: str, uri: str, fmt: str, job: str | None, *,
                 tool: str) -> str:
     """A Cloud Build job running the image-export tool (`tool`: its builder image), as
