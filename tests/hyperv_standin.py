@@ -37,6 +37,9 @@ module, runs on Linux, and no real Hyper-V host was used.
   checkpoint's `.avhdx` writes the disk's current state as a standalone VHDX (the
   stand-in keeps that state beside the chain: it cannot merge differencing VHDX files
   itself, and neither can qemu-img, so the `.avhdx` files it serves hold no disk).
+  `New-VHD` makes a real (empty) VHDX. The Hyper-V services write a UNC path as the
+  host's computer account: `computer_account_may_write` says whether the file server's
+  share lets it (Export-VM, Convert-VHD and New-VHD there are denied otherwise).
 """
 
 from __future__ import annotations
@@ -128,6 +131,9 @@ class Host:
     export_seconds: float = 0.0  # how long Export-VM takes
     # Export-VM finishes only once this is set (a test holds an export open with it)
     export_gate: threading.Event = field(default_factory=lambda: _set(threading.Event()))
+    # whether the share's ACL lets the host's computer account (HOST$) write: the Hyper-V
+    # services (Export-VM, Convert-VHD, New-VHD) write a UNC path as that account
+    computer_account_may_write: bool = True
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def local(self, host_path: str) -> Path:
@@ -143,6 +149,14 @@ class Host:
                 rest = host_path[len(root) + 1:].split("\\")
                 return folder.joinpath(*rest)
         raise PSError(f"Cannot find path '{host_path}' because it does not exist.")
+
+    def writable(self, cmdlet: str, host_path: str) -> Path:
+        """The file behind a path the Hyper-V services are to write, refused as Windows
+        refuses it where the path is the file server's and HOST$ may not write there."""
+        if host_path.startswith("\\\\") and not self.computer_account_may_write:
+            raise PSError(f"{cmdlet} : Failed to create '{host_path}'. General access denied "
+                          "error ('0x80070005').")
+        return self.local(host_path)
 
     def vhd(self, host_path: str) -> Vhd:
         found = self.vhds.get(host_path.lower())
@@ -479,7 +493,7 @@ class Interpreter:
         params = self._params(call, {"path"})
         for vm in self._vms_in(piped):
             target = f"{params['path']}\\{vm.name}"
-            if self.host.local(target).exists():
+            if self.host.writable("Export-VM", target).exists():
                 raise PSError(f"Export-VM : Failed to copy file during export: '{target}' "
                               "already exists.")
             disks_dir = f"{target}\\Virtual Hard Disks"
@@ -506,7 +520,7 @@ class Interpreter:
     def _convert_vhd(self, call: Call, piped: list[Any]) -> list[Any]:
         params = self._params(call, {"path", "destinationpath", "vhdtype"})
         source = self.host.vhd(params["path"])
-        destination = self.host.local(params["destinationpath"])
+        destination = self.host.writable("Convert-VHD", params["destinationpath"])
         if destination.exists():
             raise PSError(f"Convert-VHD : The file '{params['destinationpath']}' exists.")
         state = source.current or self.host.local(source.path)
@@ -515,6 +529,18 @@ class Interpreter:
             params["destinationpath"], 3, 3 if params.get("vhdtype") == "Dynamic" else 2,
             source.size)
         self.host.actions.append(f"Convert-VHD {params['path']}")
+        return []
+
+    def _new_vhd(self, call: Call, piped: list[Any]) -> list[Any]:
+        params = self._params(call, {"path", "sizebytes", "dynamic", "fixed"})
+        target = self.host.writable("New-VHD", params["path"])
+        if target.exists():
+            raise PSError(f"New-VHD : The file '{params['path']}' already exists.")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "vhdx", str(target),
+                        str(int(params["sizebytes"]))], check=True)
+        self.host.vhds[params["path"].lower()] = Vhd(params["path"], 3, 3,
+                                                     int(params["sizebytes"]))
+        self.host.actions.append(f"New-VHD {params['path']}")
         return []
 
     def _remove_item(self, call: Call, piped: list[Any]) -> list[Any]:

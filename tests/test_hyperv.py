@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from core.config import Config, HyperVProviderConfig
-from core.errors import AuthFailed, InvalidRequest, NotFound, Transient
+from core.errors import AuthFailed, InvalidRequest, NotFound, ProviderError, Transient
 from core.models import ExportOptions, VMFilter
 from hyper2kvm import qemu_img
 from hyper2kvm.sample import make_disk
@@ -313,3 +313,30 @@ def test_a_vm_with_more_disks_than_one_command_line_holds_is_described(
     assert [d.unit for d in described.disks] == list(range(40))
     batches = [s for s in hyperv.host.scripts if "Get-VHD" in s and vm.id in s]
     assert len(batches) > 1, "one Get-VHD of every path would not have run"
+
+
+def test_a_file_server_share_the_host_may_not_write_is_a_blocker(
+        hyperv: HyperV, tmp_path: Path) -> None:
+    """Export-VM writes a file server's share as the host's computer account: a share
+    whose ACL does not let HOST$ write would fail the export after the VM was stopped.
+    Validation proves it with a probe VHDX made by New-VHD (the same services, the same
+    account), removed again over SMB; a denied probe is a blocker saying what to grant."""
+    name = unique("t-hv-acl")
+    base, _ = _guest(tmp_path, name)
+    vm = hyperv.host.add_vm(name, [base], state="Running", checkpoint_states=[base])
+    provider = _provider(hyperv, share_path=None)
+    described = provider.get_vm(vm.id)
+    assert provider.blockers(described, ExportOptions(), converts=False) == []
+    assert [a for a in hyperv.host.actions if a.startswith("New-VHD")], "no probe was made"
+    hyperv.host.computer_account_may_write = False
+    try:
+        blockers = provider.blockers(described, ExportOptions(), converts=False)
+        assert [b.code for b in blockers] == ["share_not_writable_by_host"], blockers
+        assert "HOST$" in blockers[0].message and "\\\\127.0.0.1\\" in blockers[0].message
+        with pytest.raises(ProviderError, match="access denied"):
+            provider.export(vm.id, tmp_path / "out", method="disks", job=unique("acl-job"),
+                            options=ExportOptions())
+    finally:
+        hyperv.host.computer_account_may_write = True
+    assert not list(hyperv.host.share_dir.glob(".hypersdk-probe-*")), "a probe was left"
+    assert hyperv.staging() == []

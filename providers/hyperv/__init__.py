@@ -53,7 +53,12 @@ class HyperVProvider(Provider):
         export.check_exportable(options, self.config.export_share)
 
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
-        return inventory.unexportable(vm)  # from get_vm's answer: no second round trip
+        found = inventory.unexportable(vm)  # from get_vm's answer: no second round trip
+        if found or not self.config.export_share:
+            return found
+        host = self.host
+        disks = inventory.virtual_disks(host, vm.identifier, vm.name)
+        return export.host_write_blockers(host, self.share, vm, disks, options)
 
     def export(
         self,

@@ -8,18 +8,22 @@
   host by `Convert-VHD` of its newest file into the staging folder, the current state.
 
 Files are read as parallel ranged parts (SHA-256 in the result, byte progress); the
-staging folder `hypersdk\\<job>` is removed by the host at the end, on failure, and by
-`discard` after a cancel or crash (unless `options.keep_snapshots`)."""
+staging folder `hypersdk\\<job>` is removed over SMB at the end, on failure, and by
+`discard` after a cancel or crash (unless `options.keep_snapshots`). The host writes into a
+share on another server as its computer account (HOST$): validation proves it may, with a
+small `New-VHD` there (written by the same Hyper-V services, as the same account)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ntpath
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from core.errors import InvalidRequest, NotFound
-from core.models import ExportedFile, ExportOptions, PowerState, VMInfo
+from core.errors import HypersdkError, InvalidRequest, NotFound
+from core.models import Blocker, ExportedFile, ExportOptions, PowerState, VMInfo
 from core.paths import safe_name
 from providers.base import job_label
 from providers.hyperv.inventory import VirtualDisk
@@ -64,6 +68,33 @@ def _power_calls(host: Host, vm: VMInfo) -> dict[str, Callable[[], None]]:
         log.info("%s: started again", vm.name)
 
     return {"stop": stop, "start": start}
+
+
+def host_write_blockers(host: Host, share: Share, vm: VMInfo, disks: list[VirtualDisk],
+                        options: ExportOptions) -> list[Blocker]:
+    """Where the export would stage on a share of another server: whether the host, as
+    its computer account, may write there. A probe VHDX is made by `New-VHD` (the Hyper-V
+    services write it, as they write Export-VM's and Convert-VHD's files) and removed
+    over SMB."""
+    staging = _Sources(host, share, vm, disks, STAGING)
+    if not share.host_path.startswith("\\\\") or not (
+            staging.needs_export(options) or any(d.differencing for d in disks)):
+        return []
+    probe = f".hypersdk-probe-{uuid.uuid4().hex[:12]}.vhdx"
+    try:
+        host.run(Command("New-VHD", {"Path": share.host_name(probe), "SizeBytes": 3 << 20,
+                                     "Dynamic": True}).render(), "New-VHD (share probe)")
+    except HypersdkError as exc:
+        if "denied" not in str(exc).lower():
+            raise
+        return [Blocker(code="share_not_writable_by_host", message=(
+            f"the Hyper-V host cannot write to {share.host_path}: Export-VM and Convert-VHD "
+            "write there as the host's computer account (HOST$), which needs Modify on the "
+            f"share and its folder ({str(exc).splitlines()[0]})"))]
+    finally:
+        with contextlib.suppress(HypersdkError):
+            share.remove_file(probe)
+    return []
 
 
 def remove_staging(share: Share, folder: str) -> bool:

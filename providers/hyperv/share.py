@@ -108,6 +108,9 @@ class Share:
         self._call(f"remove {self._path(relative)}", smbclient.shutil.rmtree,
                    self._path(relative))
 
+    def remove_file(self, relative: str) -> None:
+        self._call(f"remove {self._path(relative)}", smbclient.remove, self._path(relative))
+
     def size(self, relative: str) -> int:
         return int(self._call(self._path(relative), smbclient.stat, self._path(relative)).st_size)
 
