@@ -52,12 +52,17 @@ class Moto:
                  instance_type: str = "t3.small", arch: str = "x86_64",
                  boot_mode: str = "legacy-bios", windows: bool = False,
                  tags: dict[str, str] | None = None, stopped: bool = True,
-                 volume_tags: list[dict[str, str]] | None = None) -> dict[str, Any]:
+                 volume_tags: list[dict[str, str]] | None = None,
+                 kms_keys: list[str | None] | None = None) -> dict[str, Any]:
         """An instance whose volumes (xvda, xvdb, ...) hold `contents` (raw files read by
-        the extended moto when a snapshot is taken), tagged Name=`name`."""
+        the extended moto when a snapshot is taken), tagged Name=`name`; a volume with a
+        key in `kms_keys` is encrypted with it."""
         ec2 = self.client("ec2")
+        keys = kms_keys or [None] * len(volumes_gib)
         mappings = [{"DeviceName": f"/dev/xvd{chr(ord('a') + i)}",
-                     "Ebs": {"VolumeSize": size}} for i, size in enumerate(volumes_gib)]
+                     "Ebs": {"VolumeSize": size, **(
+                         {"Encrypted": True, "KmsKeyId": keys[i]} if keys[i] else {})}}
+                    for i, size in enumerate(volumes_gib)]
         instance = ec2.run_instances(
             ImageId=self.image(arch=arch, boot_mode=boot_mode, windows=windows),
             MinCount=1, MaxCount=1, InstanceType=instance_type, BlockDeviceMappings=mappings,

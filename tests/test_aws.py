@@ -481,6 +481,26 @@ def test_a_vm_export_bucket_with_acls_disabled_is_a_blocker(moto: Moto) -> None:
     assert _provider(moto, export_bucket=BUCKET).blockers(vm, options, converts=False) == []
 
 
+def test_a_volume_whose_kms_key_is_disabled_is_a_blocker(moto: Moto) -> None:
+    """EBS direct reads of an encrypted volume's snapshot need its KMS key: one that is
+    disabled (or pending deletion) is a blocker naming the volume, the key and its
+    state; enabled again, none."""
+    kms = moto.client("kms")
+    key = kms.create_key(Description=unique("hypersdk-test"))["KeyMetadata"]["KeyId"]
+    instance = moto.instance(unique("t-aws-kms"), volumes_gib=[1, 1], contents=[None, None],
+                             kms_keys=[None, key])
+    provider = _provider(moto)
+    vm = provider.get_vm(instance["InstanceId"])
+    assert provider.blockers(vm, ExportOptions(), converts=False) == []
+    kms.disable_key(KeyId=key)
+    blockers = provider.blockers(vm, ExportOptions(), converts=False)
+    assert [b.code for b in blockers] == ["kms_key_unusable"], blockers
+    assert key in blockers[0].message and "Disabled" in blockers[0].message
+    assert vm.disks[1].datastore in blockers[0].message
+    kms.enable_key(KeyId=key)
+    assert provider.blockers(vm, ExportOptions(), converts=False) == []
+
+
 def test_a_vm_export_bucket_that_does_not_grant_the_export_account_is_a_blocker(
         moto: Moto, tmp_path: Path) -> None:
     """ACLs on but no grant to the region's VM Import/Export account: the task would run

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from core.config import AWSProviderConfig
 from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
-from providers.aws import export, inventory
+from providers.aws import encryption, export, inventory
 from providers.aws.session import Clients, call, clients_for
 from providers.base import BytesProgress, ExportMethod, Provider
 from providers.ranged import Reading
@@ -55,6 +55,8 @@ class AWSProvider(Provider):
         found = export.permission_blockers(self.clients, vm, options)
         if export.transport_of(options) == "export-task":
             found += export.bucket_blockers(self.clients, self.config.export_bucket)
+        else:
+            found += encryption.key_blockers(self.clients, vm)
         return found
 
     def export(

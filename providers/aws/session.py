@@ -90,6 +90,7 @@ class Clients:
     ebs: Any  # the EBS direct APIs; retries are ours, per block
     s3: Any
     sts: Any
+    kms: Any
     region: str
 
 
@@ -168,6 +169,7 @@ def make_clients(config: AWSProviderConfig, *, pool_size: int) -> Clients:
         ebs=session.client("ebs", endpoint_url=endpoint, config=data, verify=verify),
         s3=session.client("s3", endpoint_url=endpoint, config=data, verify=verify),
         sts=session.client("sts", endpoint_url=endpoint, config=api, verify=verify),
+        kms=session.client("kms", endpoint_url=endpoint, config=api, verify=verify),
         region=config.region)
 
 
