@@ -264,12 +264,11 @@ def _resume_point(partial: Path, mark: Path, *, source: str, size: int, what: st
     return position
 
 
-def _mark_progress(fd: int, mark: Path, *, source: str, size: int,
-                    digest: _InOrderHash) -> None:
-    """Record how far the parts arrived in order, once they are on the disk."""
-    os.fdatasync(fd)
-    mark.write_text(json.dumps({"source": source, "size": size, "position": digest.position,
-                                "sha256": digest.hasher.copy().hexdigest()}))
+def _write_mark(mark: Path, *, source: str, size: int, position: int, sha256: str) -> None:
+    """Record that the first `position` bytes of a read of `source` are on the disk (the
+    caller has synced them) and hash to `sha256`."""
+    mark.write_text(json.dumps({"source": source, "size": size, "position": position,
+                                "sha256": sha256}))
 
 
 def read_ranges(
@@ -333,7 +332,6 @@ def read_ranges(
             resumed += len(data)
         return len(data)
 
-    fd = -1
     try:
         fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -368,17 +366,17 @@ def read_ranges(
             os.fsync(fd)
         except BaseException as exc:
             if source and is_transient(exc) and digest.position:
-                _mark_progress(fd, mark, source=source, size=size, digest=digest)
+                os.fdatasync(fd)
+                _write_mark(mark, source=source, size=size, position=digest.position,
+                            sha256=digest.hasher.copy().hexdigest())
                 kept = True
                 log.info("%s: %d bytes kept for the next attempt", what, digest.position)
             raise
         finally:
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
         os.replace(partial, target)
         if source:  # a retry of a later step's failure may take the whole file back
-            mark.write_text(json.dumps({"source": source, "size": size, "position": size,
-                                        "sha256": sha256}))
+            _write_mark(mark, source=source, size=size, position=size, sha256=sha256)
     except BaseException:
         if not kept:
             partial.unlink(missing_ok=True)

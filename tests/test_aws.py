@@ -391,18 +391,25 @@ def test_a_retry_after_throttling_outlasted_the_budget_reuses_the_snapshot_and_t
     assert sorted(p.name for p in out.iterdir()) == [disk.name]  # no mark, no partial
 
 
-def _impatient_job(api: httpx.Client, daemon: Daemon, instance_id: str) -> tuple[
-        str, dict[str, Any]]:
-    """A job run by the daemon configured with one retry per block and a budget of 0 s
-    (its export task is retried once, as the shared config says)."""
+def _impatient_job(api: httpx.Client, daemon: Daemon, moto: Moto, tmp_path: Path, *,
+                   name: str, failures: int) -> tuple[Path, str, str, dict[str, Any]]:
+    """(the volume's content, instance id, job id, job info) of a job for an instance whose
+    8 MiB volume
+    has block 8 failing `failures` times, run by the daemon configured with one retry per
+    block and a budget of 0 s (its export task is retried once, as the shared config
+    says)."""
+    image = tmp_path / "volume.raw"
+    image.write_bytes(os.urandom(8 << 20))
+    instance = moto.instance(unique(name), volumes_gib=[1], contents=[image],
+                             volume_tags=[{"moto-test:fail-blocks": f"8:{failures}"}])
     config = daemon.config.read_text()
     settings = yaml.safe_load(config)
     settings["export"].update(throttle_budget=0, part_retries=1, part_concurrency=1)
     daemon.config.write_text(yaml.safe_dump(settings))  # the next flow run reads it
     try:
-        job_id = submit(api, vm_identifier=instance_id, provider="aws",
+        job_id = submit(api, vm_identifier=instance["InstanceId"], provider="aws",
                         hyper2kvm_integration={"replace_existing": True})
-        return job_id, wait_for_job(api, job_id, timeout=300)
+        return image, instance["InstanceId"], job_id, wait_for_job(api, job_id, timeout=300)
     finally:
         daemon.config.write_text(config)
 
@@ -412,12 +419,8 @@ def test_a_job_whose_export_failed_transiently_completes_on_the_task_retry_with_
     """Block 8 fails twice, past the one retry per block: the export task fails
     transiently, and Prefect's retry of the task uses the snapshot and the blocks the
     first attempt read; the job completes."""
-    image = tmp_path / "volume.raw"
-    image.write_bytes(os.urandom(8 << 20))
-    name = unique("t-aws-taskretry")
-    instance = moto.instance(name, volumes_gib=[1], contents=[image],
-                             volume_tags=[{"moto-test:fail-blocks": "8:2"}])
-    job_id, info = _impatient_job(api, daemon, instance["InstanceId"])
+    image, _, job_id, info = _impatient_job(api, daemon, moto, tmp_path,
+                                            name="t-aws-taskretry", failures=2)
     assert info["status"] == "completed", info["error"]
     disk = Path(info["result"]["disks"][0]["path"])
     assert qemu_img.compare(image, disk)
@@ -434,17 +437,13 @@ def test_a_job_whose_retries_all_failed_leaves_no_snapshot_and_no_partial_file(
     """Block 8 fails on every try: each attempt keeps what it made for the next, and once
     the last one failed the job's failure hook removes the snapshot and the partial
     files (nothing is billed or left on the disk for a retry that will not come)."""
-    image = tmp_path / "volume.raw"
-    image.write_bytes(os.urandom(8 << 20))
-    name = unique("t-aws-allfail")
-    instance = moto.instance(name, volumes_gib=[1], contents=[image],
-                             volume_tags=[{"moto-test:fail-blocks": "8:100"}])
-    job_id, info = _impatient_job(api, daemon, instance["InstanceId"])
+    _, instance_id, job_id, info = _impatient_job(api, daemon, moto, tmp_path,
+                                                  name="t-aws-allfail", failures=100)
     assert info["status"] == "failed", info
     logs = _logs(api, job_id)
     assert "snapshots kept for the export's retry" in logs, logs
     assert moto.snapshots_of_job(job_id) == []
-    assert _left_in(EXPORTS / instance["InstanceId"]) == []
+    assert _left_in(EXPORTS / instance_id) == []
 
 
 def test_a_role_that_may_not_snapshot_is_a_blocker_found_with_dry_run_calls(

@@ -122,12 +122,15 @@ def earlier_snapshots(clients: Clients, vm: VMInfo, job: str | None) -> list[str
     retry, in the disks' order; empty unless every disk has one."""
     if not job:
         return []
+    listings: dict[str, list[Any]] = {}  # each resource group listed once
     found: list[str] = []
     for disk in vm.disks:
         group, _ = parse_id(str(disk.datastore))
-        listing = call(lambda g=group: list(clients.compute.snapshots.list_by_resource_group(
-            g)), f"Azure snapshots of {group}")
-        mine = [s.id for s in listing if (s.tags or {}).get(JOB_TAG) == job
+        if group not in listings:
+            listings[group] = call(lambda g=group: list(
+                clients.compute.snapshots.list_by_resource_group(g)),
+                f"Azure snapshots of {group}")
+        mine = [s.id for s in listings[group] if (s.tags or {}).get(JOB_TAG) == job
                 and s.properties.provisioning_state == "Succeeded"
                 and _source_disk(s) == str(disk.datastore).lower()]
         if not mine:

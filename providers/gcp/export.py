@@ -185,14 +185,17 @@ def network_blockers(clients: Clients) -> list[Blocker]:
 DISK_PERMISSIONS = ["compute.disks.get", "compute.disks.useReadOnly"]
 
 
+def _imaged_disks(vm: VMInfo) -> list[tuple[str, str]]:
+    """(zone, disk name) of each disk an export makes an image of (local SSDs have none)."""
+    zone = vm.identifier.split("/")[0]
+    return [(zone, disk.datastore.rsplit("/", 1)[-1]) for disk in vm.disks
+            if disk.datastore and not disk.local]
+
+
 def permission_blockers(clients: Clients, vm: VMInfo) -> list[Blocker]:
     """Each disk the caller may not image, asked with testIamPermissions."""
-    zone = vm.identifier.split("/")[0]
     blockers = []
-    for disk in vm.disks:
-        if disk.local or not disk.datastore:
-            continue
-        name = disk.datastore.rsplit("/", 1)[-1]
+    for zone, name in _imaged_disks(vm):
         granted = call(partial(
             clients.disks.test_iam_permissions, project=clients.project, zone=zone,
             resource=name, test_permissions_request_resource=compute_v1.TestPermissionsRequest(
@@ -209,12 +212,8 @@ def permission_blockers(clients: Clients, vm: VMInfo) -> list[Blocker]:
 def csek_blockers(clients: Clients, vm: VMInfo) -> list[Blocker]:
     """Disks encrypted with a customer-supplied key: Compute makes an image of one only
     when handed the key, which hypersdk does not take."""
-    zone = vm.identifier.split("/")[0]
     blockers = []
-    for disk in vm.disks:
-        if disk.local or not disk.datastore:
-            continue
-        name = disk.datastore.rsplit("/", 1)[-1]
+    for zone, name in _imaged_disks(vm):
         described = call(partial(clients.disks.get, project=clients.project, zone=zone,
                                  disk=name), f"GCP disk {name}")
         key = described.disk_encryption_key

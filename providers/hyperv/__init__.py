@@ -54,8 +54,10 @@ class HyperVProvider(Provider):
 
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
         found = inventory.unexportable(vm)  # from get_vm's answer: no second round trip
-        if found or not self.config.export_share:
+        if found or not self.config.export_share or not self.share.remote:
             return found
+        # a share the host writes as its computer account: the disks' files and chains
+        # say whether the export stages there
         host = self.host
         disks = inventory.virtual_disks(host, vm.identifier, vm.name)
         return export.host_write_blockers(host, self.share, vm, disks, options)

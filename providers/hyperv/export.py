@@ -72,12 +72,12 @@ def _power_calls(host: Host, vm: VMInfo) -> dict[str, Callable[[], None]]:
 
 def host_write_blockers(host: Host, share: Share, vm: VMInfo, disks: list[VirtualDisk],
                         options: ExportOptions) -> list[Blocker]:
-    """Where the export would stage on a share of another server: whether the host, as
-    its computer account, may write there. A probe VHDX is made by `New-VHD` (the Hyper-V
+    """Where the export would stage on a `remote` share: whether the host, as its
+    computer account, may write there. A probe VHDX is made by `New-VHD` (the Hyper-V
     services write it, as they write Export-VM's and Convert-VHD's files) and removed
     over SMB."""
     staging = _Sources(host, share, vm, disks, STAGING)
-    if not share.host_path.startswith("\\\\") or not (
+    if not share.remote or not (
             staging.needs_export(options) or any(d.differencing for d in disks)):
         return []
     probe = f".hypersdk-probe-{uuid.uuid4().hex[:12]}.vhdx"

@@ -108,6 +108,12 @@ class Share:
         self._call(f"remove {self._path(relative)}", smbclient.shutil.rmtree,
                    self._path(relative))
 
+    @property
+    def remote(self) -> bool:
+        """Whether the host reaches the share over the network (its path is a UNC): the
+        Hyper-V services then write there as the host's computer account."""
+        return self.host_path.startswith("\\\\")
+
     def remove_file(self, relative: str) -> None:
         self._call(f"remove {self._path(relative)}", smbclient.remove, self._path(relative))
 
