@@ -33,6 +33,7 @@ from api.schemas import JobEta, JobInfo, JobProgress, JobSubmitted, LogLine
 from core.errors import Conflict, JobNotFound
 from core.models import ConvertRequest, JobDefinition, JobStatus
 from tasks.progress import LABEL
+from tasks.warm import CUTOVER_LABEL
 
 FLOWS = ("migrate-vm", "convert-vm")
 FINISHED_KEPT = 10_000  # finished jobs' answers kept in memory
@@ -40,7 +41,7 @@ PAGE_SECONDS = 1.0  # how long a page of jobs is shared between requests
 STATUS_OF: dict[StateType, JobStatus] = {
     StateType.SCHEDULED: JobStatus.PENDING,
     StateType.PENDING: JobStatus.PENDING,
-    StateType.PAUSED: JobStatus.PENDING,
+    StateType.PAUSED: JobStatus.WAITING,
     StateType.RUNNING: JobStatus.RUNNING,
     StateType.COMPLETED: JobStatus.COMPLETED,
     StateType.FAILED: JobStatus.FAILED,
@@ -304,14 +305,41 @@ class Jobs:
         if run.state is None or run.state.is_final():
             status = job_status(run).value
             raise Conflict(f"job {job_id} has already ended ({status}); nothing to cancel")
-        if run.state.type in (StateType.SCHEDULED, StateType.PENDING, StateType.PAUSED):
+        if run.state.type in (StateType.SCHEDULED, StateType.PENDING) or (
+                run.state.type == StateType.PAUSED and run.state.state_details.pause_reschedule):
             await self.client.set_flow_run_state(run.id, Cancelled(message="cancelled by request"),
                                                  force=True)
             return "cancelled", "the job had not started; it will not run"
         if run.state.type == StateType.CANCELLING:
             return "cancelling", "the job is already being cancelled"
-        await self.client.set_flow_run_state(run.id, Cancelling(message="cancelled by request"))
+        await self.client.set_flow_run_state(run.id, Cancelling(message="cancelled by request"),
+                                             force=run.state.type == StateType.PAUSED)
         return "cancelling", "the job's processes are being stopped and partial files removed"
+
+    async def cutover(self, job_id: str, *, at: datetime | None) -> tuple[str, str]:
+        """A warm job's cutover, now or at `at`: left on the run (read when its round ends)
+        and, if it is paused between rounds, the run resumed with the same input the
+        Prefect UI's form sends."""
+        run = await self.run(job_id)
+        job = run.parameters.get("job") or {}
+        if not (job.get("options") or {}).get("warm"):
+            raise Conflict(f"job {job_id} is not a warm migration; it has no cutover")
+        phase = str((run.labels or {}).get(f"{LABEL}phase", "pending"))
+        if run.state is None or run.state.is_final():
+            raise Conflict(f"job {job_id} has ended ({job_status(run).value}); nothing to "
+                           "cut over")
+        if phase not in ("pending", "validate", "precopy", "sync"):
+            raise Conflict(f"job {job_id} is past its sync rounds (phase {phase}); its "
+                           "cutover has begun")
+        now = datetime.now(UTC)
+        when = now if at is None else max(at if at.tzinfo else at.replace(tzinfo=UTC), now)
+        await self.client.update_flow_run_labels(run.id, {CUTOVER_LABEL: when.isoformat()})
+        if run.state.type == StateType.PAUSED:
+            with contextlib.suppress(ObjectNotFound):  # resumed meanwhile: the label holds
+                await self.client.resume_flow_run(run.id, run_input={"at": when.isoformat()})
+        self.forget(str(run.id))
+        return (job_status(run).value,
+                "cutting over now" if when == now else f"cutover at {when.isoformat()}")
 
 
 def _due_runs(state_types: list[StateType] | None) -> tuple[FlowFilter, FlowRunFilter]:
@@ -344,6 +372,12 @@ def progress_of(run: FlowRun) -> JobProgress:
         rate_bps=float(label("rate_bps")),
         eta_seconds=_eta(run, percentage, status),
         updated_at=datetime.fromtimestamp(float(updated), UTC) if updated else None,
+        round=int(label("round")) if label("round", None) is not None else None,
+        changed_bytes=(int(label("changed_bytes"))
+                       if label("changed_bytes", None) is not None else None),
+        estimated_downtime_seconds=(float(label("estimated_downtime_seconds"))
+                                    if label("estimated_downtime_seconds", None) is not None
+                                    else None),
     )
 
 

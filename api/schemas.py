@@ -106,6 +106,11 @@ class JobProgress(BaseModel):
     rate_bps: float
     eta_seconds: float | None
     updated_at: datetime | None
+    round: int | None = Field(default=None, description="a warm migration's last sync "
+                              "round (0: the precopy)")
+    changed_bytes: int | None = Field(default=None, description="bytes the last round wrote")
+    estimated_downtime_seconds: float | None = Field(
+        default=None, description="the last round's duration: about what a cutover now costs")
 
 
 class JobEta(BaseModel):
@@ -132,6 +137,11 @@ class JobLogs(BaseModel):
 
 class JobRef(Body):
     job_id: str
+
+
+class CutoverRequest(JobRef):
+    at: datetime | None = Field(default=None, description="when to cut over (UTC unless "
+                                "the time says); empty or past: now")
 
 
 class JobAction(BaseModel):

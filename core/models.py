@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -152,6 +153,12 @@ class ExportOptions(Strict):
     # converted); otherwise the disks are streamed straight into the converted images
     # where the provider can (vSphere), and no copy is left in the export folder
     keep_export: bool = False
+    # warm migration: copy while the VM runs (precopy), then only what changed, every
+    # precopy_interval seconds, until cutover (POST /jobs/cutover, the Prefect UI's
+    # resume form, or cutover_at): a last round with the VM off, then convert and define
+    warm: bool = False
+    precopy_interval: int = Field(default=600, ge=5, le=86400)
+    cutover_at: datetime | None = None
 
 
 GuestMode = bool | Literal["auto"]
@@ -227,6 +234,7 @@ class JobDefinition(Strict):
 class JobStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # a warm migration between sync rounds, until its cutover
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -315,6 +323,22 @@ class DryRun(Strict):
     warnings: list[str] = Field(default_factory=list)
 
 
+class SyncRound(Strict):
+    """One round of a warm migration's copy (round 0: the precopy)."""
+
+    round: int
+    changed_bytes: int
+    seconds: float
+    final: bool = False  # the VM was off: the copy is exact
+
+
+class WarmReport(Strict):
+    rounds: list[SyncRound] = Field(default_factory=list)
+    cutover_at: datetime | None = None  # when the cutover began
+    # the last round's start → the domain defined (and, with verify_boot, booted)
+    downtime_seconds: float | None = None
+
+
 class MigrationResult(Strict):
     """What a finished migration reports."""
 
@@ -329,6 +353,7 @@ class MigrationResult(Strict):
     boot: BootCheck | None = None
     warnings: list[str] = Field(default_factory=list)
     step_seconds: dict[str, float] = Field(default_factory=dict)
+    warm: WarmReport | None = None  # a warm migration's rounds and downtime
 
 
 class VMFilter(Strict):

@@ -3,16 +3,18 @@ report."""
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.runtime import flow_run as current_run
 
 from core.config import Config, config_from_env
 from core.files import remove_partials
-from core.models import ExportResult, JobDefinition, MigrationResult
+from core.models import ExportResult, JobDefinition, MigrationResult, VMInfo
 from core.paths import confine, safe_name
 from core.process import exit_with_daemon
 from flows.bootable import make_bootable
@@ -30,6 +32,7 @@ from tasks.reuse import proven
 from tasks.stream import stream_vm, streamed_disks_changed
 from tasks.transfer import transfer_files
 from tasks.validate import check_this_host, validate_job
+from tasks.warm import commit_warm, copy_warm
 
 hook_log = logging.getLogger("hypersdk.cleanup")
 
@@ -67,15 +70,23 @@ def discard_exports(job: JobDefinition, settings: Config, job_id: str) -> None:
 
 
 def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
-    """On failure, cancel or crash: no half-written file stays where a finished one would
-    be (nor what a transient failure kept for a retry that will not come: partial files,
-    snapshots), and an export slot the run held is free at once."""
+    """On cancel or crash (a hook: the run's process may be gone): see `clean_up_run`."""
+    clean_up_run(flow_run.id)
+
+
+def clean_up_run(flow_run_id: UUID) -> None:
+    """No half-written file stays where a finished one would be (nor what a transient
+    failure kept for a retry that will not come: partial files, snapshots), and an export
+    slot the run held is free at once. The run is read afresh: a hook's copy of it
+    predates its labels."""
     with contextlib.suppress(Exception):  # a hook must never fail the state change
-        release_export_slot(flow_run.id)
+        release_export_slot(flow_run_id)
     try:
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(flow_run_id)
         job = JobDefinition.model_validate(flow_run.parameters["job"])
         settings = config_from_env()
-        discard_exports(job, settings, str(flow_run.id))
+        discard_exports(job, settings, str(flow_run_id))
         folders = [export_dir(job, settings)]
         vm_name = (flow_run.labels or {}).get(f"{LABEL}vm")
         if vm_name:
@@ -92,15 +103,24 @@ def clean_up_after(flow: Any, flow_run: FlowRun, state: State) -> None:
     name="migrate-vm",
     flow_run_name="migrate {job.vm_identifier}",
     persist_result=True,
-    on_failure=[clean_up_after],
     on_cancellation=[clean_up_after],
     on_crashed=[clean_up_after],
 )
 def migrate_vm(job: JobDefinition) -> MigrationResult:
     """Move one VM from its provider to a libvirt domain."""
     exit_with_daemon()  # a SIGKILLed hypervisord leaves no run behind
+    try:
+        return migrate(job)
+    except Exception:
+        # before the run turns Failed (an on_failure hook runs after): whoever sees the
+        # job failed finds nothing of it left behind
+        clean_up_run(UUID(str(current_run.id)))
+        raise
+
+
+def migrate(job: JobDefinition) -> MigrationResult:
+    """The flow's steps."""
     settings = config_from_env()
-    logger = get_run_logger()
     progress = JobProgress.for_current_run(job.vm_identifier)
     timed = StepTimer()
     destination = export_dir(job, settings)
@@ -112,6 +132,8 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
     output_format = integration.format or h2k.default_format
     handoff: Path | None = None
     streamed = None
+    if job.options.warm:
+        return migrate_warm(job, vm, settings, timed=timed, progress=progress)
     if streams_in_flow(job, settings):
         streamed = timed("stream", lambda: proven(
             streamed_disks_changed, stream_vm.with_options(retries=settings.export.max_retries),
@@ -148,6 +170,37 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
                 staged.vm, disks, h2k, integration, register=True,
                 autostart=integration.autostart, replace=integration.replace_existing,
                 timed=timed)})
+    return finish(job, result, timed=timed, progress=progress, handoff=handoff)
+
+
+def migrate_warm(job: JobDefinition, vm: VMInfo, settings: Config, *, timed: StepTimer,
+                 progress: JobProgress) -> MigrationResult:
+    """Copied while the VM runs, until the cutover (tasks/warm.py); then converted and
+    defined like a streamed VM. Downtime: the last round's start to the domain defined
+    (and booted, with verify_boot)."""
+    h2k, integration = settings.hyper2kvm, job.hyper2kvm_integration
+    output_format = integration.format or h2k.default_format
+    folder = h2k.output_dir / safe_name(vm.name)
+    report = timed("warm", lambda: copy_warm(job, vm, folder, output_format))
+    copied = time.monotonic()
+    disks = commit_warm(vm, folder, output_format, report)
+    export = ExportResult(vm=vm, directory=export_dir(job, settings), files=[],
+                          method="disks", streamed=True)
+    result = MigrationResult(vm=vm.name, export=export, disks=disks)
+    result = result.model_copy(update=make_bootable(
+        vm, disks, h2k, integration, register=True, autostart=integration.autostart,
+        replace=integration.replace_existing, timed=timed))
+    report.downtime_seconds = round(report.rounds[-1].seconds + time.monotonic() - copied, 3)
+    get_run_logger().info("%s cut over: %.1f s of downtime", vm.name, report.downtime_seconds)
+    return finish(job, result.model_copy(update={"warm": report}), timed=timed,
+                  progress=progress, handoff=None)
+
+
+def finish(job: JobDefinition, result: MigrationResult, *, timed: StepTimer,
+           progress: JobProgress, handoff: Path | None) -> MigrationResult:
+    """The job's report published and its result returned."""
+    logger = get_run_logger()
+    export = result.export
     result = result.model_copy(update={"step_seconds": timed.seconds})
     progress.complete()
     source = (f"provider `{job.provider}`, VM `{job.vm_identifier}`, "
@@ -157,6 +210,6 @@ def migrate_vm(job: JobDefinition) -> MigrationResult:
     publish_report(result, title=f"Migration of `{export.vm.name}`", source=source,
                    handoff=handoff, key=f"report-{progress.slug}")
     logger.info("migration of %s finished: %s", job.vm_identifier,
-                result.domain_name or handoff or destination)
+                result.domain_name or handoff or export.directory)
     return result
 

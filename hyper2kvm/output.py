@@ -25,6 +25,7 @@ reads in Python written through libnbd 4.6-5.6 s; two plain `curl`s to files 3.8
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -74,6 +75,34 @@ def stop_process(process: subprocess.Popen[bytes], *, timeout: float = 30.0) -> 
     return process.wait()
 
 
+_ZERO = 2  # NBD base:allocation: reads as zeros
+
+
+def data_extents(handle: nbd.NBD, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of what does not read as zeros, per the server's allocation map
+    (the handle asked for `base:allocation` before it connected)."""
+    found: list[tuple[int, int]] = []
+    entries: list[int] = []
+
+    def collect(context: str, _start: int, pairs: list[int], _err: object) -> int:
+        if context == nbd.CONTEXT_BASE_ALLOCATION:
+            entries.extend(pairs)
+        return 0
+
+    offset = 0
+    while offset < size:
+        entries.clear()
+        handle.block_status(min(size - offset, 1 << 30), offset, collect)
+        if not entries:
+            raise ConversionError(f"the NBD server reported no extents at {offset}")
+        for length, flags in zip(entries[::2], entries[1::2], strict=True):
+            length = min(length, size - offset)
+            if not flags & _ZERO:
+                found.append((offset, length))
+            offset += length
+    return found
+
+
 class OutputImage:
     """One output disk being written: open → writes or copy_from → finish → commit, or
     discard on any failure."""
@@ -103,12 +132,18 @@ class OutputImage:
     def uri(self) -> str:
         return f"nbd+unix:///?socket={self.socket}"
 
-    def open(self) -> Self:
+    def open(self, *, again: bool = False) -> Self:
+        """Serve a new partial image for writing; `again`: the partial an earlier round
+        of this job finished (a warm migration's copy), to write more into."""
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        if self.partial.exists():  # the target itself is replaced (validation allowed it)
+        if again and not self.partial.is_file():
+            raise ConversionError(f"{self.partial} is gone; the warm copy must start over")
+        if not again and self.partial.exists():  # the target itself is replaced
             raise ConversionError(f"{self.target} is being written by another job")
+        self._finished = False
         try:
-            qemu_img.create(self.partial, self.format, self.size)
+            if not again:
+                qemu_img.create(self.partial, self.format, self.size)
             self._folder = private_socket_dir("hypersdk-out-")
             with self.log.open("wb") as errors:
                 # no --persistent: qemu-nbd exits once its last client is gone, so our
@@ -122,9 +157,13 @@ class OutputImage:
             wait_for_socket(self.socket, self._server, f"qemu-nbd for {self.target.name}",
                             log=self.log)
             self._handle = nbd.NBD()
+            self._handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
             self._handle.connect_unix(str(self.socket))
         except BaseException:
-            self.discard()
+            if again:
+                self.close()
+            else:
+                self.discard()
             raise
         return self
 
@@ -141,6 +180,20 @@ class OutputImage:
         except nbd.Error as exc:
             raise ConversionError(f"{self.target.name}: write at {offset} failed: "
                                   f"{exc}") from None
+
+    def read(self, offset: int, length: int) -> bytes:
+        assert self._handle is not None, "open() first"
+        return bytes(self._handle.pread(length, offset))
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make `length` bytes at `offset` read as zeros (a hole where the format can)."""
+        assert self._handle is not None, "open() first"
+        self._handle.zero(length, offset)
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) of what the image holds that does not read as zeros."""
+        assert self._handle is not None, "open() first"
+        return data_extents(self._handle, self.size)
 
     def copy_from(self, source: str, *, progress: Callable[[float], None] | None = None,
                   stop: threading.Event | None = None, what: str = "") -> None:
@@ -169,6 +222,18 @@ class OutputImage:
         facts = qemu_img.info(qemu_img.DiskSource(self.partial, self.format))
         return {"virtual_size": int(facts["virtual-size"]),
                 "actual_size": int(facts.get("actual-size", 0))}
+
+    def close(self) -> None:
+        """Stop serving the image and keep its partial (what a warm round wrote is kept
+        for the next): qemu-nbd is let go cleanly, so a qcow2's metadata is written."""
+        if self._handle is not None:
+            with contextlib.suppress(nbd.Error):
+                self._handle.shutdown()
+            self._handle = None
+        if self._server is not None:
+            stop_process(self._server, timeout=60)
+            self._server = None
+        self._cleanup_folder()
 
     def commit(self) -> None:
         if not self._finished:

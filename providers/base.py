@@ -83,6 +83,22 @@ class Provider(ABC):
         (local) have nothing to gain."""
         return None
 
+    def warm_round(
+        self,
+        identifier: str,
+        outputs: list[OutputImage],
+        *,
+        final: bool,
+        progress: BytesProgress | None = None,
+        job: str | None = None,
+    ) -> int:
+        """One round of a warm migration: bring each disk's image in `outputs` (the VM's
+        disks in order; on the first round, empty) up to date with the disk as it is now,
+        writing only what changed since the last round; the bytes written. `final`: the
+        VM is off (or its last state is taken), so the copy becomes exact. Raises
+        Unsupported where the platform cannot tell what changed."""
+        raise Unsupported(f"warm migration is not available for provider {self.name}")
+
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
         """What would stop an export of `vm` that only the platform can say, asked without
         changing anything (permissions, encryption, disks it cannot read). Platforms that
@@ -145,6 +161,11 @@ def get_provider(name: str, settings: Config) -> Provider:
 def streams(name: str) -> bool:
     """Whether the driver for `name` has the one-pass path (overrides `stream`)."""
     return name in _DRIVERS and _driver(name).stream is not Provider.stream
+
+
+def copies_warm(name: str) -> bool:
+    """Whether the driver for `name` migrates warm (overrides `warm_round`)."""
+    return name in _DRIVERS and _driver(name).warm_round is not Provider.warm_round
 
 
 def _driver(name: str) -> type[Provider]:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from core.config import LocalProviderConfig
-from core.errors import NotFound, PathNotAllowed
+from core.errors import InvalidRequest, NotFound, PathNotAllowed
 from core.files import link_or_copy
 from core.models import (
     ExportedFile,
@@ -21,8 +21,10 @@ from core.models import (
 from core.paths import confine
 from hyper2kvm import ova, qemu_img
 from hyper2kvm.detect import CLAIMED_BY_SUFFIX
+from hyper2kvm.output import OutputImage
 from hyper2kvm.ovf import parse_ovf, write_descriptor
 from hyper2kvm.staging import describe_disk
+from hyper2kvm.sync import read_only, sync_into
 from providers.base import BytesProgress, ExportMethod, Provider
 
 # extents and deltas of a VMDK are parts of another disk, not VMs of their own
@@ -111,6 +113,32 @@ class LocalProvider(Provider):
             vm = VMInfo(identifier=identifier, name=identifier, provider=self.name,
                         disks=[describe_disk(source)])
         return vm.model_copy(update={"identifier": identifier, "provider": self.name})
+
+    def check_export(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> None:
+        if options.warm and not self._bare_disk(vm.identifier):
+            raise InvalidRequest(f"a warm migration of a local VM reads a disk image as it "
+                                 f"changes; {vm.identifier!r} is an OVA or OVF folder")
+
+    def _bare_disk(self, identifier: str) -> Path | None:
+        source = self._source(identifier)
+        return source if source.is_file() and source.suffix != ".ova" else None
+
+    def warm_round(
+        self,
+        identifier: str,
+        outputs: list[OutputImage],
+        *,
+        final: bool,
+        progress: BytesProgress | None = None,
+        job: str | None = None,
+    ) -> int:
+        """The image compared with the copy block by block (it reports no changed blocks
+        of its own); read while a VM may write it, so exact only once it stops (final)."""
+        source = self._bare_disk(identifier)
+        if source is None or len(outputs) != 1:
+            raise InvalidRequest(f"{identifier!r} is not a single disk image")
+        with read_only(source, describe_disk(source).format) as disk:
+            return sync_into(disk, outputs[0], progress=progress)
 
     def export(
         self,

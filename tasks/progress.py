@@ -20,6 +20,9 @@ PHASES: dict[str, tuple[float, float]] = {
     "validate": (0.0, 1.0),
     "export": (1.0, 40.0),
     "stream": (1.0, 80.0),  # export and conversion in one pass (tasks/stream.py)
+    "precopy": (1.0, 60.0),  # a warm migration's copies (tasks/warm.py)
+    "sync": (60.0, 70.0),
+    "cutover": (70.0, 80.0),
     "transfer": (40.0, 45.0),
     "convert": (45.0, 80.0),
     "guest": (80.0, 93.0),

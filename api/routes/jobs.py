@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ApiKeyDep, JobsDep, SettingsDep
 from api.jobs import Jobs
 from api.schemas import (
+    CutoverRequest,
     DryRuns,
     JobAction,
     JobEta,
@@ -31,6 +32,7 @@ from core.paths import safe_name
 from flows.migrate_vm import converts_in_flow, export_dir
 from hyper2kvm.registration import name_taken
 from providers import get_provider
+from providers.base import copies_warm
 from tasks.preflight import dry_run
 from tasks.validate import vm_tag
 
@@ -42,12 +44,24 @@ def validate_job(job: JobDefinition, settings: Config) -> tuple[str, Path]:
     export.base_path, the provider is configured, the VM exists and the provider can
     export it as asked. Returns the VM's tag and the export folder."""
     folder = export_dir(job, settings)
+    if job.options.warm:
+        refuse_cold_only(job, settings)
     with get_provider(job.provider, settings) as provider:
         vm = provider.get_vm(job.vm_identifier)
         provider.check_export(vm, job.options, converts=converts_in_flow(job))
     if converts_in_flow(job) and not job.hyper2kvm_integration.replace_existing:
         refuse_existing_domain(vm.name, settings.hyper2kvm.libvirt_uri)
     return vm_tag(job.provider, vm.identifier), folder
+
+
+def refuse_cold_only(job: JobDefinition, settings: Config) -> None:
+    """A warm job needs a provider that tells what changed, and ends in a domain."""
+    if not copies_warm(job.provider):
+        raise InvalidRequest(f"warm migration is not available for provider {job.provider}")
+    if not converts_in_flow(job) or job.options.keep_export:
+        raise InvalidRequest("a warm migration copies into the converted images: it needs "
+                             "hyper2kvm_integration enabled, auto_convert, no daemon_mode, "
+                             "and no keep_export")
 
 
 def refuse_existing_domain(vm_name: str, uri: str) -> None:
@@ -161,4 +175,12 @@ async def cancel_job(body: JobRef, jobs: JobsDep) -> JobAction:
     """Stop a job: a pending one never runs; a running one has its processes killed and
     its partial files removed."""
     status, message = await jobs.cancel(body.job_id)
+    return JobAction(job_id=body.job_id, status=status, message=message)
+
+
+@router.post("/cutover", response_model=JobAction)
+async def cut_over(body: CutoverRequest, jobs: JobsDep) -> JobAction:
+    """Cut a warm migration over: now, or at `at` (a time in the past means now). The
+    source is stopped, the last changes copied, the domain defined."""
+    status, message = await jobs.cutover(body.job_id, at=body.at)
     return JobAction(job_id=body.job_id, status=status, message=message)
