@@ -33,11 +33,14 @@ _STATE_EVENTS = {
     "Scheduled": "job.created", "Pending": None, "Running": "job.started",
     "Completed": "job.completed", "Failed": "job.failed", "Crashed": "job.failed",
     "Cancelled": "job.cancelled",
+    "Paused": "job.waiting",  # a warm job between its sync rounds, until its cutover
 }
 TERMINAL = ("job.completed", "job.failed", "job.cancelled")
-_STATUS = {"job.created": "pending", "job.started": "running", "job.completed": "completed",
+_STATUS = {"job.created": "pending", "job.started": "running", "job.waiting": "waiting",
+           "job.completed": "completed",
            "job.failed": "failed", "job.cancelled": "cancelled"}
-EVENT_TYPES = ("job.created", "job.started", "job.progress", "job.completed", "job.failed",
+EVENT_TYPES = ("job.created", "job.started", "job.progress", "job.waiting", "job.completed",
+               "job.failed",
                "job.cancelled", "schedule.triggered", "backup.completed", "backup.failed")
 
 JobEvent = dict[str, Any]

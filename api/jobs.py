@@ -33,7 +33,10 @@ from api.schemas import JobEta, JobInfo, JobProgress, JobSubmitted, LogLine
 from core.errors import Conflict, JobNotFound
 from core.models import ConvertRequest, JobDefinition, JobStatus
 from tasks.progress import LABEL
-from tasks.warm import CUTOVER_LABEL
+from tasks.warm import CUTOVER_LABEL, TEST_BOOT_LABEL, WARM_PHASE
+
+ROLLED_BACK_LABEL = f"{LABEL}rolled_back_at"
+ROLLBACK_LABEL = f"{LABEL}rollback"
 
 FLOWS = ("migrate-vm", "convert-vm")
 FINISHED_KEPT = 10_000  # finished jobs' answers kept in memory
@@ -61,6 +64,11 @@ def export_folder_tag(folder: Path) -> str:
 
 def job_status(run: FlowRun) -> JobStatus:
     return STATUS_OF[run.state.type] if run.state else JobStatus.PENDING
+
+
+def _label_time(run: FlowRun, label: str) -> datetime | None:
+    value = (run.labels or {}).get(label)
+    return datetime.fromisoformat(str(value)) if value else None
 
 
 def _parse_id(job_id: str) -> UUID:
@@ -171,6 +179,8 @@ class Jobs:
             finished_at=run.end_time,
             error=message if status in (JobStatus.FAILED, JobStatus.CANCELLED) else None,
             definition=job or None,
+            rolled_back_at=_label_time(run, ROLLED_BACK_LABEL),
+            rollback=str((run.labels or {}).get(ROLLBACK_LABEL) or "") or None,
         )
 
     async def query(self, job_id: str) -> JobInfo:
@@ -316,30 +326,69 @@ class Jobs:
                                              force=run.state.type == StateType.PAUSED)
         return "cancelling", "the job's processes are being stopped and partial files removed"
 
-    async def cutover(self, job_id: str, *, at: datetime | None) -> tuple[str, str]:
-        """A warm job's cutover, now or at `at`: left on the run (read when its round ends)
-        and, if it is paused between rounds, the run resumed with the same input the
-        Prefect UI's form sends."""
+    async def _warm_run(self, job_id: str, what: str) -> FlowRun:
         run = await self.run(job_id)
         job = run.parameters.get("job") or {}
         if not (job.get("options") or {}).get("warm"):
-            raise Conflict(f"job {job_id} is not a warm migration; it has no cutover")
-        phase = str((run.labels or {}).get(f"{LABEL}phase", "pending"))
+            raise Conflict(f"job {job_id} is not a warm migration; it has no {what}")
+        return run
+
+    async def _ask(self, run: FlowRun, label: str, when: datetime,
+                   run_input: dict[str, Any]) -> None:
+        """Leave the request on the run (read when its round ends) and, if it is paused
+        between rounds, resume it with the same input the Prefect UI's form sends."""
+        await self.client.update_flow_run_labels(run.id, {label: when.isoformat()})
+        if run.state is not None and run.state.type == StateType.PAUSED:
+            with contextlib.suppress(ObjectNotFound):  # resumed meanwhile: the label holds
+                await self.client.resume_flow_run(run.id, run_input=run_input)
+        self.forget(str(run.id))
+
+    async def cutover(self, job_id: str, *, at: datetime | None) -> tuple[str, str]:
+        """A warm job's cutover, now or at `at` (a time past is now)."""
+        run = await self._warm_run(job_id, "cutover")
         if run.state is None or run.state.is_final():
             raise Conflict(f"job {job_id} has ended ({job_status(run).value}); nothing to "
                            "cut over")
-        if phase not in ("pending", "validate", "precopy", "sync"):
+        phase = (run.labels or {}).get(f"{LABEL}{WARM_PHASE}")
+        if phase not in (None, "precopy", "sync"):
             raise Conflict(f"job {job_id} is past its sync rounds (phase {phase}); its "
                            "cutover has begun")
         now = datetime.now(UTC)
         when = now if at is None else max(at if at.tzinfo else at.replace(tzinfo=UTC), now)
-        await self.client.update_flow_run_labels(run.id, {CUTOVER_LABEL: when.isoformat()})
-        if run.state.type == StateType.PAUSED:
-            with contextlib.suppress(ObjectNotFound):  # resumed meanwhile: the label holds
-                await self.client.resume_flow_run(run.id, run_input={"at": when.isoformat()})
-        self.forget(str(run.id))
+        await self._ask(run, CUTOVER_LABEL, when,
+                        {"action": "cutover", "at": when.isoformat()})
         return (job_status(run).value,
                 "cutting over now" if when == now else f"cutover at {when.isoformat()}")
+
+    async def test_boot(self, job_id: str) -> tuple[str, str]:
+        """Boot an overlay of a warm job's copy as it is now, between its rounds."""
+        run = await self._warm_run(job_id, "test boot")
+        phase = (run.labels or {}).get(f"{LABEL}{WARM_PHASE}")
+        if run.state is None or run.state.is_final() or phase != "sync":
+            raise Conflict(f"job {job_id} is {job_status(run).value}"
+                           f"{f' (phase {phase})' if phase else ''}; a test boot needs a "
+                           "warm job between its sync rounds, its precopy done")
+        await self._ask(run, TEST_BOOT_LABEL, datetime.now(UTC), {"action": "test-boot"})
+        return job_status(run).value, "a test boot of the copy as it is now is under way"
+
+    async def record_rollback(self, run: FlowRun, summary: str) -> None:
+        await self.client.update_flow_run_labels(run.id, {
+            ROLLED_BACK_LABEL: datetime.now(UTC).isoformat(), ROLLBACK_LABEL: summary})
+        self.forget(str(run.id))
+
+    async def rollback_target(self, job_id: str) -> tuple[FlowRun, dict[str, Any]]:
+        """A warm job that cut over (its run and result), not rolled back yet."""
+        run = await self._warm_run(job_id, "rollback")
+        if job_status(run) != JobStatus.COMPLETED or run.state is None:
+            raise Conflict(f"job {job_id} is {job_status(run).value}; only a warm job that "
+                           "cut over (completed) can be rolled back")
+        if (run.labels or {}).get(ROLLED_BACK_LABEL):
+            raise Conflict(f"job {job_id} was rolled back already, at "
+                           f"{run.labels[ROLLED_BACK_LABEL]}")
+        result = await _result(run)
+        if not result:
+            raise Conflict(f"job {job_id}'s result cannot be read here; nothing to roll back")
+        return run, result
 
 
 def _due_runs(state_types: list[StateType] | None) -> tuple[FlowFilter, FlowRunFilter]:

@@ -101,9 +101,12 @@ class Metrics(Collector):
             del self._jobs[next(iter(self._jobs))]
         if name == "job.created":
             self._jobs.setdefault(job_id, _Job(provider=provider))
-        elif name == "job.started":
+        elif name == "job.started":  # also a warm job going on after a pause
             job = self._jobs.setdefault(job_id, _Job(provider=provider))
-            job.status, job.started = "running", _when(event)
+            job.status, job.started = "running", job.started or _when(event)
+        elif name == "job.waiting":
+            job = self._jobs.setdefault(job_id, _Job(provider=provider))
+            job.status = "waiting"
         elif name == "job.progress":
             job = self._jobs.setdefault(job_id, _Job(provider=provider, status="running"))
             self._progress(job, event)
@@ -164,10 +167,11 @@ class Metrics(Collector):
     # -- read at each scrape -----------------------------------------------------------
 
     def collect(self) -> Iterator[Any]:
-        jobs = GaugeMetricFamily("hypersdk_jobs", "Jobs pending (queued) or running now",
+        jobs = GaugeMetricFamily("hypersdk_jobs", "Jobs pending (queued), running, or waiting "
+                                 "for their cutover (warm) now",
                                  labels=["status"])
         statuses = [job.status for job in self._jobs.values()]
-        for status in ("pending", "running"):
+        for status in ("pending", "running", "waiting"):
             jobs.add_metric([status], statuses.count(status))
         yield jobs
         running = [job for job in self._jobs.values() if job.status == "running"]

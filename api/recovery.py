@@ -4,7 +4,9 @@
   starts have no process any more: their flow-run processes exit with their daemon
   (core.process). Each has its partial files removed (the flow's own crash hook), then is
   rescheduled to run again from its finished steps (`daemon.resume_interrupted`), or marked
-  Crashed; a Cancelling one becomes Cancelled. A backup run is not resumed (its next
+  Crashed; a Cancelling one becomes Cancelled. A warm job that was Paused waiting for its
+  cutover keeps its copy and snapshots and is rescheduled: its new run continues the copy
+  (tasks.warm) and waits again. A backup run is not resumed (its next
   schedule takes a fresh backup): it and the VM runs it had started are marked Crashed.
 * SIGTERM drains (`drain`): no new run starts, running ones get `daemon.shutdown_grace`
   to finish, the rest are stopped and put back in line for the next start.
@@ -43,7 +45,8 @@ from tasks.progress import EXPORTING, LABEL
 
 logger = logging.getLogger("hypervisord")
 SERVED_FLOWS = ("migrate-vm", "convert-vm", "backup-policy")
-INTERRUPTED = [StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]
+# PAUSED: a warm job waiting for its cutover, whose process (it waits in process) is gone
+INTERRUPTED = [StateType.RUNNING, StateType.PENDING, StateType.CANCELLING, StateType.PAUSED]
 
 
 async def _runs(client: PrefectClient, states: list[StateType], *,
@@ -78,8 +81,16 @@ def _in_backup(run: FlowRun) -> bool:
 
 
 async def interrupted_runs(client: PrefectClient, *, deployment: str) -> list[FlowRun]:
-    """Served runs that are Running, Pending or Cancelling."""
-    return await _runs(client, INTERRUPTED, deployment=deployment)
+    """Served runs that are Running, Pending, Cancelling, or paused in their process."""
+    return [run for run in await _runs(client, INTERRUPTED, deployment=deployment)
+            if not (run.state and run.state.type == StateType.PAUSED
+                    and run.state.state_details.pause_reschedule)]
+
+
+def _waiting_warm(run: FlowRun) -> bool:
+    """A warm job that was waiting for its cutover: its copy (and the source's snapshots)
+    are what its next run continues from, not leftovers."""
+    return run.state is not None and run.state.type == StateType.PAUSED
 
 
 async def recover(client: PrefectClient, runs: list[FlowRun], *,
@@ -92,12 +103,17 @@ async def recover(client: PrefectClient, runs: list[FlowRun], *,
     for run in runs:
         flow_name = flows[run.flow_id]
         hook = _crash_hook(flow_name)
-        if hook is not None:
+        keep = resume and _waiting_warm(run)
+        if hook is not None and not keep:
             await asyncio.to_thread(hook, None, run, Crashed())
         assert run.state is not None
         if run.state.type in (StateType.CANCELLING, StateType.CANCELLED):
             state: Any = Cancelled(message="cancelled (hypervisord stopped while it ran)")
             key = "cancelled"
+        elif keep:
+            state = Scheduled(message="resumed: hypervisord stopped while this warm job "
+                                      "waited for its cutover; its copy is continued")
+            key = "resumed"
         elif resume and flow_name != "backup-policy" and not _in_backup(run):
             state = Scheduled(message="resumed: hypervisord stopped while it ran; "
                                       "finished steps are not redone")

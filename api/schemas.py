@@ -85,6 +85,8 @@ class JobInfo(BaseModel):
     error: str | None = None
     result: dict[str, Any] | None = None
     definition: dict[str, Any] | None = None
+    rolled_back_at: datetime | None = None  # a warm job rolled back after its cutover
+    rollback: str | None = Field(default=None, description="what the rollback did")
 
 
 class JobList(BaseModel):
@@ -142,6 +144,11 @@ class JobRef(Body):
 class CutoverRequest(JobRef):
     at: datetime | None = Field(default=None, description="when to cut over (UTC unless "
                                 "the time says); empty or past: now")
+
+
+class RollbackRequest(JobRef):
+    remove_disks: bool = Field(default=False, description="remove the migrated disks too "
+                               "(default: kept, for a look or a second cutover)")
 
 
 class JobAction(BaseModel):

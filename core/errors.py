@@ -6,6 +6,7 @@
     │   └── PathNotAllowed     a path outside the roots it must stay under
     ├── JobNotFound            no job with that id
     ├── Conflict               not possible in the object's current state (cancel a finished job)
+    │   └── UpstreamFailed     a job this one runs after (`after`) did not complete
     ├── ProviderError          anything a source platform says
     │   ├── NotFound           the VM (or other object) does not exist
     │   ├── AuthFailed         credentials refused
@@ -13,7 +14,8 @@
     │   └── Unsupported        the platform or this driver cannot do that verb
     ├── VerificationError      a file's checksum or size is not what the manifest says
     ├── ConversionError        qemu-img refused or failed
-    │   └── GuestNotConvertible   guest conversion found no OS it can convert
+    │   ├── GuestNotConvertible   guest conversion found no OS it can convert
+    │   └── StaleCopy          a warm copy no round can continue (what it matched is gone)
     └── RegistrationError      libvirt refused the domain
         └── DomainExists       a domain of that name is already defined
 
@@ -45,6 +47,10 @@ class JobNotFound(HypersdkError):
 
 class Conflict(HypersdkError):
     """The request does not fit the object's current state."""
+
+
+class UpstreamFailed(Conflict):
+    """A job this one was to run after did not complete."""
 
 
 class ProviderError(HypersdkError):
@@ -93,6 +99,11 @@ class ConversionError(HypersdkError):
 class GuestNotConvertible(ConversionError):
     """Guest conversion found no operating system on the disks, or one it cannot convert:
     a data-only VM, an appliance, a BSD, a bare boot sector."""
+
+
+class StaleCopy(ConversionError):
+    """A warm migration's copy that no round can bring up to date: what it was compared
+    with (the last round's snapshots or changeIds) is gone. The precopy starts over."""
 
 
 class RegistrationError(HypersdkError):

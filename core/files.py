@@ -42,6 +42,12 @@ def partial_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.partial")
 
 
+def side_file(target: Path, kind: str) -> Path:
+    """A file kept beside `target` while it is written (named like a partial file, so
+    that what removes a failed job's partial files removes it too)."""
+    return target.with_name(f".{target.name}.{kind}.partial")
+
+
 def iter_chunks(reader: BinaryIO, length: int | None = None) -> Iterator[bytes]:
     """The stream's bytes in chunks: all of them, or exactly `length` (EOFError if fewer)."""
     remaining = length

@@ -159,6 +159,7 @@ class ExportOptions(Strict):
     warm: bool = False
     precopy_interval: int = Field(default=600, ge=5, le=86400)
     cutover_at: datetime | None = None
+    enable_cbt: bool = False  # vSphere: a warm job may turn Changed Block Tracking on
 
 
 GuestMode = bool | Literal["auto"]
@@ -222,6 +223,9 @@ class JobDefinition(Strict):
     # POST /jobs/submit answers what the job would do and what stops it (a DryRun);
     # nothing is created anywhere
     dry_run: bool = False
+    # waves: the jobs (ids, or in a submitted list the VMs of other jobs of the list) this
+    # one runs after: a cold job starts, a warm one cuts over, once they completed
+    after: list[str] = Field(default_factory=list, max_length=100)
 
     @field_validator("provider")
     @classmethod
@@ -330,10 +334,26 @@ class SyncRound(Strict):
     changed_bytes: int
     seconds: float
     final: bool = False  # the VM was off: the copy is exact
+    stopped_source: bool = False  # this round powered the source off
+
+
+class TestBoot(Strict):
+    """A warm migration's test boot: guest conversion and the boot check on overlays of
+    the copy as it was then (the copy untouched)."""
+
+    __test__ = False  # not a test class, whatever pytest thinks of the name
+
+    at: datetime
+    booted: bool
+    reason: str
+    seconds: float
+    guest_converted: bool | None = None  # None: guest conversion off
+    console: list[str] = Field(default_factory=list)  # the console's last lines
 
 
 class WarmReport(Strict):
     rounds: list[SyncRound] = Field(default_factory=list)
+    test_boots: list[TestBoot] = Field(default_factory=list)
     cutover_at: datetime | None = None  # when the cutover began
     # the last round's start → the domain defined (and, with verify_boot, booted)
     downtime_seconds: float | None = None

@@ -33,6 +33,7 @@ from tasks.stream import stream_vm, streamed_disks_changed
 from tasks.transfer import transfer_files
 from tasks.validate import check_this_host, validate_job
 from tasks.warm import commit_warm, copy_warm
+from tasks.waves import wait_for_upstream
 
 hook_log = logging.getLogger("hypersdk.cleanup")
 
@@ -126,6 +127,8 @@ def migrate(job: JobDefinition) -> MigrationResult:
     destination = export_dir(job, settings)
     check_this_host(settings, provider=job.provider, converts=converts_in_flow(job))
     vm = timed("validate", lambda: validate_job(job, converts=converts_in_flow(job)))
+    if job.after and not job.options.warm:  # a warm job waits before its cutover
+        wait_for_upstream(job.after, progress=progress)
     ensure_export_limit(settings.export.concurrent_exports)
     integration = job.hyper2kvm_integration
     h2k = settings.hyper2kvm

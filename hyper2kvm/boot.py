@@ -75,6 +75,14 @@ def verify_boot(uri: str, name: str, *, timeout: float, pattern: str | None = No
             source = ET.fromstring(defined.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
         except libvirt.libvirtError as exc:
             raise RegistrationError(f"boot check: no domain {name!r}: {exc}") from None
+    return boot_definition(uri, source, name=name, timeout=timeout, pattern=pattern,
+                           keep_lines=keep_lines)
+
+
+def boot_definition(uri: str, source: ET.Element, *, name: str, timeout: float,
+                    pattern: str | None = None, keep_lines: int = 30) -> BootOutcome:
+    """Boot a throwaway copy of the domain `source` defines (named after `name`), its
+    disks behind overlays, and watch it for up to `timeout` s."""
     disks = [(disk_source, driver) for element in source.iterfind("devices/disk[@device='disk']")
              if (disk_source := element.find("source")) is not None and disk_source.get("file")
              and (driver := element.find("driver")) is not None]

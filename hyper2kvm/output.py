@@ -181,6 +181,13 @@ class OutputImage:
             raise ConversionError(f"{self.target.name}: write at {offset} failed: "
                                   f"{exc}") from None
 
+    def overwrite(self, offset: int, data: bytes) -> None:
+        """Write `data` at `offset` over what the image holds: all-zero data zeroes."""
+        if all_zeros(data):
+            self.zero(offset, len(data))
+        else:
+            self.write(offset, data)
+
     def read(self, offset: int, length: int) -> bytes:
         assert self._handle is not None, "open() first"
         return bytes(self._handle.pread(length, offset))

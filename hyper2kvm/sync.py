@@ -20,7 +20,6 @@ from pathlib import Path
 import nbd
 
 from core.errors import ConversionError
-from core.files import all_zeros
 from hyper2kvm.output import (
     QEMU_NBD,
     OutputImage,
@@ -83,10 +82,7 @@ def sync_into(source: nbd.NBD, output: OutputImage, *,
         length = min(BLOCK, size - offset)
         wanted = source.pread(length, offset)
         if wanted != output.read(offset, length):
-            if all_zeros(wanted):
-                output.zero(offset, length)
-            else:
-                output.write(offset, wanted)
+            output.overwrite(offset, wanted)
             changed += length
         if progress:
             progress(length)

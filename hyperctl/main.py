@@ -149,6 +149,12 @@ def migrate(
     autostart: bool = False,
     replace: Annotated[bool, typer.Option(help="replace a domain or disks of that name")] = False,
     keep_export: Annotated[bool, typer.Option(help="keep the exported files too")] = False,
+    warm: Annotated[bool, typer.Option(help="copy while the VM runs; cut over later "
+                                            "(hyperctl jobs cutover)")] = False,
+    precopy_interval: Annotated[int | None, typer.Option(
+        help="seconds between a warm job's sync rounds [default: 600]")] = None,
+    cutover_at: Annotated[str | None, typer.Option(
+        help="a warm job's cutover time (ISO 8601, e.g. 2026-12-24T02:00:00Z)")] = None,
     follow_job: Annotated[bool, typer.Option("--follow", "-f", help="show a live bar until "
                                              "the job ends; exit with its outcome")] = False,
     dry_run: Annotated[bool, typer.Option(help="change nothing: show what the job would do "
@@ -160,7 +166,10 @@ def migrate(
     if output_format:
         integration["format"] = output_format
     job = {"vm_identifier": vm, "provider": provider, "export_method": export_method,
-           "export_path": export_path, "options": {"keep_export": keep_export},
+           "export_path": export_path, "options": {k: v for k, v in {
+               "keep_export": keep_export, "warm": warm or None,
+               "precopy_interval": precopy_interval, "cutover_at": cutover_at}.items()
+               if v is not None},
            "hyper2kvm_integration": integration, "dry_run": dry_run or None}
     submitted = c.daemon.post("/jobs/submit", {k: v for k, v in job.items() if v is not None})
     if dry_run:
@@ -196,8 +205,8 @@ def describe_dry_run(d: dict[str, Any]) -> Table:
 @jobs_app.command("list")
 def jobs_list(
     ctx: typer.Context,
-    status: Annotated[str | None, typer.Option(help="pending, running, completed, failed, "
-                                                    "cancelled")] = None,
+    status: Annotated[str | None, typer.Option(help="pending, running, waiting, completed, "
+                                                    "failed, cancelled")] = None,
     limit: int = 50,
 ) -> None:
     """Jobs, newest first."""
@@ -216,7 +225,7 @@ def jobs_show(ctx: typer.Context, job_id: str) -> None:
     """One job: status, progress, error or result."""
     c = ctx_of(ctx)
     info = c.daemon.get("/jobs/query", job_id=job_id)
-    if info["status"] in ("pending", "running"):
+    if info["status"] in ("pending", "running", "waiting"):
         info["progress"] = c.daemon.get(f"/jobs/progress/{job_id}")
 
     def describe(d: dict[str, Any]) -> Table:
@@ -265,6 +274,32 @@ def jobs_cancel(ctx: typer.Context, job_id: str) -> None:
     """Stop a job (a pending one never runs)."""
     c = ctx_of(ctx)
     done = c.daemon.post("/jobs/cancel", {"job_id": job_id})
+    c.emit(done, lambda d: f"job {d['job_id']} {d['status']}: {d['message']}")
+
+
+@jobs_app.command("cutover")
+def jobs_cutover(ctx: typer.Context, job_id: str, at: Annotated[str | None, typer.Option(
+        help="when (ISO 8601; a past time or none: now)")] = None) -> None:
+    """Cut a warm migration over: stop the VM, copy the last changes, define the domain."""
+    c = ctx_of(ctx)
+    done = c.daemon.post("/jobs/cutover", {"job_id": job_id, "at": at})
+    c.emit(done, lambda d: f"job {d['job_id']} {d['status']}: {d['message']}")
+
+
+@jobs_app.command("test-boot")
+def jobs_test_boot(ctx: typer.Context, job_id: str) -> None:
+    """Boot an overlay of a warm job's copy as it is now (the VM keeps running)."""
+    c = ctx_of(ctx)
+    done = c.daemon.post("/jobs/test-boot", {"job_id": job_id})
+    c.emit(done, lambda d: f"job {d['job_id']} {d['status']}: {d['message']}")
+
+
+@jobs_app.command("rollback")
+def jobs_rollback(ctx: typer.Context, job_id: str, remove_disks: Annotated[bool, typer.Option(
+        help="remove the migrated disks too")] = False) -> None:
+    """Undo a warm job's cutover: undefine its domain, power the source on again."""
+    c = ctx_of(ctx)
+    done = c.daemon.post("/jobs/rollback", {"job_id": job_id, "remove_disks": remove_disks})
     c.emit(done, lambda d: f"job {d['job_id']} {d['status']}: {d['message']}")
 
 

@@ -6,6 +6,7 @@ import importlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Literal, Self
@@ -16,6 +17,15 @@ from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, 
 from hyper2kvm.output import OutputImage
 
 BytesProgress = Callable[[int], None]  # called with bytes just moved
+
+
+@dataclass(frozen=True)
+class WarmRound:
+    """What one round of a warm migration did."""
+
+    changed_bytes: int  # written into the images
+    stopped_source: bool = False  # the final round powered the source off (rollback starts it)
+
 # (disk index, virtual size in bytes) → that disk's output image, open for writing
 OpenOutput = Callable[[int, int], OutputImage]
 # "disks": asked by a job that converts; the disks in whatever form is cheapest to hand to
@@ -88,16 +98,22 @@ class Provider(ABC):
         identifier: str,
         outputs: list[OutputImage],
         *,
+        options: ExportOptions,
         final: bool,
         progress: BytesProgress | None = None,
         job: str | None = None,
-    ) -> int:
+    ) -> WarmRound:
         """One round of a warm migration: bring each disk's image in `outputs` (the VM's
         disks in order; on the first round, empty) up to date with the disk as it is now,
-        writing only what changed since the last round; the bytes written. `final`: the
-        VM is off (or its last state is taken), so the copy becomes exact. Raises
+        writing only what changed since the last round. `final`: the
+        VM is off (stopped first where `options.shutdown_vm` asks; else its last state
+        is taken), so the copy becomes exact. Raises
         Unsupported where the platform cannot tell what changed."""
         raise Unsupported(f"warm migration is not available for provider {self.name}")
+
+    def power_on(self, identifier: str) -> None:
+        """Start the source VM again (a rollback after a cutover that stopped it)."""
+        raise Unsupported(f"provider {self.name} cannot power a VM on")
 
     def blockers(self, vm: VMInfo, options: ExportOptions, *, converts: bool) -> list[Blocker]:
         """What would stop an export of `vm` that only the platform can say, asked without

@@ -25,7 +25,7 @@ from hyper2kvm.output import OutputImage
 from hyper2kvm.ovf import parse_ovf, write_descriptor
 from hyper2kvm.staging import describe_disk
 from hyper2kvm.sync import read_only, sync_into
-from providers.base import BytesProgress, ExportMethod, Provider
+from providers.base import BytesProgress, ExportMethod, Provider, WarmRound
 
 # extents and deltas of a VMDK are parts of another disk, not VMs of their own
 _VMDK_PART = re.compile(r"-(flat|delta|s\d{3}|f\d{3})\.vmdk$")
@@ -128,17 +128,18 @@ class LocalProvider(Provider):
         identifier: str,
         outputs: list[OutputImage],
         *,
+        options: ExportOptions,
         final: bool,
         progress: BytesProgress | None = None,
         job: str | None = None,
-    ) -> int:
+    ) -> WarmRound:
         """The image compared with the copy block by block (it reports no changed blocks
         of its own); read while a VM may write it, so exact only once it stops (final)."""
         source = self._bare_disk(identifier)
         if source is None or len(outputs) != 1:
             raise InvalidRequest(f"{identifier!r} is not a single disk image")
         with read_only(source, describe_disk(source).format) as disk:
-            return sync_into(disk, outputs[0], progress=progress)
+            return WarmRound(sync_into(disk, outputs[0], progress=progress))
 
     def export(
         self,

@@ -84,6 +84,10 @@ class Moto:
         return ec2.describe_instances(InstanceIds=[instance["InstanceId"]])[
             "Reservations"][0]["Instances"][0]
 
+    def instance_state(self, instance_id: str) -> str:
+        answer = self.client("ec2").describe_instances(InstanceIds=[instance_id])
+        return str(answer["Reservations"][0]["Instances"][0]["State"]["Name"])
+
     def snapshots_of_job(self, job_id: str) -> list[str]:
         answer = self.client("ec2").describe_snapshots(
             OwnerIds=["self"], Filters=[{"Name": "tag:hypersdk:job", "Values": [job_id]}])

@@ -13,7 +13,9 @@ Measured against moto 5.2, what is added:
   checksums; blocks that are all zeros are not listed, as on AWS. `delete_snapshot`
   removes it from EBS too; an unknown snapshot is a 404 ResourceNotFoundException
   (moto: a 500). `list_snapshot_blocks` pages with `MaxResults`/`NextToken` (moto: one
-  page), at most PAGE_CAP blocks a page.
+  page), at most PAGE_CAP blocks a page. `list_changed_blocks` compares two EC2 snapshots of
+  one volume block by block (moto: only the first snapshot's blocks, EBS-direct
+  snapshots only), paged the same way.
 * `register_image` takes `Architecture`, `BootMode` and `Platform`-like descriptions;
   an instance reports its image's `BootMode`, as EC2 does.
 * Authentication: moto's own IAM checks are on (every request is signed by a known
@@ -208,6 +210,42 @@ def list_snapshot_blocks(self: EBSResponse) -> ActionResult:
         "BlockSize": snapshot.block_size,
         "ExpiryTime": time.time() + 3600,
     }
+    if rest:
+        result["NextToken"] = str(rest[0])
+    return ActionResult(result)
+
+
+def list_changed_blocks(self: EBSResponse) -> ActionResult:
+    """The blocks whose bytes differ between two snapshots of one volume (moto: only
+    blocks of the first snapshot, and only EBS-direct snapshots), paged; without a first
+    snapshot, every block of the second."""
+    first_id, second_id = self._get_param("FirstSnapshotId"), self._get_param("SecondSnapshotId")
+    second = _ebs_snapshot(self, second_id)
+    first = _ebs_snapshot(self, first_id) if first_id else None
+    if first is not None:
+        made = self.ebs_backend.ec2_backend.snapshots
+        volumes = {getattr(made.get(i), "volume", None) for i in (first_id, second_id)}
+        if len(volumes) != 1 or None in volumes:
+            raise ServiceException("ValidationException", f"The snapshots {first_id} and "
+                                   f"{second_id} are not of the same volume.")
+    before = first.blocks if first is not None else {}
+    changed = sorted(i for i in set(before) | set(second.blocks)
+                     if i not in before or i not in second.blocks
+                     or before[i].block_data != second.blocks[i].block_data)
+    limit = min(int(self._get_param("MaxResults") or 10000), PAGE_CAP)
+    start = int(self._get_param("NextToken") or self._get_param("StartingBlockIndex") or 0)
+    indexes = [i for i in changed if i >= start]
+    page, rest = indexes[:limit], indexes[limit:]
+    blocks = []
+    for index in page:
+        entry: dict[str, Any] = {"BlockIndex": index}
+        if index in before:
+            entry["FirstBlockToken"] = before[index].block_token
+        if index in second.blocks:
+            entry["SecondBlockToken"] = second.blocks[index].block_token
+        blocks.append(entry)
+    result = {"ChangedBlocks": blocks, "VolumeSize": second.volume_size,
+              "BlockSize": second.block_size, "ExpiryTime": time.time() + 3600}
     if rest:
         result["NextToken"] = str(rest[0])
     return ActionResult(result)
@@ -507,6 +545,7 @@ def install() -> None:
         lambda self: getattr(self, "moto_test_progress", "100%"))
     EBSResponse.list_snapshot_blocks = list_snapshot_blocks  # type: ignore[method-assign]
     EBSResponse.get_snapshot_block = get_snapshot_block  # type: ignore[method-assign]
+    EBSResponse.list_changed_blocks = list_changed_blocks  # type: ignore[method-assign]
     EC2Response.register_image = register_image  # type: ignore[method-assign]
     EC2Response.create_instance_export_task = create_instance_export_task  # type: ignore[attr-defined]
     EC2Response.describe_export_tasks = describe_export_tasks  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+from hyper2kvm import qemu_img
 from hyper2kvm.sample import make_sample_ova
 from tests.helpers import domain_defined, make_truncated_ova
 from tests.peers import BIN, Daemon, free_port, unique, wait_until
@@ -160,3 +161,30 @@ def test_shell_completion_completes_commands(daemon: Daemon) -> None:
     done = hyperctl(daemon, env={"_HYPERCTL_COMPLETE": "complete_bash",
                                  "COMP_WORDS": "hyperctl backup", "COMP_CWORD": "1"})
     assert done.returncode == 0 and done.stdout.split() == ["backup-policies"]
+
+
+def test_a_warm_migration_waits_for_its_cutover_from_hyperctl(daemon: Daemon) -> None:
+    vm = unique("ctl-warm")
+    qemu_img.create(daemon.inbox / f"{vm}.qcow2", "qcow2", 16 << 20)
+    done = hyperctl(daemon, "--json", "migrate", vm, "--warm", "--precopy-interval", "3600")
+    assert done.returncode == 0, done.stderr
+    job_id = json.loads(done.stdout)["job_id"]
+    early = hyperctl(daemon, "jobs", "cutover", job_id, "--at", "2999-01-01T00:00:00Z")
+    assert early.returncode == 0 and "cutover at 2999-01-01" in early.stdout, early.stderr
+
+    def waiting() -> bool:
+        shown = json.loads(hyperctl(daemon, "--json", "jobs", "show", job_id).stdout)
+        assert shown["status"] not in ("completed", "failed", "cancelled"), shown
+        return bool(shown["status"] == "waiting")
+
+    wait_until(waiting, timeout=120, what="the job waiting for its cutover")
+    listed = json.loads(hyperctl(daemon, "--json", "jobs", "list", "--status", "waiting").stdout)
+    assert job_id in [j["job_id"] for j in listed["jobs"]]
+    now = hyperctl(daemon, "jobs", "cutover", job_id)
+    assert now.returncode == 0 and "cutting over now" in now.stdout, now.stderr
+    followed = hyperctl(daemon, "jobs", "retry", job_id)  # not failed: refused, one line
+    assert followed.returncode != 0
+    assert_one_line_error(followed)
+    wait_until(lambda: json.loads(hyperctl(daemon, "--json", "jobs", "show", job_id).stdout)[
+        "status"] == "completed", timeout=120, what="the cutover")
+    assert domain_defined(vm)

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import ApiKeyDep, JobsDep, SettingsDep
 from api.jobs import Jobs
+from api.rollback import roll_back
 from api.schemas import (
     CutoverRequest,
     DryRuns,
@@ -24,10 +25,12 @@ from api.schemas import (
     JobRef,
     JobsSubmitted,
     JobSubmitted,
+    RollbackRequest,
 )
+from api.waves import external_ids, wave_order
 from core.config import Config
-from core.errors import Conflict, InvalidRequest, RegistrationError
-from core.models import Blocker, DryRun, JobDefinition, JobStatus
+from core.errors import Conflict, InvalidRequest, JobNotFound, RegistrationError
+from core.models import Blocker, DryRun, JobDefinition, JobStatus, MigrationResult
 from core.paths import safe_name
 from flows.migrate_vm import converts_in_flow, export_dir
 from hyper2kvm.registration import name_taken
@@ -113,9 +116,22 @@ async def submit_jobs(
                        "at a time")
     if len(set(folders)) < len(folders):
         raise Conflict("two jobs of the list export into the same folder")
-    submitted = [await jobs.submit(job, vm=tag, folder=folder)
-                 for job, tag, folder in zip(batch, tags, folders, strict=True)]
-    return JobsSubmitted(jobs=submitted) if isinstance(body, list) else submitted[0]
+    order, within = wave_order(batch)
+    for job in batch:
+        for job_id in external_ids(job, batch):
+            try:
+                await jobs.run(job_id)
+            except JobNotFound:
+                raise InvalidRequest(f"job {job.vm_identifier}: after names job {job_id}, "
+                                     "which does not exist") from None
+    submitted: dict[int, JobSubmitted] = {}
+    for index in order:  # a job's upstream jobs of the list exist before it
+        job = batch[index]
+        after = [*external_ids(job, batch), *(submitted[i].job_id for i in within[index])]
+        submitted[index] = await jobs.submit(job.model_copy(update={"after": after}),
+                                             vm=tags[index], folder=folders[index])
+    created = [submitted[index] for index in range(len(batch))]
+    return JobsSubmitted(jobs=created) if isinstance(body, list) else created[0]
 
 
 @router.get("/query", response_model=JobInfo | JobList)
@@ -176,6 +192,27 @@ async def cancel_job(body: JobRef, jobs: JobsDep) -> JobAction:
     its partial files removed."""
     status, message = await jobs.cancel(body.job_id)
     return JobAction(job_id=body.job_id, status=status, message=message)
+
+
+@router.post("/test-boot", response_model=JobAction)
+async def test_boot(body: JobRef, jobs: JobsDep) -> JobAction:
+    """Convert and boot an overlay of a warm job's copy as it is now, while the source
+    keeps running; the result lands in the job's `result.warm.test_boots` (and its logs),
+    the copy is untouched."""
+    status, message = await jobs.test_boot(body.job_id)
+    return JobAction(job_id=body.job_id, status=status, message=message)
+
+
+@router.post("/rollback", response_model=JobAction)
+async def rollback(body: RollbackRequest, jobs: JobsDep, settings: SettingsDep) -> JobAction:
+    """Undo a warm job's cutover: its domain undefined, its disks kept (or removed), the
+    source powered on again if the cutover stopped it; recorded on the job."""
+    run, result = await jobs.rollback_target(body.job_id)
+    job = JobDefinition.model_validate(run.parameters["job"])
+    summary = await run_in_threadpool(roll_back, job, MigrationResult.model_validate(result),
+                                      settings, remove_disks=body.remove_disks)
+    await jobs.record_rollback(run, summary)
+    return JobAction(job_id=body.job_id, status="rolled back", message=summary)
 
 
 @router.post("/cutover", response_model=JobAction)

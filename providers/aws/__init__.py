@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.config import AWSProviderConfig
+from core.errors import InvalidRequest
 from core.models import Blocker, ExportOptions, ExportResult, VMFilter, VMInfo, VMSummary
-from providers.aws import encryption, export, inventory
+from hyper2kvm.output import OutputImage
+from providers.aws import encryption, export, inventory, warm
 from providers.aws.session import Clients, call, clients_for
-from providers.base import BytesProgress, ExportMethod, Provider
+from providers.base import BytesProgress, ExportMethod, Provider, WarmRound
 from providers.ranged import Reading
 
 
@@ -76,6 +78,29 @@ class AWSProvider(Provider):
             self.clients, vm, reading, method=method, options=options,
             bucket=self.config.export_bucket, job=job)
         return ExportResult(vm=exported, directory=dest, files=files, method=method)
+
+    def warm_round(
+        self,
+        identifier: str,
+        outputs: list[OutputImage],
+        *,
+        options: ExportOptions,
+        final: bool,
+        progress: BytesProgress | None = None,
+        job: str | None = None,
+    ) -> WarmRound:
+        """A snapshot of every volume per round; after the precopy only the blocks EBS
+        says changed since the last round that was copied (providers/aws/warm.py)."""
+        if job is None:
+            raise InvalidRequest("a warm round belongs to a job")
+        work = self.settings.export
+        return warm.warm_round(self.clients, self.get_vm(identifier), outputs,
+                               options=options, final=final, job=job,
+                               concurrency=work.part_concurrency, retries=work.part_retries,
+                               progress=progress)
+
+    def power_on(self, identifier: str) -> None:
+        export.start_instance(self.clients, identifier)
 
     def discard(self, job: str) -> list[str]:
         return export.discard(self.clients, job, self.config.export_bucket)
