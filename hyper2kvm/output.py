@@ -26,6 +26,7 @@ reads in Python written through libnbd 4.6-5.6 s; two plain `curl`s to files 3.8
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -61,6 +62,23 @@ def wait_for_socket(socket: Path, process: subprocess.Popen[bytes], what: str, *
             raise ConversionError(f"{what} did not start: {err.strip()}")
         if time.monotonic() > deadline:
             raise ConversionError(f"{what} did not listen within {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+def nbd_client(socket: Path, *, timeout: float = 10.0) -> nbd.NBD:
+    """A connection to the NBD server on `socket`, asking for its allocation map. The
+    socket file exists from the server's bind, a moment before it listens: a refused
+    connection is tried again (on a new handle: a failed one is dead)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        handle = nbd.NBD()
+        handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        try:
+            handle.connect_unix(str(socket))
+            return handle
+        except nbd.Error as exc:
+            if exc.errno != errno.ECONNREFUSED or time.monotonic() > deadline:
+                raise ConversionError(f"NBD server on {socket.name}: {exc}") from None
         time.sleep(0.01)
 
 
@@ -156,9 +174,7 @@ class OutputImage:
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
             wait_for_socket(self.socket, self._server, f"qemu-nbd for {self.target.name}",
                             log=self.log)
-            self._handle = nbd.NBD()
-            self._handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-            self._handle.connect_unix(str(self.socket))
+            self._handle = nbd_client(self.socket)
         except BaseException:
             if again:
                 self.close()

@@ -24,6 +24,7 @@ from hyper2kvm.output import (
     QEMU_NBD,
     OutputImage,
     data_extents,
+    nbd_client,
     private_socket_dir,
     stop_process,
     wait_for_socket,
@@ -55,9 +56,7 @@ def read_only(image: Path, image_format: str) -> Iterator[nbd.NBD]:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
     try:
         wait_for_socket(socket, server, f"qemu-nbd for {image.name}", log=log)
-        handle = nbd.NBD()
-        handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-        handle.connect_unix(str(socket))
+        handle = nbd_client(socket)
         yield handle
         handle.shutdown()
     finally:

@@ -156,6 +156,11 @@ class JobProgress:
             self.done = max(self.done, self.total)
             self._write(force=True, phase_done=True)
 
+    def sent(self) -> None:
+        """Block until every update so far reached Prefect (before the run pauses, so that
+        whoever sees it waiting reads its progress as of then)."""
+        self._writer.flush()
+
     def complete(self) -> None:
         """The whole job is done: 100%, and every update sent before the run ends."""
         with self._lock:

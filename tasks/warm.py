@@ -2,29 +2,31 @@
 changed, a round every `precopy_interval`, until someone cuts over; then a last round with
 the VM off, and the images get their final names.
 
-Between rounds the run is Paused with a form (`WarmAction`: cut over, or test boot): the
-Prefect UI shows it waiting with a Resume button, the API resumes it with the same input,
-and the pause times out into the next round. What the API asks is also left on the run as
-labels (a cutover time, a test boot's time), so a request made while a round runs (the run
-is not paused then) is read when the round ends."""
+Between rounds the run is Paused with a form (`WarmAction`: cut over, test boot, or a sync
+round now): the Prefect UI shows it waiting with a Resume button, the API resumes it with
+the same input, and when the interval is up the job resumes itself for its next round.
+What the API asks is also left on the run as labels (a cutover time, a test boot's time),
+so a request made while a round runs (the run is not paused then) is read when the round
+ends."""
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from prefect.states import Running
 
 from core.config import config_from_env
 from core.errors import StaleCopy
@@ -44,15 +46,18 @@ CUTOVER_LABEL = f"{LABEL}cutover_at"  # a cutover the API asked for (read betwee
 TEST_BOOT_LABEL = f"{LABEL}test_boot_at"  # a test boot the API asked for
 WARM_PHASE = "warm_phase"  # precopy, sync, cutover: what the API lets a request reach
 POLL_SECONDS = 2  # how often a paused run looks for its resume
+MIN_PAUSE = 3.0  # a shorter wait is slept through, not paused
+PAUSE_EXPIRY = 7 * 86400  # seconds past the wait
 
 
 class WarmAction(RunInput):
     """What to do with this warm migration now. `cutover`: the VM is stopped, the last
     changes copied, the domain defined (leave `at` empty for now, or give a time in UTC
     within a cutover window). `test-boot`: boot an overlay of the copy as it is, while the
-    VM keeps running."""
+    VM keeps running. `sync`: a sync round now (the job does one every precopy_interval;
+    one just before a cutover makes the cutover shorter)."""
 
-    action: Literal["cutover", "test-boot"] = "cutover"
+    action: Literal["cutover", "test-boot", "sync"] = "cutover"
     at: datetime | None = None
 
 
@@ -77,22 +82,38 @@ def read_requests(requests: Requests) -> Requests:
                                                 requests.test_boot]), default=None))
 
 
-def wait_for_action(seconds: float) -> WarmAction | None:
+def _end_pause(run_id: UUID, done: threading.Event) -> None:
+    """Resume the run for its next round once it is paused (unless resumed already)."""
+    with get_client(sync_client=True) as client:
+        while not done.is_set():
+            state = client.read_flow_run(run_id).state
+            if state is not None and state.is_paused():
+                client.resume_flow_run(run_id, run_input={"action": "sync"})
+                return
+            done.wait(0.5)
+
+
+def wait_for_action(seconds: float) -> WarmAction:
     """Paused for up to `seconds`, waiting for a `WarmAction` (the Prefect UI shows its
-    form; the API resumes with the same input); None when the pause ran out."""
+    form; the API resumes with the same input). The pause is ended by a timer of ours
+    asking for the next round, not by its own timeout: Prefect fails a run whose pause
+    expires. Its expiry (a week on) only ends a job whose process died unnoticed."""
+    if seconds < MIN_PAUSE:
+        time.sleep(max(seconds, 0))
+        return WarmAction(action="sync")
+    done = threading.Event()
+    timer = threading.Timer(seconds, _end_pause, args=(current_flow_run_id(), done))
+    timer.daemon = True
+    timer.start()
     try:
-        return pause_flow_run(wait_for_input=WarmAction, timeout=max(1, math.ceil(seconds)),
-                              poll_interval=POLL_SECONDS)
-    except FlowPauseTimeout:
-        with get_client(sync_client=True) as client:
-            run = client.read_flow_run(current_flow_run_id())
-            if run.state is not None and run.state.is_paused():
-                client.set_flow_run_state(run.id, Running(message="next sync round"),
-                                          force=True)
-                return None
-        if run.state is not None and run.state.is_running():  # resumed as the pause ran out
-            return None  # the API's labels say what was asked
-        raise RuntimeError(f"the run left its pause as {run.state}") from None  # cancelled
+        # a key of its own: a rerun of the job (after a restart) counts its pauses from 1
+        # again, and Prefect answers a key it has seen with that pause's input
+        return pause_flow_run(wait_for_input=WarmAction,
+                              timeout=math.ceil(seconds) + PAUSE_EXPIRY,
+                              poll_interval=POLL_SECONDS, key=uuid.uuid4().hex)
+    finally:
+        done.set()
+        timer.cancel()
 
 
 def _size(nbytes: float) -> str:
@@ -192,11 +213,14 @@ def copy_warm(job: JobDefinition, vm: VMInfo, folder: Path,
         when = f" at {asked.cutover:%Y-%m-%d %H:%M:%S} UTC" if asked.cutover else ""
         progress.step(f"waiting for cutover{when}; round {last.round} wrote "
                       f"{_size(last.changed_bytes)} in {last.seconds:.1f} s", 1.0)
+        progress.sent()
         action = wait_for_action(wait)
-        if action is not None and action.action == "cutover":
+        if action.action == "cutover":
             asked.cutover = action.at or datetime.now(UTC)
-        elif action is not None:
+        elif action.action == "test-boot":
             asked.test_boot = datetime.now(UTC)
+        else:
+            next_round = time.monotonic()
     progress.note(**{WARM_PHASE: "cutover"})
     wait_for_upstream(job.after, progress=progress)  # a wave cuts over in order
     report.cutover_at = datetime.now(UTC)

@@ -16,6 +16,7 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import get_client
 from pyVim.task import WaitForTask
+from pyVmomi import vim, vmodl
 
 from hyper2kvm import qemu_img
 from tests.aws_sim import Moto
@@ -59,7 +60,7 @@ def progress(api: httpx.Client, job_id: str) -> dict:
 def waiting_after_round(api: httpx.Client, job_id: str, number: int) -> dict:
     """The job paused for its cutover, its rounds up to `number` done."""
     return wait_until(lambda: (lambda p: p if p["status"] == "waiting"
-                               and (p["round"] or 0) >= number else None)(
+                               and p["round"] is not None and p["round"] >= number else None)(
         progress(api, job_id)), timeout=180, interval=0.2, what=f"round {number} done")
 
 
@@ -206,9 +207,29 @@ def test_a_vsphere_vm_is_synced_by_changed_block_tracking_and_powered_off_for_th
     # after the precopy, only the 64 KiB blocks CBT reported: 384 KiB, then 64 KiB
     assert sum(r["changed_bytes"] for r in rounds[1:]) == 448 << 10, rounds
     assert vm.runtime.powerState == "poweredOff"  # off for the last round
-    assert vm.snapshot is None  # every round's snapshot removed
+    assert not snapshot_names(si, vm)  # every round's snapshot removed
     assert vm.config.changeTrackingEnabled
     assert not list(copy_of(info).parent.glob(".*"))  # no partial, no CBT state left
+
+
+def snapshot_names(si: Any, vm: Any) -> list[str]:
+    """Through the PropertyCollector: vcsim panics fetching an unset `snapshot`."""
+    collector = si.RetrieveContent().propertyCollector
+    spec = vmodl.query.PropertyCollector.FilterSpec(
+        objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=vm)],
+        propSet=[vmodl.query.PropertyCollector.PropertySpec(type=vim.VirtualMachine,
+                                                            pathSet=["snapshot"])])
+    found = collector.RetrieveContents([spec])
+    info = next((p.val for o in found for p in o.propSet or []), None)
+    names: list[str] = []
+
+    def walk(trees: list[Any]) -> None:
+        for tree in trees:
+            names.append(tree.name)
+            walk(tree.childSnapshotList)
+
+    walk(info.rootSnapshotList if info else [])
+    return names
 
 
 def test_cutover_at_submit_and_what_a_warm_job_refuses(
@@ -280,7 +301,7 @@ def test_a_test_boot_boots_the_copy_while_it_waits_and_a_rollback_undoes_the_cut
     assert info["status"] == "completed", info["error"]
     boots = info["result"]["warm"]["test_boots"]
     assert [b["booted"] for b in boots] == [True], boots
-    assert "login prompt" in boots[0]["reason"], boots
+    assert f"{name} login: " in boots[0]["reason"], boots
     assert qemu_img.compare(disk, copy_of(info))  # the test boot wrote nothing into it
     assert domain_defined(name)
     again = api.post("/jobs/test-boot", json={"job_id": job_id})

@@ -29,7 +29,7 @@ from providers.aws.session import Clients, call
 from providers.base import WarmRound
 from providers.ranged import Part, map_in_context, with_retries
 
-log = logging.getLogger("hypersdk.aws")
+log = logging.getLogger(__name__)
 ROUND_TAG = "hypersdk:round"
 COPIED_TAG = "hypersdk:copied"
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from providers.base import WarmRound, job_label
 from providers.ranged import map_in_context, with_retries
 from providers.vsphere.download import status_error
 from providers.vsphere.export import http_source, power_off
+from providers.vsphere.inventory import retrieve
 from providers.vsphere.session import Session
 from providers.vsphere.stream import Ranged, datastore_plans
 
@@ -75,10 +76,38 @@ def job_snapshots(info: Any, job: str) -> list[Any]:
     return found
 
 
-def remove_snapshots(session: Session, snapshots: list[Any]) -> None:
+def snapshot_info(session: Session, vm: Any) -> Any:
+    """The VM's snapshot tree, or None (read through the PropertyCollector: a VM without
+    snapshots has no `snapshot` property to fetch)."""
+    rows = retrieve(session.content, {vim.VirtualMachine: ["snapshot"]}, objects=[vm])
+    return rows[0][1].get("snapshot") if rows else None
+
+
+def remove_snapshots(session: Session, snapshots: list[Any], *,
+                     timeout: float = 3600.0) -> None:
     for snapshot in snapshots:
-        task = snapshot.RemoveSnapshot_Task(removeChildren=False)
-        session.call(partial(WaitForTask, task), "remove a warm round's snapshot")
+        def remove(target: Any = snapshot) -> Any:
+            return target.RemoveSnapshot_Task(removeChildren=False)
+
+        task = session.call(remove, "remove a warm round's snapshot")
+        _finished(session, task, "remove a warm round's snapshot", timeout=timeout)
+
+
+def _finished(session: Session, task: Any, what: str, *, timeout: float) -> None:
+    """Until the task succeeded; its error raised. Its state is read alone: a snapshot's
+    task names the snapshot as its entity, which is no ManagedEntity to pyVmomi."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = retrieve(session.content, {vim.Task: ["info.state", "info.error"]},
+                        objects=[task])
+        state = rows[0][1].get("info.state") if rows else None
+        if state == "success":
+            return
+        if state == "error":
+            error = rows[0][1].get("info.error")
+            raise ProviderError(f"{what}: {getattr(error, 'msg', None) or error}")
+        time.sleep(0.2)
+    raise ProviderError(f"{what}: not done after {timeout:.0f} s")
 
 
 def _state_file(outputs: list[OutputImage]) -> Path:
@@ -147,7 +176,7 @@ def warm_round(session: Session, vm: Any, info: VMInfo, outputs: list[OutputImag
                options: ExportOptions, final: bool, job: str, retries: int,
                concurrency: int, progress: Callable[[int], None] | None = None) -> WarmRound:
     _tracked(session, vm, options)
-    remove_snapshots(session, job_snapshots(vm.snapshot, job))  # a failed round's
+    remove_snapshots(session, job_snapshots(snapshot_info(session, vm), job))  # a failed round's
     state = _state_file(outputs)
     since: dict[str, str] = json.loads(state.read_text()) if state.is_file() else {}
     if not since and any(o.data_extents() for o in outputs):
