@@ -90,7 +90,8 @@ def warm(client: Any, vm: Any, flat: Path, size: int, percent: float) -> dict[st
     last = info["result"]["warm"]["rounds"][-1]
     assert last["changed_bytes"] >= changed, last
     return {"precopy": precopy, "downtime": info["result"]["warm"]["downtime_seconds"],
-            "cutover_wall": wall, "last_round_bytes": last["changed_bytes"]}
+            "cutover_wall": wall, "last_round_bytes": last["changed_bytes"],
+            "last_round": last["seconds"]}
 
 
 def main() -> None:
@@ -118,8 +119,9 @@ def main() -> None:
                 warms.append(warm(client, vm, flat, size, args.changed_percent))
                 print(f"round {round_ + 1}: cold {colds[-1]:.2f} s; warm precopy "
                       f"{warms[-1]['precopy']:.2f} s, downtime {warms[-1]['downtime']:.2f} s "
-                      f"(cutover asked → completed {warms[-1]['cutover_wall']:.2f} s, last "
-                      f"round {warms[-1]['last_round_bytes'] / MIB:.0f} MiB)", flush=True)
+                      f"(cutover asked → completed {warms[-1]['cutover_wall']:.2f} s; the last "
+                      f"round {warms[-1]['last_round']:.2f} s for "
+                      f"{warms[-1]['last_round_bytes'] / MIB:.0f} MiB)", flush=True)
     finally:
         server.stop()
     cold_s = statistics.median(colds)

@@ -40,18 +40,27 @@ class HttpSource:
     headers: dict[str, str] = field(default_factory=dict)
     timeout: float = 60.0
 
+    def connect(self, url: str) -> http.client.HTTPConnection:
+        """A connection to `url`'s server (kept open between requests by its user)."""
+        parts = urlsplit(url)
+        return (http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
+                                            context=self.context, timeout=self.timeout)
+                if parts.scheme == "https" else
+                http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
+                                           timeout=self.timeout))
+
+    def request(self, connection: http.client.HTTPConnection, url: str,
+                headers: dict[str, str]) -> http.client.HTTPResponse:
+        parts = urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request("GET", target, headers={**self.headers, **headers})
+        return connection.getresponse()
+
     def get(self, url: str, headers: dict[str, str]) -> tuple[
             http.client.HTTPConnection, http.client.HTTPResponse]:
-        parts = urlsplit(url)
-        connection = (http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
-                                                  context=self.context, timeout=self.timeout)
-                      if parts.scheme == "https" else
-                      http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
-                                                 timeout=self.timeout))
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection = self.connect(url)
         try:
-            connection.request("GET", target, headers={**self.headers, **headers})
-            return connection, connection.getresponse()
+            return connection, self.request(connection, url, headers)
         except BaseException:
             connection.close()
             raise

@@ -11,8 +11,10 @@ next, which compares with the last copied changeIds again."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from core.errors import InvalidRequest, ProviderError, StaleCopy, Unsupported
+from core.errors import InvalidRequest, ProviderError, StaleCopy, Transient, Unsupported
 from core.files import side_file
 from core.models import ExportOptions, VMInfo
 from hyper2kvm.output import OutputImage
@@ -147,16 +149,26 @@ def _copy_areas(session: Session, plan: Ranged, areas: list[tuple[int, int]],
     source = http_source(session)
     reads = [(start, min(READ, end - start)) for area_start, length in areas
              for end in [area_start + length] for start in range(area_start, end, READ)]
+    local = threading.local()  # a kept-alive connection per thread: no TLS setup per read
+    opened: list[http.client.HTTPConnection] = []
 
     def fetch(start: int, length: int) -> bytes:
-        connection, response = source.get(plan.url, {
-            "Range": f"bytes={start}-{start + length - 1}"})
+        connection = getattr(local, "connection", None)
+        if connection is None:
+            connection = local.connection = source.connect(plan.url)
+            opened.append(connection)
         try:
-            if response.status != 206:
-                raise status_error(response.status, plan.url)
-            data = response.read(length)
-        finally:
+            response = source.request(connection, plan.url,
+                                      {"Range": f"bytes={start}-{start + length - 1}"})
+            data = response.read(length) if response.status == 206 else b""
+        except (OSError, http.client.HTTPException) as exc:
             connection.close()
+            local.connection = None
+            raise Transient(f"{plan.url} at {start}: {exc}") from None
+        if response.status != 206:
+            connection.close()
+            local.connection = None
+            raise status_error(response.status, plan.url)
         if len(data) != length:
             raise ProviderError(f"{plan.url}: {len(data)} bytes at {start}, not {length}")
         return data
@@ -169,7 +181,11 @@ def _copy_areas(session: Session, plan: Ranged, areas: list[tuple[int, int]],
             progress(length)
         return length
 
-    return sum(map_in_context(one, reads, workers=concurrency))
+    try:
+        return sum(map_in_context(one, reads, workers=concurrency))
+    finally:
+        for connection in opened:
+            connection.close()
 
 
 def warm_round(session: Session, vm: Any, info: VMInfo, outputs: list[OutputImage], *,
