@@ -45,7 +45,7 @@ from tasks.waves import wait_for_upstream
 CUTOVER_LABEL = f"{LABEL}cutover_at"  # a cutover the API asked for (read between rounds)
 TEST_BOOT_LABEL = f"{LABEL}test_boot_at"  # a test boot the API asked for
 WARM_PHASE = "warm_phase"  # precopy, sync, cutover: what the API lets a request reach
-POLL_SECONDS = 2  # how often a paused run looks for its resume
+POLL_SECONDS = 1  # how often a paused run looks for its resume
 MIN_PAUSE = 3.0  # a shorter wait is slept through, not paused
 PAUSE_EXPIRY = 7 * 86400  # seconds past the wait
 
