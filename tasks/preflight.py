@@ -21,7 +21,7 @@ from hyper2kvm.destination import (
 from hyper2kvm.domain import NetworkMap
 from hyper2kvm.registration import name_taken
 from providers import get_provider
-from providers.base import Provider
+from providers.base import Provider, copies_warm
 from tasks.guest import guest_mode
 
 
@@ -46,11 +46,26 @@ def destination_findings(vm: VMInfo, h2k: Hyper2kvmConfig, *, strict: bool = Fal
     return blockers, warnings
 
 
+def warm_problem(job: JobDefinition, *, converts: bool) -> str | None:
+    """Why `job`, asked to migrate warm, cannot (None: it can, or it is not warm)."""
+    if not job.options.warm:
+        return None
+    if not copies_warm(job.provider):
+        return f"warm migration is not available for provider {job.provider}"
+    if not converts or job.options.keep_export:
+        return ("a warm migration copies into the converted images: it needs "
+                "hyper2kvm_integration enabled, auto_convert, no daemon_mode, and no "
+                "keep_export")
+    return None
+
+
 def find_blockers(job: JobDefinition, vm: VMInfo, provider: Provider, settings: Config, *,
                   converts: bool) -> tuple[list[Blocker], list[str]]:
     """Everything that would stop `job`, and what is only worth a warning: the source
     (can it export this, may we), and where it converts, this host."""
     blockers: list[Blocker] = []
+    if (problem := warm_problem(job, converts=converts)) is not None:
+        blockers.append(Blocker(code="warm_not_available", message=problem))
     try:
         provider.check_export(vm, job.options, converts=converts)
     except InvalidRequest as exc:

@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+import yaml
 from prefect.client.orchestration import get_client
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
@@ -211,6 +212,12 @@ def test_a_vsphere_vm_is_synced_by_changed_block_tracking_and_powered_off_for_th
     assert vm.config.changeTrackingEnabled
     assert not list(copy_of(info).parent.glob(".*"))  # no partial, no CBT state left
 
+    undone = api.post("/jobs/rollback", json={"job_id": job_id, "remove_disks": True})
+    assert undone.status_code == 200, undone.text
+    assert "powered on again" in undone.json()["message"], undone.text
+    assert vm.runtime.powerState == "poweredOn"  # the cutover stopped it; the rollback not
+    assert not copy_of(info).exists() and not domain_defined(name)
+
 
 def snapshot_names(si: Any, vm: Any) -> list[str]:
     """Through the PropertyCollector: vcsim panics fetching an unset `snapshot`."""
@@ -232,6 +239,55 @@ def snapshot_names(si: Any, vm: Any) -> list[str]:
     return names
 
 
+def test_a_failed_sync_round_is_retried_and_the_copy_stays_whole(
+        api: httpx.Client, daemon: Daemon, moto: Moto, tmp_path: Path) -> None:
+    """A block the guest wrote after the precopy cannot be read (500s): the round fails
+    after its one retry per block, Prefect retries the round, which (once the block
+    reads again) compares with the last round copied whole, not the failed one's
+    snapshot, so the block is in the copy. A cancel while waiting removes the snapshots
+    the job kept for its next round."""
+    content = tmp_path / "volume.raw"
+    content.write_bytes(os.urandom(4 * MIB))
+    instance = moto.instance(unique("warm-fail"), volumes_gib=[1], contents=[content],
+                             stopped=False)
+    volume = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    ec2 = moto.client("ec2")
+    config = daemon.config.read_text()
+    settings = yaml.safe_load(config)
+    settings["export"].update(throttle_budget=0, part_retries=1)
+    daemon.config.write_text(yaml.safe_dump(settings))  # each round reads it
+    try:
+        job_id = submit_warm(api, instance["InstanceId"], provider="aws", precopy_interval=5)
+        waiting_after_round(api, job_id, 0)
+        ec2.create_tags(Resources=[volume], Tags=[{"Key": "moto-test:fail-blocks",
+                                                   "Value": "12:1000"}])
+        rewrite(content, 12 * (512 << 10), os.urandom(512 << 10))  # block 12, new
+        logged(api, job_id, "Retry 1/2")  # a round failed; Prefect retries it
+        ec2.delete_tags(Resources=[volume], Tags=[{"Key": "moto-test:fail-blocks"}])
+        written = progress(api, job_id)["round"] or 0
+        waiting_after_round(api, job_id, written + 1)
+        assert moto.snapshots_of_job(job_id), "the last round's snapshots are kept"
+        assert api.post("/jobs/cutover", json={"job_id": job_id}).status_code == 200
+        info = wait_for_job(api, job_id, timeout=300)
+    finally:
+        daemon.config.write_text(config)
+    assert info["status"] == "completed", info["error"]
+    assert qemu_img.compare(content, copy_of(info)), "the block the failed round missed"
+    assert moto.snapshots_of_job(job_id) == []
+
+    other = tmp_path / "other.raw"
+    other.write_bytes(os.urandom(MIB))
+    instance = moto.instance(unique("warm-cancel"), volumes_gib=[1], contents=[other],
+                             stopped=False)
+    job_id = submit_warm(api, instance["InstanceId"], provider="aws", precopy_interval=3600)
+    waiting_after_round(api, job_id, 0)
+    assert moto.snapshots_of_job(job_id)
+    assert api.post("/jobs/cancel", json={"job_id": job_id}).status_code == 200
+    assert wait_for_job(api, job_id, timeout=120)["status"] == "cancelled"
+    wait_until(lambda: moto.snapshots_of_job(job_id) == [], timeout=60,
+               what="the cancelled job's snapshots removed")
+
+
 def test_cutover_at_submit_and_what_a_warm_job_refuses(
         api: httpx.Client, daemon: Daemon, sample_vm: str) -> None:
     name, disk = running_vm(daemon)
@@ -248,6 +304,10 @@ def test_cutover_at_submit_and_what_a_warm_job_refuses(
                                                  "options": {"warm": True}})
         assert refused.status_code == 422, refused.text
         assert f"not available for provider {provider}" in refused.json()["message"]
+    dry = api.post("/jobs/submit", json={"vm_identifier": name, "dry_run": True, "options": {
+        "warm": True, "keep_export": True}})
+    assert dry.status_code == 200, dry.text
+    assert "warm_not_available" in [b["code"] for b in dry.json()["blockers"]], dry.text
     ova = api.post("/jobs/submit", json={"vm_identifier": sample_vm, "options": {"warm": True}})
     assert ova.status_code == 422 and "OVA or OVF" in ova.json()["message"], ova.text
     kept = api.post("/jobs/submit", json={"vm_identifier": name, "options": {

@@ -35,8 +35,7 @@ from core.paths import safe_name
 from flows.migrate_vm import converts_in_flow, export_dir
 from hyper2kvm.registration import name_taken
 from providers import get_provider
-from providers.base import copies_warm
-from tasks.preflight import dry_run
+from tasks.preflight import dry_run, warm_problem
 from tasks.validate import vm_tag
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
@@ -47,24 +46,14 @@ def validate_job(job: JobDefinition, settings: Config) -> tuple[str, Path]:
     export.base_path, the provider is configured, the VM exists and the provider can
     export it as asked. Returns the VM's tag and the export folder."""
     folder = export_dir(job, settings)
-    if job.options.warm:
-        refuse_cold_only(job, settings)
+    if (problem := warm_problem(job, converts=converts_in_flow(job))) is not None:
+        raise InvalidRequest(problem)
     with get_provider(job.provider, settings) as provider:
         vm = provider.get_vm(job.vm_identifier)
         provider.check_export(vm, job.options, converts=converts_in_flow(job))
     if converts_in_flow(job) and not job.hyper2kvm_integration.replace_existing:
         refuse_existing_domain(vm.name, settings.hyper2kvm.libvirt_uri)
     return vm_tag(job.provider, vm.identifier), folder
-
-
-def refuse_cold_only(job: JobDefinition, settings: Config) -> None:
-    """A warm job needs a provider that tells what changed, and ends in a domain."""
-    if not copies_warm(job.provider):
-        raise InvalidRequest(f"warm migration is not available for provider {job.provider}")
-    if not converts_in_flow(job) or job.options.keep_export:
-        raise InvalidRequest("a warm migration copies into the converted images: it needs "
-                             "hyper2kvm_integration enabled, auto_convert, no daemon_mode, "
-                             "and no keep_export")
 
 
 def refuse_existing_domain(vm_name: str, uri: str) -> None:
