@@ -180,7 +180,7 @@ class Jobs:
             error=message if status in (JobStatus.FAILED, JobStatus.CANCELLED) else None,
             definition=job or None,
             rolled_back_at=_label_time(run, ROLLED_BACK_LABEL),
-            rollback=str((run.labels or {}).get(ROLLBACK_LABEL) or "") or None,
+            rollback=str(summary) if (summary := (run.labels or {}).get(ROLLBACK_LABEL)) else None,
         )
 
     async def query(self, job_id: str) -> JobInfo:
@@ -410,6 +410,10 @@ def progress_of(run: FlowRun) -> JobProgress:
     def label(name: str, default: Any = 0) -> Any:
         return labels.get(f"{LABEL}{name}", default)
 
+    def known(name: str, kind: type[float]) -> Any:  # a warm job's: absent on others
+        value = labels.get(f"{LABEL}{name}")
+        return None if value is None else kind(value)
+
     percentage = 100.0 if status == JobStatus.COMPLETED else float(label("percentage", 0.0))
     updated = label("updated_at", None)
     return JobProgress(
@@ -421,12 +425,8 @@ def progress_of(run: FlowRun) -> JobProgress:
         rate_bps=float(label("rate_bps")),
         eta_seconds=_eta(run, percentage, status),
         updated_at=datetime.fromtimestamp(float(updated), UTC) if updated else None,
-        round=int(label("round")) if label("round", None) is not None else None,
-        changed_bytes=(int(label("changed_bytes"))
-                       if label("changed_bytes", None) is not None else None),
-        estimated_downtime_seconds=(float(label("estimated_downtime_seconds"))
-                                    if label("estimated_downtime_seconds", None) is not None
-                                    else None),
+        round=known("round", int), changed_bytes=known("changed_bytes", int),
+        estimated_downtime_seconds=known("estimated_downtime_seconds", float),
     )
 
 

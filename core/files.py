@@ -48,6 +48,11 @@ def side_file(target: Path, kind: str) -> Path:
     return target.with_name(f".{target.name}.{kind}.partial")
 
 
+def side_files(target: Path) -> list[Path]:
+    """Every `side_file` of `target`."""
+    return list(target.parent.glob(f".{target.name}.*.partial"))
+
+
 def iter_chunks(reader: BinaryIO, length: int | None = None) -> Iterator[bytes]:
     """The stream's bytes in chunks: all of them, or exactly `length` (EOFError if fewer)."""
     remaining = length

@@ -13,7 +13,7 @@ from hyper2kvm import guest as guest_tool
 from hyper2kvm.destination import size_warnings
 from hyper2kvm.registration import still_defined
 from tasks.boot import check_boot
-from tasks.guest import GuestDone, convert_guest_os, resolved
+from tasks.guest import GuestDone, compat_for, convert_guest_os, resolved
 from tasks.register import register_domain
 from tasks.reuse import proven
 
@@ -41,9 +41,7 @@ def make_bootable(vm: VMInfo, disks: list[ConvertedDisk], settings: Hyper2kvmCon
         return fields
     warnings += [f"host: {warning}; the domain is defined as the source had it"
                  for warning in size_warnings(settings.libvirt_uri, vm)]
-    compat = options.compat_mode
-    if compat is None and guest is not None:
-        compat = not guest.virtio  # virtio only where the guest has the drivers
+    compat = compat_for(options, guest)
     registered = timed("register", lambda: proven(
         still_defined, register_domain, vm, disks, settings, autostart=autostart,
         replace=replace, compat=compat))

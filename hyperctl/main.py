@@ -269,38 +269,37 @@ def _log_line(entry: dict[str, Any]) -> str:
     return f"{str(entry['timestamp'])[:23]} {entry['level']:<7} {entry['message']}"
 
 
+def job_action(ctx: typer.Context, path: str, body: dict[str, Any]) -> None:
+    """POST a job action (`/jobs/cancel`, `/jobs/cutover`, ...) and say what it answered."""
+    c = ctx_of(ctx)
+    done = c.daemon.post(path, body)
+    c.emit(done, lambda d: f"job {d['job_id']} {d['status']}: {d['message']}")
+
+
 @jobs_app.command("cancel")
 def jobs_cancel(ctx: typer.Context, job_id: str) -> None:
     """Stop a job (a pending one never runs)."""
-    c = ctx_of(ctx)
-    done = c.daemon.post("/jobs/cancel", {"job_id": job_id})
-    c.emit(done, lambda d: f"job {d['job_id']} {d['status']}: {d['message']}")
+    job_action(ctx, "/jobs/cancel", {"job_id": job_id})
 
 
 @jobs_app.command("cutover")
 def jobs_cutover(ctx: typer.Context, job_id: str, at: Annotated[str | None, typer.Option(
         help="when (ISO 8601; a past time or none: now)")] = None) -> None:
     """Cut a warm migration over: stop the VM, copy the last changes, define the domain."""
-    c = ctx_of(ctx)
-    done = c.daemon.post("/jobs/cutover", {"job_id": job_id, "at": at})
-    c.emit(done, lambda d: f"job {d['job_id']} {d['status']}: {d['message']}")
+    job_action(ctx, "/jobs/cutover", {"job_id": job_id, "at": at})
 
 
 @jobs_app.command("test-boot")
 def jobs_test_boot(ctx: typer.Context, job_id: str) -> None:
     """Boot an overlay of a warm job's copy as it is now (the VM keeps running)."""
-    c = ctx_of(ctx)
-    done = c.daemon.post("/jobs/test-boot", {"job_id": job_id})
-    c.emit(done, lambda d: f"job {d['job_id']} {d['status']}: {d['message']}")
+    job_action(ctx, "/jobs/test-boot", {"job_id": job_id})
 
 
 @jobs_app.command("rollback")
 def jobs_rollback(ctx: typer.Context, job_id: str, remove_disks: Annotated[bool, typer.Option(
         help="remove the migrated disks too")] = False) -> None:
     """Undo a warm job's cutover: undefine its domain, power the source on again."""
-    c = ctx_of(ctx)
-    done = c.daemon.post("/jobs/rollback", {"job_id": job_id, "remove_disks": remove_disks})
-    c.emit(done, lambda d: f"job {d['job_id']} {d['status']}: {d['message']}")
+    job_action(ctx, "/jobs/rollback", {"job_id": job_id, "remove_disks": remove_disks})
 
 
 @jobs_app.command("retry")

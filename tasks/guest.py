@@ -39,6 +39,14 @@ def resolved(options: GuestOptions, settings: Hyper2kvmConfig) -> GuestOptions:
         "boot_timeout": options.boot_timeout or settings.boot_timeout})
 
 
+def compat_for(options: GuestOptions, guest: GuestReport | None) -> bool | None:
+    """SATA + e1000 or virtio: as asked, else virtio only where the converted guest has
+    the drivers (None: the domain's own default)."""
+    if options.compat_mode is None and guest is not None:
+        return not guest.virtio
+    return options.compat_mode
+
+
 class GuestDone(BaseModel):
     """The step's persisted result: the report, and the disks as the step left them (a
     retry reuses the step only while they are still so)."""

@@ -15,6 +15,23 @@ from hyper2kvm.registration import Registered, define_domain, place_in_pool
 from tasks.progress import JobProgress
 
 
+def domain_definition(vm: VMInfo, disks: list[ConvertedDisk], settings: Hyper2kvmConfig, *,
+                      name: str, compat: bool | None) -> str:
+    """The domain XML for `vm` on `disks`, as this host runs it (domain type, CPU,
+    networks, firmware)."""
+    domain_type, cpu = domain_type_and_cpu(settings.domain_type, settings.libvirt_uri)
+    return domain_xml(
+        vm,
+        [DomainDisk(d.path, d.format) for d in disks],
+        name=name,
+        domain_type=domain_type,
+        cpu=cpu,
+        networks=NetworkMap(default=settings.network, by_source=settings.network_map),
+        compat=compat,
+        uefi=settings.uefi_firmware,
+    )
+
+
 @task(name="register", persist_result=True)
 def register_domain(
     vm: VMInfo,
@@ -29,17 +46,7 @@ def register_domain(
     progress = JobProgress.for_current_run(vm.name)
     progress.start("register", 0)
     name = safe_name(vm.name)
-    domain_type, cpu = domain_type_and_cpu(settings.domain_type, settings.libvirt_uri)
-    xml = domain_xml(
-        vm,
-        [DomainDisk(d.path, d.format) for d in disks],
-        name=name,
-        domain_type=domain_type,
-        cpu=cpu,
-        networks=NetworkMap(default=settings.network, by_source=settings.network_map),
-        compat=compat,
-        uefi=settings.uefi_firmware,
-    )
+    xml = domain_definition(vm, disks, settings, name=name, compat=compat)
     registered = define_domain(settings.libvirt_uri, xml, name=name, autostart=autostart,
                                replace=replace)
     if settings.storage_pools and disks:

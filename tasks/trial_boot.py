@@ -23,10 +23,9 @@ from hyper2kvm import guest as guest_tool
 from hyper2kvm import qemu_img
 from hyper2kvm.boot import BootOutcome, boot_definition
 from hyper2kvm.convert import output_paths
-from hyper2kvm.cpu import domain_type_and_cpu
-from hyper2kvm.domain import DomainDisk, NetworkMap, domain_xml
-from tasks.guest import convert_guest_os, resolved
+from tasks.guest import compat_for, convert_guest_os, resolved
 from tasks.progress import JobProgress
+from tasks.register import domain_definition
 
 CONSOLE_LINES = 10
 
@@ -55,21 +54,14 @@ def trial_boot(job: JobDefinition, vm: VMInfo, folder: Path,
         if mode == "auto" and not guest_tool.available():
             mode = False
         guest = convert_guest_os.fn(vm, disks, h2k, mode=mode).report if mode else None
-        compat = options.compat_mode
-        if compat is None and guest is not None:
-            compat = not guest.virtio
         if guest is not None and not guest.converted and options.boot_pattern is None:
             outcome = BootOutcome(False, "not booted: guest conversion found no operating "
                                   "system, so no login prompt can come", 0.0)
         else:
             progress.step("test boot: booting the converted overlays", 0.5)
-            domain_type, cpu = domain_type_and_cpu(h2k.domain_type, h2k.libvirt_uri)
             name = f"{safe_name(vm.name)}-test"
-            xml = domain_xml(vm, [DomainDisk(d.path, d.format) for d in disks], name=name,
-                             domain_type=domain_type, cpu=cpu,
-                             networks=NetworkMap(default=h2k.network,
-                                                 by_source=h2k.network_map),
-                             compat=compat, uefi=h2k.uefi_firmware)
+            xml = domain_definition(vm, disks, h2k, name=name,
+                                    compat=compat_for(options, guest))
             outcome = boot_definition(h2k.libvirt_uri, ET.fromstring(xml), name=name,
                                       timeout=options.boot_timeout,
                                       pattern=options.boot_pattern)

@@ -30,7 +30,7 @@ from prefect.input import RunInput
 
 from core.config import config_from_env
 from core.errors import StaleCopy
-from core.files import partial_path
+from core.files import partial_path, side_files
 from core.models import ConvertedDisk, JobDefinition, SyncRound, VMInfo, WarmReport
 from hyper2kvm import qemu_img
 from hyper2kvm.convert import output_paths
@@ -126,7 +126,7 @@ def _round(job: JobDefinition, outputs: list[OutputImage], *, again: bool, final
     if not again:
         for output in outputs:
             output.partial.unlink(missing_ok=True)
-            for side in output.target.parent.glob(f".{output.target.name}.*.partial"):
+            for side in side_files(output.target):
                 side.unlink()
     opened: list[OutputImage] = []
     try:
@@ -237,7 +237,7 @@ def commit_warm(vm: VMInfo, folder: Path, output_format: Literal["qcow2", "raw"]
     disks = []
     for index, target in enumerate(output_paths(vm.name, len(vm.disks), folder, output_format)):
         os.replace(partial_path(target), target)
-        for side in target.parent.glob(f".{target.name}.*.partial"):  # a round's state
+        for side in side_files(target):  # a round's state
             side.unlink()
         facts = qemu_img.info(qemu_img.DiskSource(target, output_format))
         disks.append(ConvertedDisk(

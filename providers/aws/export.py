@@ -224,15 +224,20 @@ def create_snapshots(clients: Clients, vm: VMInfo, job: str | None) -> dict[str,
     return snapshots
 
 
+def job_snapshots(clients: Clients, vm: VMInfo, job: str) -> list[dict[str, Any]]:
+    """The snapshots of the instance's volumes that `job` made (any attempt, any round)."""
+    answer = call(clients.ec2.describe_snapshots, "describe_snapshots", OwnerIds=["self"],
+                  Filters=[{"Name": f"tag:{JOB_TAG}", "Values": [job]},
+                           {"Name": "tag:hypersdk:instance", "Values": [vm.identifier]}])
+    return list(answer.get("Snapshots", []))
+
+
 def earlier_snapshots(clients: Clients, vm: VMInfo, job: str | None) -> dict[str, str]:
     """The snapshots an earlier attempt of this job made of every volume of the instance
     and left for its retry (volume id → snapshot id); empty unless every volume has one."""
     if not job:
         return {}
-    answer = call(clients.ec2.describe_snapshots, "describe_snapshots", OwnerIds=["self"],
-                  Filters=[{"Name": f"tag:{JOB_TAG}", "Values": [job]},
-                           {"Name": "tag:hypersdk:instance", "Values": [vm.identifier]}])
-    found = {s["VolumeId"]: s["SnapshotId"] for s in answer.get("Snapshots", [])
+    found = {s["VolumeId"]: s["SnapshotId"] for s in job_snapshots(clients, vm, job)
              if s.get("State") != "error"}
     if not found or any(d.datastore not in found for d in vm.disks):
         return {}

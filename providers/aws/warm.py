@@ -16,12 +16,12 @@ from core.errors import ProviderError, StaleCopy
 from core.models import ExportOptions, VMInfo
 from hyper2kvm.output import OutputImage
 from providers.aws.export import (
-    JOB_TAG,
     _snapshot_blocks,
     _state,
     _tags,
     block_reader,
     delete_snapshots,
+    job_snapshots,
     stop_instance,
     wait_snapshots,
 )
@@ -37,11 +37,8 @@ Rounds = dict[int, dict[str, dict[str, str]]]  # round → volume id → snapsho
 
 
 def _job_rounds(clients: Clients, vm: VMInfo, job: str) -> Rounds:
-    answer = call(clients.ec2.describe_snapshots, "describe_snapshots", OwnerIds=["self"],
-                  Filters=[{"Name": f"tag:{JOB_TAG}", "Values": [job]},
-                           {"Name": "tag:hypersdk:instance", "Values": [vm.identifier]}])
     rounds: Rounds = {}
-    for snapshot in answer.get("Snapshots", []):
+    for snapshot in job_snapshots(clients, vm, job):
         tags = {t["Key"]: t["Value"] for t in snapshot.get("Tags", [])}
         if ROUND_TAG in tags:
             rounds.setdefault(int(tags[ROUND_TAG]), {})[snapshot["VolumeId"]] = {
