@@ -20,9 +20,11 @@ from core.models import (
 )
 from core.paths import confine
 from hyper2kvm import ova, qemu_img
+from hyper2kvm.chain import confine_chain
 from hyper2kvm.detect import CLAIMED_BY_SUFFIX
 from hyper2kvm.output import OutputImage
 from hyper2kvm.ovf import parse_ovf, write_descriptor
+from hyper2kvm.qemu_img import DiskSource
 from hyper2kvm.staging import describe_disk
 from hyper2kvm.sync import read_only, sync_into
 from providers.base import BytesProgress, ExportMethod, Provider, WarmRound
@@ -120,8 +122,13 @@ class LocalProvider(Provider):
                                  f"changes; {vm.identifier!r} is an OVA or OVF folder")
 
     def _bare_disk(self, identifier: str) -> Path | None:
+        """The VM's disk image, if it is one, every file it makes qemu read (backing
+        chain, extents, data file) confined to the inbox."""
         source = self._source(identifier)
-        return source if source.is_file() and source.suffix != ".ova" else None
+        if not source.is_file() or source.suffix == ".ova":
+            return None
+        confine_chain(DiskSource(source, describe_disk(source).format), [self.root])
+        return source
 
     def warm_round(
         self,

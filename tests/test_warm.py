@@ -310,6 +310,15 @@ def test_cutover_at_submit_and_what_a_warm_job_refuses(
     assert "warm_not_available" in [b["code"] for b in dry.json()["blockers"]], dry.text
     ova = api.post("/jobs/submit", json={"vm_identifier": sample_vm, "options": {"warm": True}})
     assert ova.status_code == 422 and "OVA or OVF" in ova.json()["message"], ova.text
+    outside = daemon.root / "secret.raw"  # a file of the host, outside the inbox
+    outside.write_bytes(b"not yours" * 1000)
+    hostile = unique("warm-backing")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                    str(outside), str(daemon.inbox / f"{hostile}.qcow2")], check=True)
+    refused = api.post("/jobs/submit", json={"vm_identifier": hostile,
+                                             "options": {"warm": True}})
+    assert refused.status_code in (400, 422) and "backing" in refused.json()["message"], \
+        refused.text
     kept = api.post("/jobs/submit", json={"vm_identifier": name, "options": {
         "warm": True, "keep_export": True}})
     assert kept.status_code == 422 and "keep_export" in kept.json()["message"], kept.text
